@@ -1,0 +1,63 @@
+"""Typed errors. Every failure kvckpt raises is a KVCheckpointError subclass.
+
+They pickle with their attributes because DCP gathers exceptions across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KVCheckpointError(Exception):
+    """Base class of every kvckpt error."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        for name, value in context.items():
+            setattr(self, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[KVCheckpointError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
+class InvalidCheckpointIdError(KVCheckpointError, ValueError):
+    """The checkpoint_id / URL cannot be parsed or names no backend kvckpt has."""
+
+
+class MissingDependencyError(KVCheckpointError, ImportError):
+    """A backend needs an optional extra that is not installed."""
+
+
+class CheckpointNotFoundError(KVCheckpointError, FileNotFoundError):
+    """No committed record exists under the namespace."""
+
+
+class CheckpointExistsError(KVCheckpointError, FileExistsError):
+    """A committed checkpoint already exists and overwrite is off."""
+
+
+class CorruptCheckpointError(KVCheckpointError):
+    """Stored bytes disagree with the record: bad checksum, missing or short chunk, bad record."""
+
+
+class CheckpointTooLargeError(KVCheckpointError):
+    """The checkpoint exceeds what this backend is configured to hold."""
+
+
+class StoreUnavailableError(KVCheckpointError, ConnectionError):
+    """The store cannot be reached or stopped answering within the timeout."""
+
+
+class StoreFullError(KVCheckpointError):
+    """The store refused a write for lack of memory or quota."""
+
+
+class UnsafeStoreConfigError(KVCheckpointError):
+    """The server is configured in a way that can lose checkpoint data (e.g. an evicting policy)."""

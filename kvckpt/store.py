@@ -1,0 +1,124 @@
+"""The KVStore seam: the small, synchronous, bytes-only contract every backend implements.
+
+Nothing here knows about torch or DCP. The DCP adapter batches its I/O through the `*_many`
+methods so a backend can pipeline them (one round trip per batch, not per key).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+#: Anything exposing the buffer protocol as bytes: bytes, bytearray, memoryview.
+Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can hold and do; the adapter sizes chunks and batches from it."""
+
+    max_value_bytes: int
+    native_ranges: bool
+    ttl: bool
+    max_batch_ops: int = 1024
+
+
+@dataclass(frozen=True)
+class RangeRead:
+    """Read ``len(into)`` bytes of ``key`` starting at ``offset`` into the caller's buffer."""
+
+    key: str
+    offset: int
+    into: memoryview
+
+
+class KVStore(abc.ABC):
+    """A flat byte key-value store. Keys are str (UTF-8 on the wire), values are bytes.
+
+    Contract:
+    - a missing key is a read *state* (None / a short read), never an exception;
+    - ``put(..., create=True)`` is an atomic put-if-absent and reports whether it wrote;
+    - ``swap`` atomically replaces a value and returns the previous one;
+    - ``delete_many`` is idempotent;
+    - ``ttl`` is seconds (float) until expiry, None for no expiry;
+    - stores connect lazily and pickle without their sockets.
+    """
+
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Whole values, None where a key is missing."""
+
+    @abc.abstractmethod
+    def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
+        """Fill each ``into`` from its key; return the bytes copied per read.
+
+        Fewer than ``len(into)`` means the key is missing or its value is shorter.
+        """
+
+    @abc.abstractmethod
+    def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:
+        """Unconditional writes (overwrite)."""
+
+    @abc.abstractmethod
+    def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
+        """One write; with ``create`` only if the key is absent. True when written."""
+
+    @abc.abstractmethod
+    def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
+        """Atomically replace the value; return the previous one (None if there was none)."""
+
+    @abc.abstractmethod
+    def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
+        """Set (or with None remove) each key's expiry; False where the key does not exist."""
+
+    @abc.abstractmethod
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove keys; missing keys are not an error."""
+
+    @abc.abstractmethod
+    def scan_prefix(self, prefix: str) -> Iterator[str]:
+        """Every key starting with ``prefix`` (literally: no glob), in no particular order."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections; the store reconnects if used again."""
+
+    # Conveniences derived from the batched primitives.
+
+    def get(self, key: str) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def exists(self, key: str) -> bool:
+        return self.get_many([key])[0] is not None
+
+    def delete(self, key: str) -> None:
+        self.delete_many([key])
+
+    def delete_prefix(self, prefix: str, batch: int = 1000) -> int:
+        """Delete every key under ``prefix`` in batches; returns how many were found."""
+        found = 0
+        for keys in batched(self.scan_prefix(prefix), batch):
+            self.delete_many(keys)
+            found += len(keys)
+        return found
+
+    def __enter__(self) -> KVStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

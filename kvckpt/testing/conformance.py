@@ -1,0 +1,175 @@
+"""The KVStore contract as a pytest class: a backend's test subclasses it and supplies ``store``.
+
+class TestMyStore(StoreTests):
+    @pytest.fixture
+    def store(self):
+        yield MyStore(...)
+"""
+
+from __future__ import annotations
+
+import array
+import pickle
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from kvckpt.errors import KVCheckpointError
+from kvckpt.store import KVStore, RangeRead
+
+
+class StoreTests:
+    #: False for stores built around an injected client that cannot cross processes.
+    picklable = True
+    #: Seconds to wait for a short TTL to lapse; servers expire lazily or on a timer.
+    expiry_wait = 3.0
+
+    @pytest.fixture
+    def store(self) -> Iterator[KVStore]:
+        raise NotImplementedError("a backend's test class supplies the store fixture")
+
+    @pytest.fixture
+    def prefix(self) -> str:
+        return f"conformance/{uuid.uuid4().hex}/"
+
+    def test_missing_key_is_none(self, store: KVStore, prefix: str) -> None:
+        assert store.get(prefix + "nope") is None
+        assert store.get_many([prefix + "a", prefix + "b"]) == [None, None]
+        assert not store.exists(prefix + "nope")
+
+    def test_put_get_round_trip_all_byte_values(self, store: KVStore, prefix: str) -> None:
+        value = bytes(range(256)) * 17
+        store.put(prefix + "k", value)
+        assert store.get(prefix + "k") == value
+        assert store.exists(prefix + "k")
+
+    def test_empty_value_exists(self, store: KVStore, prefix: str) -> None:
+        store.put(prefix + "empty", b"")
+        assert store.get(prefix + "empty") == b""
+        assert store.exists(prefix + "empty")
+
+    def test_memoryview_of_wide_items_is_stored_as_bytes(self, store: KVStore, prefix: str) -> None:
+        data = array.array("d", [1.5, -2.25, 3.0])
+        store.put_many([(prefix + "f", memoryview(data))])
+        assert store.get(prefix + "f") == data.tobytes()
+
+    def test_value_near_max_chunk(self, store: KVStore, prefix: str) -> None:
+        size = min(store.capabilities.max_value_bytes, 1 << 20)
+        value = bytes(range(251)) * (size // 251)
+        store.put(prefix + "big", memoryview(value))
+        assert store.get(prefix + "big") == value
+
+    def test_create_is_put_if_absent(self, store: KVStore, prefix: str) -> None:
+        assert store.put(prefix + "rec", b"first", create=True) is True
+        assert store.put(prefix + "rec", b"second", create=True) is False
+        assert store.get(prefix + "rec") == b"first"
+        assert store.put(prefix + "rec", b"third") is True
+        assert store.get(prefix + "rec") == b"third"
+
+    def test_swap_returns_previous(self, store: KVStore, prefix: str) -> None:
+        assert store.swap(prefix + "rec", b"one") is None
+        assert store.swap(prefix + "rec", b"two") == b"one"
+        assert store.get(prefix + "rec") == b"two"
+
+    def test_batched_put_and_get(self, store: KVStore, prefix: str) -> None:
+        items = [(f"{prefix}item/{i}", f"value-{i}".encode()) for i in range(1500)]
+        store.put_many(items)
+        keys = [k for k, _ in items] + [prefix + "missing"]
+        assert store.get_many(keys) == [v for _, v in items] + [None]
+
+    def test_range_reads_into_buffers(self, store: KVStore, prefix: str) -> None:
+        value = bytes(range(200))
+        store.put(prefix + "r", value)
+        head, middle, tail, past = bytearray(10), bytearray(50), bytearray(30), bytearray(5)
+        empty = bytearray(0)
+        counts = store.read_into_many(
+            [
+                RangeRead(prefix + "r", 0, memoryview(head)),
+                RangeRead(prefix + "r", 100, memoryview(middle)),
+                RangeRead(prefix + "r", 180, memoryview(tail)),
+                RangeRead(prefix + "missing", 0, memoryview(past)),
+                RangeRead(prefix + "r", 0, memoryview(empty)),
+            ]
+        )
+        assert counts == [10, 50, 20, 0, 0]
+        assert bytes(head) == value[:10]
+        assert bytes(middle) == value[100:150]
+        assert bytes(tail[:20]) == value[180:]
+
+    def test_range_read_into_wide_buffer(self, store: KVStore, prefix: str) -> None:
+        data = array.array("i", range(64))
+        store.put(prefix + "ints", data.tobytes())
+        target = array.array("i", [0] * 16)
+        (count,) = store.read_into_many([RangeRead(prefix + "ints", 16 * 4, memoryview(target))])
+        assert count == 64
+        assert list(target) == list(range(16, 32))
+
+    def test_delete_is_idempotent(self, store: KVStore, prefix: str) -> None:
+        store.put_many([(prefix + "a", b"1"), (prefix + "b", b"2")])
+        store.delete_many([prefix + "a", prefix + "never-there"])
+        store.delete_many([prefix + "a"])
+        assert store.get_many([prefix + "a", prefix + "b"]) == [None, b"2"]
+        store.delete(prefix + "b")
+        assert not store.exists(prefix + "b")
+
+    def test_scan_prefix_is_literal(self, store: KVStore, prefix: str) -> None:
+        tricky = prefix + "a*b?[c]\\d é /"
+        inside = [tricky + "x", tricky + "y/z"]
+        outside = [prefix + "a*b?[c]\\d é  x", prefix + "aXb?[c]\\d é /x", prefix + "a*b"]
+        store.put_many([(k, b"v") for k in inside + outside])
+        assert sorted(store.scan_prefix(tricky)) == sorted(inside)
+        assert sorted(store.scan_prefix(prefix)) == sorted(inside + outside)
+
+    def test_delete_prefix(self, store: KVStore, prefix: str) -> None:
+        store.put_many([(f"{prefix}gen/{i}", b"x") for i in range(2500)])
+        store.put(prefix + "keep", b"k")
+        assert store.delete_prefix(prefix + "gen/", batch=700) == 2500
+        assert list(store.scan_prefix(prefix)) == [prefix + "keep"]
+
+    def test_ttl_on_put_expires(self, store: KVStore, prefix: str) -> None:
+        if not store.capabilities.ttl:
+            pytest.skip("backend declares no TTL support")
+        store.put_many([(prefix + "short", b"x")], ttl=1.0)
+        store.put(prefix + "rec", b"y", create=True, ttl=1.0)
+        store.put(prefix + "long", b"z")
+        assert store.get(prefix + "short") == b"x"
+        self._wait_gone(store, [prefix + "short", prefix + "rec"])
+        assert store.get(prefix + "long") == b"z"
+
+    def test_expire_many_sets_and_clears(self, store: KVStore, prefix: str) -> None:
+        if not store.capabilities.ttl:
+            pytest.skip("backend declares no TTL support")
+        store.put_many([(prefix + "a", b"1"), (prefix + "b", b"2")], ttl=1.0)
+        assert store.expire_many([prefix + "a", prefix + "missing"], None) == [True, False]
+        assert store.expire_many([prefix + "b"], 30.0) == [True]
+        time.sleep(1.5)
+        assert store.get_many([prefix + "a", prefix + "b"]) == [b"1", b"2"]
+        store.put(prefix + "c", b"3")
+        assert store.expire_many([prefix + "c"], None) == [True]
+        assert store.expire_many([prefix + "c"], 1.0) == [True]
+        self._wait_gone(store, [prefix + "c"])
+
+    def _wait_gone(self, store: KVStore, keys: list[str]) -> None:
+        deadline = time.monotonic() + self.expiry_wait + 1.0
+        while any(v is not None for v in store.get_many(keys)):
+            assert time.monotonic() < deadline, f"{keys} did not expire"
+            time.sleep(0.1)
+
+    def test_pickle_round_trip_reconnects(self, store: KVStore, prefix: str) -> None:
+        if not self.picklable:
+            with pytest.raises(KVCheckpointError, match="cannot be pickled"):
+                pickle.dumps(store)
+            return
+        store.put(prefix + "p", b"pickled")
+        clone = pickle.loads(pickle.dumps(store))
+        try:
+            assert clone.get(prefix + "p") == b"pickled"
+        finally:
+            clone.close()
+
+    def test_close_then_reuse(self, store: KVStore, prefix: str) -> None:
+        store.put(prefix + "c", b"1")
+        store.close()
+        assert store.get(prefix + "c") == b"1"
