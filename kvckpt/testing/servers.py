@@ -114,7 +114,8 @@ class RedisServer:
             raise RuntimeError(f"redis-server exited with {self.process.returncode}")
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            reply = s.recv(64)  # +PONG, or -NOAUTH from a server that wants a password
+            return reply.startswith((b"+PONG", b"-NOAUTH"))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -1,0 +1,1 @@
+"""The DCP adapter: the only part of kvckpt that imports torch."""

@@ -1,0 +1,169 @@
+"""DCP ``Metadata`` ↔ the plain values stored in the record (see docs/record-format.md).
+
+Every torch type is written by name and read back through an allow-list, so a record can never name
+an arbitrary object to construct.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from kvckpt.errors import CorruptCheckpointError
+from kvckpt.layout import StoredChunk, StoredItem
+
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+_LAYOUTS = {str(x).removeprefix("torch."): x for x in (torch.strided, torch.sparse_coo)}
+_MEMORY_FORMATS = {
+    str(x).removeprefix("torch."): x
+    for x in (torch.contiguous_format, torch.channels_last, torch.preserve_format)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _lookup(table: dict[str, Any], name: object, what: str) -> Any:
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"unknown {what} {name!r}")
+    return table[name]
+
+
+# Encoding ------------------------------------------------------------------------------------
+
+
+def _encode_entry(meta: TensorStorageMetadata | BytesStorageMetadata) -> dict[str, Any]:
+    if isinstance(meta, BytesStorageMetadata):
+        return {"type": "bytes"}
+    props = meta.properties
+    return {
+        "type": "tensor",
+        "dtype": dtype_name(props.dtype),
+        "size": list(meta.size),
+        "chunks": [[list(c.offsets), list(c.sizes)] for c in meta.chunks],
+        "layout": str(props.layout).removeprefix("torch."),
+        "requires_grad": bool(props.requires_grad),
+        "memory_format": str(props.memory_format).removeprefix("torch."),
+        "pin_memory": bool(props.pin_memory),
+    }
+
+
+def _encode_item(index: MetadataIndex, item: StoredItem) -> list[Any]:
+    offset = None if index.offset is None else list(index.offset)
+    chunks = [[c.key, c.nbytes, list(c.sums)] for c in item.chunks]
+    shape = None if item.shape is None else list(item.shape)
+    return [index.fqn, offset, item.nbytes, item.dtype, shape, chunks]
+
+
+def encode_metadata(metadata: Metadata, items: dict[MetadataIndex, StoredItem]) -> dict[str, Any]:
+    meta = metadata.storage_meta
+    return {
+        "dcp_version": metadata.version,
+        "state_dict": [[fqn, _encode_entry(m)] for fqn, m in metadata.state_dict_metadata.items()],
+        "planner_data": metadata.planner_data,
+        "storage_meta": None
+        if meta is None
+        else {
+            "checkpoint_id": None if meta.checkpoint_id is None else str(meta.checkpoint_id),
+            "save_id": meta.save_id,
+            "load_id": meta.load_id,
+            "modules": list(meta.modules),
+        },
+        "items": [_encode_item(index, item) for index, item in items.items()],
+    }
+
+
+# Decoding ------------------------------------------------------------------------------------
+
+
+def _decode_entry(entry: dict[str, Any]) -> TensorStorageMetadata | BytesStorageMetadata:
+    if entry["type"] == "bytes":
+        return BytesStorageMetadata()
+    if entry["type"] != "tensor":
+        raise ValueError(f"unknown entry type {entry['type']!r}")
+    props = TensorProperties(
+        dtype=_lookup(DTYPES, entry["dtype"], "dtype"),
+        layout=_lookup(_LAYOUTS, entry["layout"], "layout"),
+        requires_grad=bool(entry["requires_grad"]),
+        memory_format=_lookup(_MEMORY_FORMATS, entry["memory_format"], "memory format"),
+        pin_memory=bool(entry["pin_memory"]),
+    )
+    chunks = [ChunkStorageMetadata(offsets=_size(o), sizes=_size(s)) for o, s in entry["chunks"]]
+    return TensorStorageMetadata(properties=props, size=_size(entry["size"]), chunks=chunks)
+
+
+def _size(values: Any) -> torch.Size:
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        raise ValueError(f"bad size {values!r}")
+    return torch.Size(values)
+
+
+def _decode_item(row: list[Any]) -> tuple[MetadataIndex, StoredItem]:
+    fqn, offset, nbytes, dtype, shape, chunks = row
+    if not isinstance(fqn, str) or type(nbytes) is not int:
+        raise ValueError("bad item row")
+    if dtype is not None:
+        _lookup(DTYPES, dtype, "dtype")
+    stored = tuple(
+        StoredChunk(key=str(key), nbytes=int(size), sums=tuple(int(s) for s in sums))
+        for key, size, sums in chunks
+    )
+    if sum(c.nbytes for c in stored) != nbytes:
+        raise ValueError(f"chunk sizes of {fqn!r} do not add up to {nbytes}")
+    item = StoredItem(
+        nbytes=nbytes,
+        chunks=stored,
+        dtype=dtype,
+        shape=None if shape is None else tuple(_size(shape)),
+    )
+    index = MetadataIndex(fqn, None if offset is None else _size(offset))
+    return index, item
+
+
+def decode_metadata(body: dict[str, Any], key: str) -> Metadata:
+    """Rebuild DCP's Metadata (storage_data maps MetadataIndex → StoredItem)."""
+    try:
+        meta = body["storage_meta"]
+        storage_meta = (
+            None
+            if meta is None
+            else StorageMeta(
+                checkpoint_id=meta["checkpoint_id"],
+                save_id=meta["save_id"],
+                load_id=meta["load_id"],
+                modules=list(meta["modules"]),
+            )
+        )
+        return Metadata(
+            state_dict_metadata={str(fqn): _decode_entry(entry) for fqn, entry in body["state_dict"]},
+            planner_data=body["planner_data"],
+            storage_data=dict(_decode_item(row) for row in body["items"]),
+            storage_meta=storage_meta,
+            version=body["dcp_version"],
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(
+            f"{key}: the record is malformed ({type(exc).__name__}: {exc}); the checkpoint cannot be loaded",
+            key=key,
+        ) from exc
+
+
+def chunk_keys(body: dict[str, Any]) -> list[str]:
+    """Every data key (relative to the namespace) a decoded record refers to."""
+    try:
+        return [str(chunk[0]) for row in body["items"] for chunk in row[5]]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise CorruptCheckpointError(f"the record's item list is malformed ({exc})") from exc

@@ -1,0 +1,274 @@
+"""KVStorageReader: DCP's StorageReader over a KVStore.
+
+A ReadItem asks for a box of one stored tensor. When that box is one contiguous byte run (e.g. a dim-0
+slice) only those bytes are fetched, widened to checksum-block boundaries, straight into the target
+tensor's memory when it is a CPU tensor of the same dtype; otherwise the stored item is fetched into
+a scratch tensor and the box copied out of it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from kvckpt import layout, record
+from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
+from kvckpt.dcp.codec import DTYPES, decode_metadata
+from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, writable_byte_view
+from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, KVCheckpointError
+from kvckpt.registry import owns
+from kvckpt.store import RangeRead
+from kvckpt.target import Resolver, Target
+from kvckpt.transfer import Transfer
+
+
+@dataclass
+class _Read:
+    """One range request plus what to check and where to copy once it lands."""
+
+    request: RangeRead
+    fqn: str
+    sums: tuple[int, ...] | None
+    copy_to: memoryview | None = None
+    copy_from: slice | None = None
+
+
+class KVStorageReader(StorageReader):
+    """Read a DCP checkpoint written by KVStorageWriter; works with any number of ranks.
+
+    ``verify`` checks every fetched block against the record's checksums (on by default).
+    """
+
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike[str] | None = None,
+        *,
+        client: Any = None,
+        io_threads: int = 2,
+        batch_bytes: int = 16 << 20,
+        group_bytes: int = 64 << 20,
+        verify: bool = True,
+        store_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.io_threads = io_threads
+        self.batch_bytes = batch_bytes
+        self.group_bytes = group_bytes
+        self.verify = verify
+        self._resolver = Resolver(client, store_options)
+        self._target: Target | None = None
+        self._records: dict[str, tuple[dict[str, Any], Metadata]] = {}
+        self._body: dict[str, Any] = {}
+        self._items: dict[MetadataIndex, layout.StoredItem] = {}
+        self.rank: int | None = None
+        if checkpoint_id is not None:
+            self.reset(checkpoint_id)
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        return None if self._target is None else self._target.display
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            raise KVCheckpointError(
+                "no checkpoint_id: pass one to KVStorageReader(...) or to dcp.load(checkpoint_id=...)"
+            )
+        return self._target
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return owns(checkpoint_id)
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self._target = self._resolver.resolve(checkpoint_id)
+        self._records.clear()
+        self._body, self._items = {}, {}
+
+    # Metadata ---------------------------------------------------------------------------------
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """Fetch and decode the record once per reader, however many times DCP asks."""
+        key = layout.record_key(self.target.namespace, kwargs.get("rank"))
+        if key not in self._records:
+            raw = self.target.store.get(key)
+            if raw is None:
+                raise CheckpointNotFoundError(
+                    f"{self.target.display}: no committed checkpoint here (no record at {key!r}); "
+                    "check the checkpoint_id, or list what exists with kvckpt.list_checkpoints",
+                    checkpoint_id=self.target.display,
+                )
+            body = record.decode_record(raw, key)
+            self._records[key] = (body, decode_metadata(body, key))
+        self._body, metadata = self._records[key]
+        return metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        if not self._body:  # metadata came from elsewhere: still need our block size
+            self.read_metadata(**({"rank": self.rank} if kwargs.get("use_collectives") is False else {}))
+        self._items = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id)
+
+    # Data -------------------------------------------------------------------------------------
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        group: list[_Read] = []
+        finishers: list[Callable[[], None]] = []
+        size = 0
+        for item in plan.items:
+            reads, finish = self._plan_item(item, planner)
+            group += reads
+            finishers.append(finish)
+            size += sum(r.request.into.nbytes for r in reads)
+            if size >= self.group_bytes:
+                self._run(group, finishers)
+                group, finishers, size = [], [], 0
+        self._run(group, finishers)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _stored(self, item: ReadItem) -> layout.StoredItem:
+        try:
+            return self._items[item.storage_index]
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"{self.target.display}: the record has no stored data for {item.storage_index.fqn!r} "
+                f"at offset {tuple(item.storage_index.offset or ())}",
+                fqn=item.storage_index.fqn,
+            ) from None
+
+    def _plan_item(self, item: ReadItem, planner: LoadPlanner) -> tuple[list[_Read], Callable[[], None]]:
+        stored = self._stored(item)
+        fqn = item.storage_index.fqn
+        if item.type == LoadItemType.BYTE_IO:
+            buffer = bytearray(stored.nbytes)
+            reads = self._span_reads(stored, 0, stored.nbytes, memoryview(buffer), fqn)
+            return reads, lambda: planner.load_bytes(item, io.BytesIO(buffer))
+
+        if stored.dtype is None or stored.shape is None:
+            raise CorruptCheckpointError(f"{self.target.display}: {fqn!r} is stored as bytes, not a tensor")
+        dtype = DTYPES[stored.dtype]
+        target = planner.resolve_tensor(item).detach()
+        lengths = tuple(item.lengths)
+        if tuple(target.shape) != lengths:
+            raise KVCheckpointError(
+                f"{fqn!r}: the planner's target has shape {tuple(target.shape)} but {lengths} was asked for"
+            )
+        element = torch.empty((), dtype=dtype).element_size()
+        span = contiguous_span(stored.shape, tuple(item.storage_offsets), lengths)
+        if span is not None:
+            start, stop = span[0] * element, span[1] * element
+            direct = writable_byte_view(target) if target.dtype == dtype else None
+            scratch = None if direct is not None else torch.empty(lengths, dtype=dtype)
+            dest = direct if direct is not None else byte_view(scratch)  # type: ignore[arg-type]
+            reads = self._span_reads(stored, start, stop, dest, fqn)
+
+            def finish_span() -> None:
+                if scratch is not None:
+                    target.copy_(scratch)
+                planner.commit_tensor(item, target)
+
+            return reads, finish_span
+
+        whole = torch.empty(stored.shape, dtype=dtype)
+        reads = self._span_reads(stored, 0, stored.nbytes, byte_view(whole), fqn)
+
+        def finish_box() -> None:
+            box = whole
+            for dim, (offset, length) in enumerate(zip(item.storage_offsets, lengths, strict=True)):
+                box = box.narrow(dim, offset, length)
+            target.copy_(box)
+            planner.commit_tensor(item, target)
+
+        return reads, finish_box
+
+    def _span_reads(
+        self, stored: layout.StoredItem, start: int, stop: int, dest: memoryview, fqn: str
+    ) -> list[_Read]:
+        """Requests covering item bytes [start, stop) into ``dest``, widened to whole checksum blocks."""
+        block = int(self._body.get("block_bytes") or DEFAULT_BLOCK_BYTES)
+        namespace = self.target.namespace
+        reads = []
+        for chunk_start, chunk in stored.chunk_spans():
+            lo, hi = max(start, chunk_start), min(stop, chunk_start + chunk.nbytes)
+            if lo >= hi:
+                continue
+            local_lo, local_hi = lo - chunk_start, hi - chunk_start
+            part = dest[lo - start : hi - start]
+            key = layout.full_key(namespace, chunk.key)
+            if not (self.verify and chunk.sums):
+                reads.append(_Read(RangeRead(key, local_lo, part), fqn, None))
+                continue
+            first, last = local_lo // block, -(-local_hi // block)
+            wide_lo, wide_hi = first * block, min(last * block, chunk.nbytes)
+            sums = chunk.sums[first:last]
+            if (wide_lo, wide_hi) == (local_lo, local_hi):
+                reads.append(_Read(RangeRead(key, wide_lo, part), fqn, sums))
+            else:
+                scratch = memoryview(bytearray(wide_hi - wide_lo))
+                window = slice(local_lo - wide_lo, local_hi - wide_lo)
+                reads.append(_Read(RangeRead(key, wide_lo, scratch), fqn, sums, part, window))
+        return reads
+
+    def _run(self, reads: list[_Read], finishers: list[Callable[[], None]]) -> None:
+        ops = self.target.store.capabilities.max_batch_ops
+        with Transfer(self.io_threads) as transfer:
+            batch: list[_Read] = []
+            size = 0
+            for read in reads:
+                batch.append(read)
+                size += read.request.into.nbytes
+                if size >= self.batch_bytes or len(batch) >= ops:
+                    transfer.submit(self._fetch, batch)
+                    batch, size = [], 0
+            if batch:
+                transfer.submit(self._fetch, batch)
+        for finish in finishers:
+            finish()
+
+    def _fetch(self, reads: list[_Read]) -> None:
+        counts = self.target.store.read_into_many([r.request for r in reads])
+        block = int(self._body.get("block_bytes") or DEFAULT_BLOCK_BYTES)
+        for read, count in zip(reads, counts, strict=True):
+            key, wanted = read.request.key, read.request.into.nbytes
+            if count != wanted:
+                raise CorruptCheckpointError(
+                    f"{self.target.display}: chunk {key!r} of {read.fqn!r} is missing or truncated "
+                    f"(got {count} of {wanted} bytes at offset {read.request.offset})",
+                    key=key,
+                    fqn=read.fqn,
+                )
+            if read.sums is not None:
+                bad = first_bad_block(read.request.into, block, read.sums)
+                if bad is not None:
+                    raise CorruptCheckpointError(
+                        f"{self.target.display}: checksum mismatch in {read.fqn!r}, key {key!r} "
+                        f"(block {bad} from offset {read.request.offset}); the stored bytes are damaged",
+                        key=key,
+                        fqn=read.fqn,
+                    )
+            if read.copy_to is not None and read.copy_from is not None:
+                read.copy_to[:] = read.request.into[read.copy_from]

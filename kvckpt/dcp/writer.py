@@ -1,0 +1,286 @@
+"""KVStorageWriter: DCP's StorageWriter over a KVStore.
+
+Every rank writes its items' raw bytes under a fresh generation (save_id) with a pending expiry; the
+coordinator then makes the data permanent (or gives it the user's ttl) and commits the record last,
+put-if-absent or as an atomic swap. A save that dies anywhere leaves no record and only expiring data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from kvckpt import layout, record
+from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
+from kvckpt.dcp.codec import chunk_keys, dtype_name, encode_metadata
+from kvckpt.dcp.tensor_bytes import byte_view, host_contiguous
+from kvckpt.errors import CheckpointExistsError, CorruptCheckpointError, KVCheckpointError
+from kvckpt.registry import owns
+from kvckpt.store import Buffer, KVStore
+from kvckpt.target import Resolver, Target
+from kvckpt.transfer import Transfer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+#: Uncommitted data expires after this many seconds, so a crashed save cleans itself up.
+DEFAULT_PENDING_TTL = 6 * 3600.0
+#: Committed data outlives its record by this margin, so no reader sees a record without its data.
+TTL_MARGIN = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _SaveTarget:
+    """Sent from the coordinator to every rank in the global plan."""
+
+    save_id: str
+
+
+class KVStorageWriter(StorageWriter):
+    """Write a DCP checkpoint into Redis, Redis Cluster or etcd.
+
+    ``checkpoint_id`` is a URL (``redis://host:6379/0/run1/step100``), or with ``client=`` the bare
+    namespace. ``overwrite`` replaces a committed checkpoint atomically; ``ttl`` (seconds) expires it.
+    ``chunk_bytes`` splits large tensors into values of that size; ``io_threads`` connections move
+    them in parallel. ``store_options`` go to the backend (timeouts, TLS files, …).
+    """
+
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike[str] | None = None,
+        *,
+        client: Any = None,
+        overwrite: bool = False,
+        ttl: float | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        io_threads: int = 2,
+        batch_bytes: int = 16 << 20,
+        checksums: bool = True,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        pending_ttl: float | None = DEFAULT_PENDING_TTL,
+        store_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if chunk_bytes <= 0 or block_bytes <= 0:
+            raise ValueError("chunk_bytes and block_bytes must be positive")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        self.overwrite = overwrite
+        self.ttl = ttl
+        self.chunk_bytes = chunk_bytes
+        self.io_threads = io_threads
+        self.batch_bytes = batch_bytes
+        self.checksums = checksums
+        self.block_bytes = block_bytes
+        self.pending_ttl = pending_ttl
+        self._resolver = Resolver(client, store_options)
+        self._target: Target | None = None
+        self._save_id = layout.new_save_id()
+        self._rank: int | None = None
+        self._use_collectives = True
+        if checkpoint_id is not None:
+            self.reset(checkpoint_id)
+
+    # Identity --------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        """The target with credentials redacted (DCP logs this attribute)."""
+        return None if self._target is None else self._target.display
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            raise KVCheckpointError(
+                "no checkpoint_id: pass one to KVStorageWriter(...) or to dcp.save(checkpoint_id=...)"
+            )
+        return self._target
+
+    @property
+    def record_key(self) -> str:
+        rank = None if self._use_collectives or self._rank is None else self._rank
+        return layout.record_key(self.target.namespace, rank)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return owns(checkpoint_id)
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self._target = self._resolver.resolve(checkpoint_id)
+        self._save_id = layout.new_save_id()
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self._save_id)
+
+    # Planning ---------------------------------------------------------------------------------
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self._rank = kwargs.get("rank")
+        self._use_collectives = kwargs.get("use_collectives", True)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Runs on the coordinator: refuse early (before any data moves) and pick the generation."""
+        if not self.overwrite and self.target.store.exists(self.record_key):
+            raise CheckpointExistsError(
+                f"{self.target.display} already holds a committed checkpoint; pass overwrite=True "
+                "to replace it or choose another checkpoint_id",
+                checkpoint_id=self.target.display,
+            )
+        save_target = _SaveTarget(save_id=self._save_id)
+        return [dataclasses.replace(plan, storage_data=save_target) for plan in plans]
+
+    # Data -------------------------------------------------------------------------------------
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        save_id = plan.storage_data.save_id if plan.storage_data else self._save_id
+        store, namespace = self.target.store, self.target.namespace
+        chunk_bytes = min(self.chunk_bytes, store.capabilities.max_value_bytes)
+        max_ops = store.capabilities.max_batch_ops
+        write_ttl = self.pending_ttl if self.pending_ttl is not None else self._data_ttl()
+        results: list[WriteResult] = []
+        submitted: list[str] = []
+        batch: list[tuple[str, Buffer]] = []
+        batch_size = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_size
+            if batch:
+                submitted.extend(key for key, _ in batch)
+                transfer.submit(functools.partial(store.put_many, batch, ttl=write_ttl))
+                batch, batch_size = [], 0
+
+        try:
+            with Transfer(self.io_threads) as transfer:
+                for item in plan.items:
+                    view, dtype, shape = self._item_bytes(item, planner)
+                    offset = None if item.type == WriteItemType.BYTE_IO else tuple(item.index.offset or ())
+                    prefix = layout.item_prefix(save_id, item.index.fqn, offset)
+                    chunks = []
+                    for n, start in enumerate(range(0, len(view), chunk_bytes)):
+                        piece = view[start : start + chunk_bytes]
+                        sums = tuple(block_sums(piece, self.block_bytes)) if self.checksums else ()
+                        chunks.append(layout.StoredChunk(f"{prefix}/{n}", len(piece), sums))
+                        batch.append((layout.full_key(namespace, f"{prefix}/{n}"), piece))
+                        batch_size += len(piece)
+                        if batch_size >= self.batch_bytes or len(batch) >= max_ops:
+                            flush()
+                    stored = layout.StoredItem(len(view), tuple(chunks), dtype, shape)
+                    results.append(
+                        WriteResult(index=item.index, size_in_bytes=len(view), storage_data=stored)
+                    )
+                flush()
+        except BaseException:
+            self._discard(store, submitted)
+            raise
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    @staticmethod
+    def _item_bytes(item: Any, planner: SavePlanner) -> tuple[memoryview, str | None, tuple[int, ...] | None]:
+        data = planner.resolve_data(item)
+        if item.type == WriteItemType.BYTE_IO:
+            if not isinstance(data, io.BytesIO):
+                raise KVCheckpointError(f"{item.index.fqn}: planner returned {type(data)} for a BYTE_IO item")
+            return data.getbuffer(), None, None
+        assert isinstance(data, torch.Tensor)
+        tensor = host_contiguous(data)
+        return byte_view(tensor), dtype_name(tensor.dtype), tuple(tensor.shape)
+
+    # Commit -----------------------------------------------------------------------------------
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        store, target = self.target.store, self.target
+        items: dict[MetadataIndex, layout.StoredItem] = {
+            result.index: result.storage_data for rank_results in results for result in rank_results
+        }
+        metadata.storage_data = items
+        if (
+            metadata.storage_meta is None
+        ):  # torch 2.13's default planner drops it; keep the id for `kvckpt ls`
+            metadata.storage_meta = self.storage_meta()
+        keys = [layout.full_key(target.namespace, c.key) for item in items.values() for c in item.chunks]
+        now = time.time()
+        body = {
+            "save_id": metadata.storage_meta.save_id if metadata.storage_meta else self._save_id,
+            "created": now,
+            "world_size": len(results),
+            "rank": None if self._use_collectives else self._rank,
+            "checksum": ALGORITHM if self.checksums else None,
+            "block_bytes": self.block_bytes,
+            "ttl": self.ttl,
+            "expires_at": None if self.ttl is None else now + self.ttl,
+            "total_bytes": sum(item.nbytes for item in items.values()),
+            "num_keys": len(keys),
+            **encode_metadata(metadata, items),
+        }
+        data = record.encode_record(body)
+        if self.pending_ttl is not None:
+            self._settle_expiry(store, keys)
+        if self.overwrite:
+            previous = store.swap(self.record_key, data, ttl=self.ttl)
+            if previous is not None:
+                self._retire(store, previous, set(keys))
+        elif not store.put(self.record_key, data, create=True, ttl=self.ttl):
+            if store.get(self.record_key) != data:  # not our own commit answered twice by a retry
+                self._discard(store, keys)
+                raise CheckpointExistsError(
+                    f"{target.display}: another save committed first; this save's data was removed",
+                    checkpoint_id=target.display,
+                )
+
+    def _data_ttl(self) -> float | None:
+        return None if self.ttl is None else self.ttl + TTL_MARGIN
+
+    def _settle_expiry(self, store: KVStore, keys: list[str]) -> None:
+        """Make pending data permanent (or give it the user's ttl); every key must still exist."""
+        step = store.capabilities.max_batch_ops
+        missing: list[str] = []
+        for start in range(0, len(keys), step):
+            part = keys[start : start + step]
+            present = store.expire_many(part, self._data_ttl())
+            missing += [key for key, ok in zip(part, present, strict=True) if not ok]
+        if missing:
+            self._discard(store, keys)
+            raise CorruptCheckpointError(
+                f"{self.target.display}: {len(missing)} data key(s) vanished before the commit, e.g. "
+                f"{missing[0]!r} (evicted by the server's maxmemory-policy, deleted, or older than "
+                "pending_ttl); nothing was committed",
+                key=missing[0],
+            )
+
+    def _retire(self, store: KVStore, previous: bytes, keep: set[str]) -> None:
+        """Delete the replaced generation; a damaged old record only costs a warning."""
+        namespace = self.target.namespace
+        try:
+            old = [layout.full_key(namespace, k) for k in chunk_keys(record.decode_record(previous, ""))]
+        except KVCheckpointError as exc:
+            log.warning("%s: could not read the replaced record to delete its data: %s", namespace, exc)
+            return
+        self._discard(store, [key for key in old if key not in keep])
+
+    @staticmethod
+    def _discard(store: KVStore, keys: list[str]) -> None:
+        """Best-effort removal after a failure; what remains still expires through pending_ttl."""
+        step = store.capabilities.max_batch_ops
+        try:
+            for start in range(0, len(keys), step):
+                store.delete_many(keys[start : start + step])
+        except KVCheckpointError as exc:
+            log.warning("could not remove %d uncommitted key(s): %s", len(keys), exc)

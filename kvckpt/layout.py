@@ -1,0 +1,69 @@
+"""Where things live in the store, and what the record says about each stored item.
+
+    NAMESPACE/.metadata                          the commit record (collective saves)
+    NAMESPACE/__R.metadata                       rank R's record (use_collectives=False)
+    NAMESPACE/SAVE_ID/FQN/OFFSETS/N              chunk N of one stored item
+
+Keys in the record are relative to the namespace, so a checkpoint can be copied to another one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+RECORD_NAME = ".metadata"
+
+
+def record_key(namespace: str, rank: int | None = None) -> str:
+    return f"{namespace}/{RECORD_NAME}" if rank is None else f"{namespace}/__{rank}{RECORD_NAME}"
+
+
+def new_save_id() -> str:
+    """Sortable by time, unique by randomness: the generation every key of one save lives under."""
+    return time.strftime("g%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+def item_prefix(save_id: str, fqn: str, offset: tuple[int, ...] | None) -> str:
+    if offset is None:
+        where = "bytes"
+    elif not offset:
+        where = "scalar"
+    else:
+        where = ",".join(map(str, offset))
+    return f"{save_id}/{fqn}/{where}"
+
+
+def full_key(namespace: str, relative: str) -> str:
+    return f"{namespace}/{relative}"
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """One value in the store: ``key`` (relative to the namespace), its size and block checksums."""
+
+    key: str
+    nbytes: int
+    sums: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """The bytes of one DCP write item (a tensor shard or a BYTE_IO blob), split into chunks.
+
+    ``dtype``/``shape`` describe the raw tensor bytes (row-major); both are None for BYTE_IO.
+    """
+
+    nbytes: int
+    chunks: tuple[StoredChunk, ...]
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+    def chunk_spans(self) -> list[tuple[int, StoredChunk]]:
+        """(start offset within the item, chunk) pairs."""
+        spans, start = [], 0
+        for chunk in self.chunks:
+            spans.append((start, chunk))
+            start += chunk.nbytes
+        return spans

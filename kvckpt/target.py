@@ -1,0 +1,67 @@
+"""checkpoint_id → (store, namespace). Shared by the writer, the reader and the management API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvckpt.errors import InvalidCheckpointIdError
+from kvckpt.registry import open_store
+from kvckpt.store import KVStore
+from kvckpt.urls import StoreURL, parse_url
+
+
+@dataclass(frozen=True)
+class Target:
+    store: KVStore
+    namespace: str
+    #: What may be shown or stored: the URL with its password redacted, or the bare namespace.
+    display: str
+
+
+class Resolver:
+    """Opens stores for checkpoint_ids, reusing one connection while the server stays the same."""
+
+    def __init__(self, client: Any = None, store_options: dict[str, Any] | None = None) -> None:
+        self._options = dict(store_options or {})
+        self._server: StoreURL | None = None
+        self._store: KVStore | None = None
+        if client is not None:
+            self._store = client if isinstance(client, KVStore) else wrap_client(client)
+
+    @property
+    def injected(self) -> bool:
+        return self._store is not None and self._server is None
+
+    def resolve(self, checkpoint_id: object) -> Target:
+        if self.injected:
+            assert self._store is not None
+            if not isinstance(checkpoint_id, str) or not checkpoint_id.strip("/"):
+                raise InvalidCheckpointIdError(
+                    f"with client= the checkpoint_id is the bare namespace (e.g. 'run1/step100'), "
+                    f"got {checkpoint_id!r}"
+                )
+            return Target(self._store, checkpoint_id, checkpoint_id)
+        if not isinstance(checkpoint_id, str):
+            raise InvalidCheckpointIdError(
+                f"kvckpt needs a URL checkpoint_id such as redis://host:6379/0/NAMESPACE, got "
+                f"{type(checkpoint_id).__name__}; for a filesystem path use DCP's FileSystemWriter"
+            )
+        url = parse_url(checkpoint_id)
+        if self._store is None or self._server != url.server:
+            self.close()
+            self._store = open_store(url, **self._options)
+            self._server = url.server
+        return Target(self._store, url.namespace, url.to_url(redact=True))
+
+    def close(self) -> None:
+        if self._store is not None and not self.injected:
+            self._store.close()
+            self._store, self._server = None, None
+
+
+def wrap_client(client: Any) -> KVStore:
+    """A KVStore around a redis-py-compatible client object (redis.Redis, fakeredis, …)."""
+    from kvckpt.stores.redis import RedisStore
+
+    return RedisStore(client=client)

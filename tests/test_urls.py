@@ -1,0 +1,75 @@
+"""The URL contract: forms, defaults, errors that say what to write, and redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvckpt.errors import InvalidCheckpointIdError
+from kvckpt.urls import parse_url, redact
+
+
+def test_redis_tcp_form() -> None:
+    url = parse_url("redis://alice:s3cr%40t@cache.local:6380/2/runs/exp1/step-100")
+    assert (url.scheme, url.hosts, url.db, url.namespace) == (
+        "redis",
+        (("cache.local", 6380),),
+        2,
+        "runs/exp1/step-100",
+    )
+    assert (url.username, url.password) == ("alice", "s3cr@t")
+    assert "s3cr" not in str(url) and "s3cr" not in repr(url)
+    assert str(url) == "redis://alice:***@cache.local:6380/2/runs/exp1/step-100"
+
+
+def test_defaults_and_percent_encoding() -> None:
+    url = parse_url("rediss://h/0/a%20b%3Fc")
+    assert (url.hosts, url.namespace) == ((("h", 6379),), "a b?c")
+    assert parse_url(url.to_url(redact=False)) == url
+
+
+def test_unix_form() -> None:
+    url = parse_url("redis+unix:///run/redis/redis.sock?db=3&namespace=run1/step2")
+    assert (url.socket_path, url.db, url.namespace) == ("/run/redis/redis.sock", 3, "run1/step2")
+    assert parse_url(url.to_url(redact=False)) == url
+
+
+def test_cluster_and_etcd_host_lists() -> None:
+    url = parse_url("redis+cluster://a:7000,b:7001,[::1]:7002/ns")
+    assert url.hosts == (("a", 7000), ("b", 7001), ("::1", 7002))
+    assert parse_url("etcd://e1,e2:2380/x/y").hosts == (("e1", 2379), ("e2", 2380))
+
+
+def test_same_server_different_namespace() -> None:
+    assert parse_url("redis://h:1/0/a").server == parse_url("redis://h:1/0/b").server
+    assert parse_url("redis://h:1/0/a").server != parse_url("redis://h:1/1/a").server
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("redis://h:1/ns", "database must be a small integer"),
+        ("redis://h:1/0", "missing database number|missing NAMESPACE"),
+        ("redis://h:1/0/", "missing NAMESPACE"),
+        ("redis://h:1/0/a//b", "empty path segment"),
+        ("redis:///0/ns", "missing host"),
+        ("redis://h:99999/0/ns", "out of range"),
+        ("redis+unix://relative.sock?namespace=x", "absolute"),
+        ("redis+unix:///s.sock", "missing NAMESPACE"),
+        ("memcached://h/0/ns", "unknown scheme"),
+        ("/tmp/checkpoint", "not a kvckpt URL"),
+    ],
+)
+def test_bad_urls_say_what_to_write(url: str, hint: str) -> None:
+    with pytest.raises(InvalidCheckpointIdError, match=hint):
+        parse_url(url)
+
+
+def test_password_never_in_error_text() -> None:
+    with pytest.raises(InvalidCheckpointIdError) as info:
+        parse_url("redis://bob:hunter2@h:1/notanumber/ns")
+    assert "hunter2" not in str(info.value)
+
+
+def test_redact_free_text() -> None:
+    text = "failed on redis://u:pa55@h:1/0/x and etcd://:p@e:2379/y"
+    assert redact(text) == "failed on redis://u:***@h:1/0/x and etcd://:***@e:2379/y"
