@@ -678,7 +678,7 @@ class EtcdStore(KVStore):
 
     def scan_prefix(self, prefix: str) -> Iterator[str]:
         """Keys under ``prefix`` (a literal byte prefix), fetched keys-only in pages of ``scan_page``."""
-        start, end = _key_bytes(prefix), prefix_end(_key_bytes(prefix))
+        start, end = _key_bytes(prefix) or b"\x00", prefix_end(_key_bytes(prefix))
         while True:
             request = pb.join(pb.range_request(start, end, limit=self.scan_page, keys_only=True))
             page = pb.parse_range_response(self._rpc(pb.RANGE, request, action="listing keys"))
@@ -776,6 +776,6 @@ class EtcdStore(KVStore):
     def delete_prefix(self, prefix: str, batch: int = 1000) -> int:
         """One DeleteRange over the prefix (atomic, allowed under NOSPACE); returns how many went."""
         raw = _key_bytes(prefix)
-        request = pb.join(pb.delete_range_request(raw, prefix_end(raw)))
+        request = pb.join(pb.delete_range_request(raw or b"\x00", prefix_end(raw)))
         reply = self._rpc(pb.DELETE_RANGE, request, action="deleting", write=True)
         return pb.parse_delete_range_response(reply)

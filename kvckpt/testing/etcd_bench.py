@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 import uuid
 from typing import Any
@@ -58,10 +59,18 @@ def main(argv: list[str] | None = None) -> None:
         server = EtcdServer(unsafe_no_fsync=no_fsync).start() if no_fsync is not None else None
         try:
             store = open_store(server.url() if server else label)
-            for _ in range(args.repeat):
-                r = measure(store, args.value_kib * 1024, args.total_mib * MiB)
-                print(f"{label}: put {r['put_mb_s']:.0f} MB/s, get {r['get_mb_s']:.0f} MB/s")
+            results = [
+                measure(store, args.value_kib * 1024, args.total_mib * MiB) for _ in range(args.repeat)
+            ]
             store.close()
+            line = [f"{label}:"]
+            for what in ("put", "get"):
+                rates = sorted(r[f"{what}_mb_s"] for r in results)
+                line.append(
+                    f"{what} {statistics.median(rates):.0f} MB/s (median of {len(rates)}, "
+                    f"{rates[0]:.0f}-{rates[-1]:.0f})"
+                )
+            print(" ".join(line), flush=True)
         finally:
             if server is not None:
                 server.cleanup()
