@@ -103,9 +103,12 @@ def _ignore(reply: bytes) -> None:
 
 
 def _ttl_seconds(ttl: float) -> int:
-    if not ttl > 0:
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    """etcd leases are whole seconds; round up so a key never expires early."""
     return max(1, math.ceil(ttl))
+
+
+#: gRPC metadata that makes a member without a leader refuse at once instead of queueing the request.
+_REQUIRE_LEADER = (("hasleader", "true"),)
 
 
 class _ReplyTooLarge(KVCheckpointError):
@@ -269,8 +272,8 @@ class EtcdStore(KVStore):
         while not endpoint.ready:
             try:
                 endpoint.call(pb.STATUS)(
-                    b"", timeout=max(0.05, deadline - time.monotonic()), metadata=self._metadata()
-                )
+                    b"", timeout=max(0.05, deadline - time.monotonic()), metadata=_REQUIRE_LEADER
+                )  # Status needs no auth token, so a probe never depends on logging in
                 endpoint.ready = True
             except grpc.RpcError as exc:
                 if not patient or time.monotonic() + 0.1 >= deadline:
@@ -280,9 +283,7 @@ class EtcdStore(KVStore):
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         token = self._token
-        if token:
-            return (("hasleader", "true"), ("token", token))
-        return (("hasleader", "true"),)
+        return (*_REQUIRE_LEADER, ("token", token)) if token else _REQUIRE_LEADER
 
     def _authenticate(self, endpoint: _Endpoint, timeout: float) -> None:
         if self.username is None or self._token is not None:
