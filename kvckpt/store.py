@@ -23,6 +23,9 @@ class Capabilities:
     native_ranges: bool
     ttl: bool
     max_batch_ops: int = 1024
+    #: Changing a key's expiry costs no rewrite of its value. When False (etcd re-puts the value as a
+    #: new revision) the writer skips the pending-expiry protocol and writes final expiries directly.
+    cheap_expiry: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class KVStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections; the store reconnects if used again."""
+
+    def check_total_bytes(self, nbytes: int) -> None:
+        """Refuse, before any data moves, a checkpoint this backend is not meant to hold (etcd caps)."""
+        return None
 
     # Conveniences derived from the batched primitives.
 

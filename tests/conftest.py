@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from kvckpt.testing.servers import RedisServer
+from kvckpt.registry import open_store
+from kvckpt.store import KVStore
+from kvckpt.stores.redis import RedisStore
+from kvckpt.testing.servers import EtcdCluster, EtcdServer, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -23,27 +27,63 @@ def namespace() -> str:
 
 
 class Backend:
-    """How a test addresses one store: checkpoint ids, writer/reader options, and raw access."""
+    """How a test addresses one store: checkpoint ids, writer/reader options, and a KVStore on the
+    same server for inspecting or tampering with what was written."""
 
-    def __init__(self, name: str, make_id, options: dict, raw) -> None:  # type: ignore[no-untyped-def]
-        self.name, self._make_id, self.options, self.raw = name, make_id, options, raw
+    def __init__(
+        self, name: str, make_id: Callable[[str], str], options: dict[str, Any], store: KVStore
+    ) -> None:
+        self.name, self._make_id, self.options, self.store = name, make_id, options, store
 
     def id(self, namespace: str) -> str:
         return self._make_id(namespace)
 
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(self.store.scan_prefix(prefix))
+
+
+def _open_backend(request: pytest.FixtureRequest, name: str) -> Backend:
+    if name == "fakeredis":
+        import fakeredis
+
+        client = fakeredis.FakeRedis()
+        return Backend(name, lambda ns: ns, {"client": client}, RedisStore(client=client))
+    if name == "etcd":
+        etcd: EtcdServer = request.getfixturevalue("etcd_server")
+        return Backend(name, etcd.url, {}, open_store(etcd.url("inspect")))
+    server: RedisServer = request.getfixturevalue("redis_server")
+    make = server.url if name == "redis" else server.unix_url
+    return Backend(name, make, {}, open_store(server.url("inspect")))
+
+
+@pytest.fixture(params=["redis", "redis-unix", "fakeredis", "etcd"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """Every DCP-level test runs against each backend."""
+    opened = _open_backend(request, request.param)
+    yield opened
+    opened.store.close()
+
 
 @pytest.fixture(params=["redis", "redis-unix", "fakeredis"])
-def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    """Every DCP-level test runs against each backend; raw is a redis-py-style client for tampering."""
-    import fakeredis
-    import redis
+def redis_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """For Redis-specific checks (key expiry in milliseconds through redis-py)."""
+    opened = _open_backend(request, request.param)
+    yield opened
+    opened.store.close()
 
-    if request.param == "fakeredis":
-        client = fakeredis.FakeRedis()
-        yield Backend("fakeredis", lambda ns: ns, {"client": client}, client)
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    raw = redis.Redis(port=server.port)
-    make = server.url if request.param == "redis" else server.unix_url
-    yield Backend(request.param, lambda ns: make(ns), {}, raw)
-    raw.close()
+
+# etcd fixtures (one contiguous block) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One etcd member for the session; no fsync, since tests need speed, not durability."""
+    with EtcdServer(unsafe_no_fsync=True) as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A fresh 3-member cluster per test: tests stop and restart members."""
+    with EtcdCluster(size=3, unsafe_no_fsync=True) as cluster:
+        yield cluster

@@ -96,7 +96,7 @@ def test_plain_dcp_entry_points(backend: Backend, namespace: str) -> None:
 
 def test_keys_are_readable_and_under_one_generation(backend: Backend, namespace: str) -> None:
     kvckpt.save({"layer": {"w": torch.ones(4, 4)}, "step": 1}, backend.id(namespace), **backend.options)
-    keys = sorted(k.decode() for k in backend.raw.scan_iter(match=f"{namespace}/*"))
+    keys = backend.keys(f"{namespace}/")
     assert keys[0] == f"{namespace}/.metadata"
     generations = {k.split("/")[2] for k in keys[1:]}
     assert len(generations) == 1 and generations.pop().startswith("g")
@@ -107,7 +107,7 @@ def test_keys_are_readable_and_under_one_generation(backend: Backend, namespace:
 def test_chunks_respect_chunk_bytes(backend: Backend, namespace: str) -> None:
     tensor = random_tensor((1000, 250), torch.float32)  # 1,000,000 bytes
     kvckpt.save({"t": tensor}, backend.id(namespace), chunk_bytes=300_000, **backend.options)
-    sizes = sorted(backend.raw.strlen(k) for k in backend.raw.scan_iter(match=f"{namespace}/g*"))
+    sizes = sorted(len(backend.store.get(k) or b"") for k in backend.keys(f"{namespace}/g"))
     assert sizes == [100_000, 300_000, 300_000, 300_000]
     loaded = {"t": torch.zeros(1000, 250)}
     kvckpt.load(loaded, backend.id(namespace), **backend.options)
@@ -146,10 +146,10 @@ def test_reset_switches_namespace(backend: Backend, namespace: str) -> None:
 
 def test_overwrite_refused_before_any_data_is_written(backend: Backend, namespace: str) -> None:
     kvckpt.save({"x": torch.ones(3)}, backend.id(namespace), **backend.options)
-    before = set(backend.raw.scan_iter(match=f"{namespace}/*"))
+    before = backend.keys(f"{namespace}/")
     with pytest.raises(kvckpt.CheckpointExistsError, match="overwrite=True"):
         kvckpt.save({"x": torch.zeros(3), "y": torch.zeros(5)}, backend.id(namespace), **backend.options)
-    assert set(backend.raw.scan_iter(match=f"{namespace}/*")) == before
+    assert backend.keys(f"{namespace}/") == before
     loaded = {"x": torch.zeros(3)}
     kvckpt.load(loaded, backend.id(namespace), **backend.options)
     assert torch.equal(loaded["x"], torch.ones(3))
@@ -158,7 +158,7 @@ def test_overwrite_refused_before_any_data_is_written(backend: Backend, namespac
 def test_overwrite_replaces_and_removes_old_generation(backend: Backend, namespace: str) -> None:
     kvckpt.save({"x": torch.ones(3), "old": torch.ones(2)}, backend.id(namespace), **backend.options)
     kvckpt.save({"x": torch.full((3,), 2.0)}, backend.id(namespace), overwrite=True, **backend.options)
-    keys = {k.decode() for k in backend.raw.scan_iter(match=f"{namespace}/*")}
+    keys = backend.keys(f"{namespace}/")
     assert len({k.split("/")[2] for k in keys if not k.endswith(".metadata")}) == 1
     assert not any("/old/" in k for k in keys)
     loaded = {"x": torch.zeros(3)}
@@ -192,8 +192,8 @@ def test_failed_save_keeps_previous_and_leaves_nothing(backend: Backend, namespa
                 {k: v + 100 for k, v in state.items()}, storage_writer=writer, planner=ExplodingPlanner(7)
             )
         assert "injected failure" in str(failure_of(info.value))
-    assert list(backend.raw.scan_iter(match=f"{namespace}/fresh*")) == []
-    kept = {k.decode() for k in backend.raw.scan_iter(match=f"{namespace}/kept/*")}
+    assert backend.keys(f"{namespace}/fresh") == []
+    kept = backend.keys(f"{namespace}/kept/")
     assert len({k.split("/")[3] for k in kept if not k.endswith(".metadata")}) == 1
     loaded = {k: torch.zeros(1000) for k in state}
     kvckpt.load(loaded, backend.id(f"{namespace}/kept"), **backend.options)
@@ -202,35 +202,47 @@ def test_failed_save_keeps_previous_and_leaves_nothing(backend: Backend, namespa
         kvckpt.load({"t0": torch.zeros(1000)}, backend.id(f"{namespace}/fresh"), **backend.options)
 
 
-def test_committed_data_is_permanent_and_ttl_expires_everything(backend: Backend, namespace: str) -> None:
+def test_committed_data_is_permanent_and_ttl_covers_every_key(redis_backend: Backend, namespace: str) -> None:
+    backend, client = redis_backend, redis_backend.store.client  # type: ignore[attr-defined]
     kvckpt.save({"x": torch.ones(10)}, backend.id(f"{namespace}/keep"), **backend.options)
-    assert all(backend.raw.pttl(k) == -1 for k in backend.raw.scan_iter(match=f"{namespace}/keep/*"))
+    assert all(client.pttl(k) == -1 for k in backend.keys(f"{namespace}/keep/"))
     kvckpt.save({"x": torch.ones(10)}, backend.id(f"{namespace}/short"), ttl=30, **backend.options)
-    ttls = {k.decode(): backend.raw.pttl(k) for k in backend.raw.scan_iter(match=f"{namespace}/short/*")}
+    ttls = {k: client.pttl(k) for k in backend.keys(f"{namespace}/short/")}
     record_ttl = ttls.pop(f"{namespace}/short/.metadata")
     assert 0 < record_ttl <= 30_000
     assert ttls and all(record_ttl < t <= 30_000 + 60_000 for t in ttls.values())
 
 
+def test_ttl_expires_the_checkpoint(backend: Backend, namespace: str) -> None:
+    kvckpt.save({"x": torch.ones(10)}, backend.id(namespace), ttl=1, **backend.options)
+    kvckpt.load({"x": torch.zeros(10)}, backend.id(namespace), **backend.options)
+    deadline = time.monotonic() + 8
+    while backend.store.exists(layout.record_key(namespace)):
+        assert time.monotonic() < deadline, "the record did not expire"
+        time.sleep(0.2)
+    with pytest.raises(kvckpt.CheckpointNotFoundError):
+        kvckpt.load({"x": torch.zeros(10)}, backend.id(namespace), **backend.options)
+
+
 def test_flipped_byte_is_detected(backend: Backend, namespace: str) -> None:
     kvckpt.save({"w": torch.arange(4096, dtype=torch.float32)}, backend.id(namespace), **backend.options)
-    (key,) = [k for k in backend.raw.scan_iter(match=f"{namespace}/g*")]
-    value = bytearray(backend.raw.get(key))
+    (key,) = backend.keys(f"{namespace}/g")
+    value = bytearray(backend.store.get(key) or b"")
     value[1234] ^= 0x10
-    backend.raw.set(key, bytes(value))
+    backend.store.put(key, bytes(value))
     with pytest.raises(kvckpt.CorruptCheckpointError, match="checksum mismatch") as info:
         kvckpt.load({"w": torch.zeros(4096)}, backend.id(namespace), **backend.options)
-    assert info.value.key == key.decode() and info.value.fqn == "w"
+    assert info.value.key == key and info.value.fqn == "w"
     assert namespace in str(info.value)
 
 
 def test_deleted_chunk_is_detected(backend: Backend, namespace: str) -> None:
     kvckpt.save({"w": torch.ones(100_000)}, backend.id(namespace), chunk_bytes=100_000, **backend.options)
-    victim = sorted(backend.raw.scan_iter(match=f"{namespace}/g*"))[1]
-    backend.raw.delete(victim)
+    victim = backend.keys(f"{namespace}/g")[1]
+    backend.store.delete(victim)
     with pytest.raises(kvckpt.CorruptCheckpointError, match="missing or truncated") as info:
         kvckpt.load({"w": torch.zeros(100_000)}, backend.id(namespace), **backend.options)
-    assert info.value.key == victim.decode()
+    assert info.value.key == victim
 
 
 @pytest.mark.parametrize(
@@ -247,7 +259,7 @@ def test_deleted_chunk_is_detected(backend: Backend, namespace: str) -> None:
 def test_bad_record_is_a_clear_error(backend: Backend, namespace: str, damage: Any) -> None:
     kvckpt.save({"w": torch.ones(3)}, backend.id(namespace), **backend.options)
     key = layout.record_key(namespace)
-    backend.raw.set(key, damage(backend.raw.get(key)))
+    backend.store.put(key, damage(backend.store.get(key)))
     with pytest.raises(kvckpt.CorruptCheckpointError) as info:
         kvckpt.load({"w": torch.zeros(3)}, backend.id(namespace), **backend.options)
     assert info.value.key == key
@@ -267,7 +279,7 @@ def test_glob_characters_in_namespace_are_literal(backend: Backend, namespace: s
     loaded = {"x": torch.zeros(2)}
     kvckpt.load(loaded, backend.id(sibling), **backend.options)
     assert torch.equal(loaded["x"], torch.full((2,), 7.0))
-    assert list(backend.raw.scan_iter(match=f"{namespace}/a\\*b*")) == []
+    assert backend.keys(f"{namespace}/a*b") == []
 
 
 def test_unsafe_pickle_in_byte_item_is_refused(backend: Backend, namespace: str) -> None:
@@ -298,9 +310,9 @@ def _run_on_unpickle() -> Unsafe:
 def test_unknown_dtype_in_record_is_refused(backend: Backend, namespace: str) -> None:
     kvckpt.save({"w": torch.ones(3)}, backend.id(namespace), **backend.options)
     key = layout.record_key(namespace)
-    body = record.decode_record(backend.raw.get(key), key)
+    body = record.decode_record(backend.store.get(key) or b"", key)
     body["state_dict"][0][1]["dtype"] = "os.system"
-    backend.raw.set(key, record.pack(body))
+    backend.store.put(key, record.pack(body))
     with pytest.raises(kvckpt.CorruptCheckpointError, match="unknown dtype"):
         kvckpt.load({"w": torch.zeros(3)}, backend.id(namespace), **backend.options)
 

@@ -142,6 +142,9 @@ class KVStorageWriter(StorageWriter):
                 "to replace it or choose another checkpoint_id",
                 checkpoint_id=self.target.display,
             )
+        self.target.store.check_total_bytes(
+            sum(item.tensor_storage_size() or 0 for plan in plans for item in plan.items)
+        )
         save_target = _SaveTarget(save_id=self._save_id)
         return [dataclasses.replace(plan, storage_data=save_target) for plan in plans]
 
@@ -152,7 +155,7 @@ class KVStorageWriter(StorageWriter):
         store, namespace = self.target.store, self.target.namespace
         chunk_bytes = min(self.chunk_bytes, store.capabilities.max_value_bytes)
         max_ops = store.capabilities.max_batch_ops
-        write_ttl = self.pending_ttl if self.pending_ttl is not None else self._data_ttl()
+        write_ttl = self._pending_ttl(store) if self._pending_ttl(store) is not None else self._data_ttl()
         results: list[WriteResult] = []
         submitted: list[str] = []
         batch: list[tuple[str, Buffer]] = []
@@ -231,7 +234,7 @@ class KVStorageWriter(StorageWriter):
             **encode_metadata(metadata, items),
         }
         data = record.encode_record(body)
-        if self.pending_ttl is not None:
+        if self._pending_ttl(store) is not None:
             self._settle_expiry(store, keys)
         if self.overwrite:
             previous = store.swap(self.record_key, data, ttl=self.ttl)
@@ -244,6 +247,9 @@ class KVStorageWriter(StorageWriter):
                     f"{target.display}: another save committed first; this save's data was removed",
                     checkpoint_id=target.display,
                 )
+
+    def _pending_ttl(self, store: KVStore) -> float | None:
+        return self.pending_ttl if store.capabilities.cheap_expiry else None
 
     def _data_ttl(self) -> float | None:
         return None if self.ttl is None else self.ttl + TTL_MARGIN

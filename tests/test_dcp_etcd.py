@@ -1,0 +1,51 @@
+"""etcd-specific DCP behaviour: the size guard that points large checkpoints to Redis."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvckpt
+from kvckpt.registry import open_store
+from kvckpt.testing.servers import EtcdServer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_checkpoint_over_the_cap_is_refused_before_any_write(etcd_server: EtcdServer, namespace: str) -> None:
+    url = etcd_server.url(namespace)
+    with pytest.raises(kvckpt.CheckpointTooLargeError, match="use Redis") as info:
+        kvckpt.save({"w": torch.ones(1024, 1024)}, url, store_options={"max_total_bytes": 1 << 20})
+    assert info.value.nbytes == 4 << 20
+    with open_store(etcd_server.url("inspect")) as store:
+        assert list(store.scan_prefix(namespace + "/")) == []
+
+
+def test_large_tensor_is_chunked_under_the_request_limit(etcd_server: EtcdServer, namespace: str) -> None:
+    url = etcd_server.url(namespace)
+    tensor = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB, more than 8 etcd requests' worth
+    kvckpt.save({"t": tensor}, url)
+    with open_store(etcd_server.url("inspect")) as store:
+        limit = store.capabilities.max_value_bytes
+        sizes = [len(store.get(k) or b"") for k in store.scan_prefix(namespace + "/g")]
+    assert len(sizes) > 8 and max(sizes) <= limit
+    loaded = {"t": torch.zeros(3 << 20)}
+    kvckpt.load(loaded, url)
+    assert torch.equal(loaded["t"], tensor)
+
+
+def test_data_is_written_once_without_pending_expiry(etcd_server: EtcdServer, namespace: str) -> None:
+    """Re-putting every value to drop a pending lease would double etcd's backend size per save."""
+    from kvckpt.stores import etcd_wire as pb
+    from kvckpt.stores.etcd import EtcdStore
+
+    kvckpt.save({f"t{i}": torch.ones(100) for i in range(10)}, etcd_server.url(namespace))
+    store = open_store(etcd_server.url("inspect"))
+    assert isinstance(store, EtcdStore)
+    with store:
+        keys = list(store.scan_prefix(namespace + "/g"))
+        assert len(keys) == 10
+        for key in keys:
+            reply = store._rpc(pb.RANGE, pb.join(pb.range_request(key.encode())), action="test")
+            (kv,) = pb.parse_range_response(reply).kvs
+            assert (kv.version, kv.lease) == (1, 0), key
