@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -49,3 +51,38 @@ def test_data_is_written_once_without_pending_expiry(etcd_server: EtcdServer, na
             reply = store._rpc(pb.RANGE, pb.join(pb.range_request(key.encode())), action="test")
             (kv,) = pb.parse_range_response(reply).kvs
             assert (kv.version, kv.lease) == (1, 0), key
+
+
+def test_quota_exhausted_mid_save_commits_nothing_and_cleans_up(namespace: str) -> None:
+    from kvckpt.testing.servers import EtcdServer as Server
+
+    with Server(quota_backend_bytes=8 << 20, unsafe_no_fsync=True) as server:
+        state = {f"t{i}": torch.full((256 * 1024,), float(i)) for i in range(48)}  # 48 MiB
+        with pytest.raises(kvckpt.StoreFullError, match="quota"):
+            kvckpt.save(state, server.url(namespace))
+        with open_store(server.url("inspect")) as store:
+            assert list(store.scan_prefix(namespace + "/")) == []
+        with pytest.raises(kvckpt.CheckpointNotFoundError):
+            kvckpt.load({"t0": torch.zeros(256 * 1024)}, server.url(namespace))
+
+
+def test_cluster_member_loss_and_quorum_loss(namespace: str) -> None:
+    from kvckpt.testing.servers import EtcdCluster
+
+    state = {"w": torch.arange(600_000, dtype=torch.float32), "step": 3}
+    with EtcdCluster(size=3, unsafe_no_fsync=True) as cluster:
+        kvckpt.save(state, cluster.url(f"{namespace}/a"))
+        cluster.stop_member(0, kill=True)
+        loaded = {"w": torch.zeros(600_000), "step": 0}
+        kvckpt.load(loaded, cluster.url(f"{namespace}/a"))
+        assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
+
+        cluster.stop_member(1, kill=True)  # quorum lost
+        started = time.monotonic()
+        with pytest.raises(kvckpt.StoreUnavailableError):
+            kvckpt.save(state, cluster.url(f"{namespace}/b"), store_options={"timeout": 5.0})
+        assert time.monotonic() - started < 15
+        cluster.start_member(0, wait=False)
+        cluster.start_member(1)
+        with pytest.raises(kvckpt.CheckpointNotFoundError):
+            kvckpt.load({"w": torch.zeros(600_000), "step": 0}, cluster.url(f"{namespace}/b"))

@@ -106,7 +106,11 @@ class RedisServer:
         self.process = subprocess.Popen(
             self.command_line(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        wait_until(self.ping, 20, f"redis-server on port {self.port}")
+        try:
+            wait_until(self.ping, 20, f"redis-server on port {self.port}")
+        except BaseException:
+            self.cleanup()  # never leave a half-started server behind
+            raise
         return self
 
     def ping(self) -> bool:
