@@ -150,7 +150,7 @@ def test_oom_on_a_master_is_store_full(
     masters = redis_cluster.master_nodes()
     try:
         for m in masters:
-            used = int(redis_call(m.port, "INFO", "memory")["used_memory"])  # type: ignore[index]
+            used = int(redis_call(m.port, "INFO", "memory")["used_memory"])
             redis_call(m.port, "CONFIG", "SET", "maxmemory", used + (1 << 20))
         with pytest.raises(StoreFullError, match="out of memory"):
             for i in range(8):

@@ -139,6 +139,10 @@ class RedisServer:
 
 # Redis beyond one node: Cluster, primary + replica, TLS (issue 6) ---------------------------------
 
+from typing import Any  # noqa: E402
+
+import redis  # noqa: E402
+
 
 def free_port_with_bus(bus_offset: int = 10000) -> int:
     """A free port whose cluster bus port (+10000; redis 6.2 has no cluster-port setting) is free too."""
@@ -155,12 +159,8 @@ def free_port_with_bus(bus_offset: int = 10000) -> int:
     raise RuntimeError("no free port pair (port, port + 10000) on loopback")
 
 
-def redis_call(port: int, *args: object, timeout: float = 10.0) -> object:
+def redis_call(port: int, *args: object, timeout: float = 10.0) -> Any:
     """One command to the redis-server on loopback ``port`` (plain TCP, no auth), replies decoded."""
-    from typing import Any
-
-    import redis
-
     client: Any = redis.Redis(port=port, socket_timeout=timeout, decode_responses=True)
     try:
         return client.execute_command(*args)
@@ -170,10 +170,6 @@ def redis_call(port: int, *args: object, timeout: float = 10.0) -> object:
 
 def _info(port: int, section: str) -> dict[str, str]:
     """INFO ``section``, every value as text."""
-    from typing import Any
-
-    import redis
-
     client: Any = redis.Redis(port=port, socket_timeout=10)
     try:
         return {str(k): str(v) for k, v in client.info(section).items()}
@@ -281,7 +277,7 @@ class RedisCluster:
         return str(redis_call(node.port, "CLUSTER", "MYID"))
 
     def slot_owner(self, slot: int) -> RedisServer:
-        for entry in redis_call(self.live()[0].port, "CLUSTER", "SLOTS"):  # type: ignore[attr-defined]
+        for entry in redis_call(self.live()[0].port, "CLUSTER", "SLOTS"):
             if int(entry[0]) <= slot <= int(entry[1]):
                 return self.node(int(entry[2][1]))
         raise KeyError(f"slot {slot} is not served")
@@ -352,8 +348,8 @@ class RedisCluster:
             keys = redis_call(source.port, "CLUSTER", "GETKEYSINSLOT", slot, count)
             if not keys:
                 break
-            redis_call(source.port, "MIGRATE", "127.0.0.1", target.port, "", 0, 10000, "KEYS", *keys)  # type: ignore[misc]
-            moved += len(keys)  # type: ignore[arg-type]
+            redis_call(source.port, "MIGRATE", "127.0.0.1", target.port, "", 0, 10000, "KEYS", *keys)
+            moved += len(keys)
         return moved
 
     def finish_slot_migration(self, slot: int, target: RedisServer) -> None:
@@ -606,8 +602,6 @@ class RedisTLSServer(RedisServer):
         auth = f"{user}@" if user else ""
         return f"rediss://{auth}127.0.0.1:{self.port}/{db}/{namespace}?{query}"
 
-    def admin(self) -> object:
+    def admin(self) -> Any:
         """A plain redis-py client over the unix socket, for test setup (ACL SETUSER, CONFIG SET)."""
-        import redis
-
         return redis.Redis(unix_socket_path=self.socket_path, decode_responses=True)
