@@ -16,7 +16,7 @@ from kvckpt.errors import ReplicationError, StoreFullError, StoreUnavailableErro
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore, RangeRead
 from kvckpt.stores.redis import RedisStore
-from kvckpt.stores.redis_cluster import RedisClusterStore, key_slot
+from kvckpt.stores.redis_cluster import CLUSTER_ACL_RULES, RedisClusterStore, key_slot
 from kvckpt.testing.conformance import StoreTests
 from kvckpt.testing.servers import RedisCluster, free_port, redis_call
 from kvckpt.urls import parse_url
@@ -172,6 +172,28 @@ def test_evicting_policy_on_a_replica_is_refused(
             store.check_server_settings()
     finally:
         redis_call(replica.port, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+
+
+def test_least_privilege_acl_user_on_every_node(redis_cluster: RedisCluster, namespace: str) -> None:
+    nodes = redis_cluster.live()
+    for node in nodes:
+        rules = ["reset", "on", ">c-pw", f"~{namespace}/*", "-@all", *CLUSTER_ACL_RULES]
+        redis_call(node.port, "ACL", "SETUSER", "ckpt-min", *rules)
+    try:
+        store = open_store(redis_cluster.url(namespace).replace("://", "://ckpt-min:c-pw@"))
+        items = [(f"{namespace}/{i}", b"v%d" % i) for i in range(100)]
+        store.put_many(items)
+        assert store.get_many([k for k, _ in items]) == [v for _, v in items]
+        assert (
+            store.put(f"{namespace}/rec", b"1", create=True) and store.swap(f"{namespace}/rec", b"2") == b"1"
+        )
+        assert store.delete_prefix(namespace + "/") == 101
+        assert isinstance(store, RedisClusterStore) and store.wait_for_replicas(1, 5.0) == 1
+        assert len(store.check_server_settings()) == len(nodes)
+        store.close()
+    finally:
+        for node in nodes:
+            redis_call(node.port, "ACL", "DELUSER", "ckpt-min")
 
 
 def test_url_options_reach_the_client() -> None:

@@ -15,8 +15,8 @@ import pytest
 
 from kvckpt.errors import InvalidCheckpointIdError, StoreUnavailableError
 from kvckpt.registry import open_store
-from kvckpt.store import KVStore
-from kvckpt.stores.redis import PASSWORD_ENV, RedisStore
+from kvckpt.store import KVStore, RangeRead
+from kvckpt.stores.redis import ACL_RULES, PASSWORD_ENV, RedisStore
 from kvckpt.testing.conformance import StoreTests
 from kvckpt.testing.servers import RedisTLSServer, make_tls_files
 from kvckpt.urls import parse_url
@@ -135,3 +135,23 @@ def test_tls_options_by_keyword(tls_server: RedisTLSServer) -> None:
 def test_tls_options_without_tls_are_refused(url: str) -> None:
     with pytest.raises(InvalidCheckpointIdError):
         open_store(url)
+
+
+def test_least_privilege_acl_user_can_do_everything_the_store_needs(tls_server: RedisTLSServer) -> None:
+    """The documented ACL_RULES, keys limited to the namespace, are enough for every store method."""
+    admin = tls_server.admin()
+    admin.execute_command(
+        "ACL", "SETUSER", "ckpt-min", "reset", "on", ">min-pw", "~least/*", "-@all", *ACL_RULES
+    )
+    admin.close()
+    store = open_store(tls_server.url("least", user="ckpt-min:min-pw"))
+    store.put_many([("least/a", b"12345")], ttl=30)
+    assert store.get_many(["least/a", "least/b"]) == [b"12345", None]
+    into = bytearray(2)
+    assert store.read_into_many([RangeRead("least/a", 1, memoryview(into))]) == [2] and into == b"23"
+    assert store.expire_many(["least/a"], None) == [True] and store.expire_many(["least/a"], 30) == [True]
+    assert store.put("least/rec", b"1", create=True) and store.swap("least/rec", b"2") == b"1"
+    assert sorted(store.scan_prefix("least/")) == ["least/a", "least/rec"]
+    assert store.delete_prefix("least/") == 2
+    assert store.wait_for_replicas(0, 1.0) == 0
+    assert store.check_server_settings() == {store.description: "noeviction"}

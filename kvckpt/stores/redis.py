@@ -48,6 +48,12 @@ TLS_QUERY_OPTIONS = {
     "ssl_keyfile": "ssl_keyfile",
 }
 _TRUE = ("1", "true", "yes", "on")
+#: The least an ACL user needs (``ACL SETUSER name on >password ~NAMESPACE/* -@all`` + these);
+#: ``config|get`` only serves check_server_settings, which skips quietly without it.
+ACL_RULES = (
+    "+get", "+set", "+getrange", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping", "+wait",
+    "+config|get",
+)  # fmt: skip
 
 
 def glob_escape(text: str) -> str:

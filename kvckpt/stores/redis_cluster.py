@@ -33,6 +33,7 @@ from redis.retry import Retry
 from kvckpt.errors import ReplicationError, StoreUnavailableError
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis import (
+    ACL_RULES,
     PASSWORD_ENV,
     RedisStore,
     _check_wait_args,
@@ -48,6 +49,8 @@ from kvckpt.urls import StoreURL
 logger = logging.getLogger(__name__)
 
 SLOTS = 16384
+#: An ACL user on every node needs these too: redis-py reads the slot table and the command table.
+CLUSTER_ACL_RULES = (*ACL_RULES, "+cluster|slots", "+command")
 #: Errors after which a node's keys are re-routed with a fresh slot table (MovedError is an AskError).
 _REROUTE = (rex.MovedError, rex.ClusterDownError, rex.ConnectionError, rex.TimeoutError)
 #: Errors that concern one key in a migrating slot: finished one by one by the cluster client.
