@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import warnings
 from collections.abc import Iterator
 
 import fakeredis
 import pytest
+import redis
 
 from kvckpt.errors import ReplicationError, StoreFullError, UnsafeStoreConfigError, UnsafeStoreConfigWarning
 from kvckpt.registry import open_store
@@ -97,6 +100,32 @@ def test_wait_for_replicas_raises_within_the_timeout_when_the_replica_is_down(
         assert (info.value.acked, info.value.wanted) == (0, 1)  # type: ignore[attr-defined]
     finally:
         redis_replica_pair.start_replica()
+        store.close()
+
+
+def test_wait_covers_writes_made_on_other_connections(
+    redis_replica_pair: RedisReplicaPair, namespace: str
+) -> None:
+    """WAIT counts up to its own connection's last command; kvckpt's PING first makes that "now".
+
+    Without it, a connection idle since before another connection's writes reports a frozen replica
+    as caught up (checked: a bare WAIT returns 1 here).
+    """
+    store = open_store(redis_replica_pair.url(namespace))
+    assert isinstance(store, RedisStore)
+    store.put(f"{namespace}/a", b"1")
+    assert store.wait_for_replicas(1, 5.0) == 1
+    assert redis_replica_pair.replica.process is not None
+    pid = redis_replica_pair.replica.process.pid
+    os.kill(pid, signal.SIGSTOP)  # the replica stays connected but acknowledges nothing more
+    try:
+        other = redis.Redis(port=redis_replica_pair.primary.port)
+        other.set(f"{namespace}/b", b"x" * 100_000)
+        other.close()
+        with pytest.raises(ReplicationError):
+            store.wait_for_replicas(1, 0.3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
         store.close()
 
 
