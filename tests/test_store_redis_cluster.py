@@ -218,7 +218,9 @@ def test_keys_survive_a_master_failover(
     """Kill a master once its writes are replicated; its replica takes over and every key still reads."""
     caplog.set_level(logging.DEBUG, logger="kvckpt.stores.redis_cluster")
     store = open_store(redis_cluster.url("ns"))
-    assert isinstance(store, RedisClusterStore)
+    stale = open_store(redis_cluster.url("ns"))
+    assert isinstance(store, RedisClusterStore) and isinstance(stale, RedisClusterStore)
+    assert len(stale.check_server_settings()) == 6  # its slot table predates the failover below
     items = [(f"{namespace}/f/{i}", f"value-{i}".encode()) for i in range(300)]
     store.put_many(items)
     assert store.wait_for_replicas(1, 5.0) == 1
@@ -234,8 +236,10 @@ def test_keys_survive_a_master_failover(
         fresh.close()
         with pytest.raises(ReplicationError, match="no longer primaries"):
             store.wait_for_replicas(1, 1.0)
+        assert len(stale.check_server_settings()) == 5  # the dead node is not asked
     finally:
         store.close()
+        stale.close()
         redis_cluster.restart(master)
     assert len(redis_cluster.master_nodes()) == 3
     assert all(redis_cluster.replica_of(m) for m in redis_cluster.master_nodes())

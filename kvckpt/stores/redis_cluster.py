@@ -326,8 +326,12 @@ class RedisClusterStore(RedisStore):
     # Server safety --------------------------------------------------------------------------
 
     def _servers(self) -> list[tuple[str, Any]]:
-        """Every node, replicas included: a promoted replica brings its own maxmemory-policy."""
+        """Every node, replicas included: a promoted replica brings its own maxmemory-policy.
+
+        The slot table is re-read first so a node that failed since the last command is not asked.
+        """
         client = self.client
+        client.nodes_manager.initialize()
         nodes = client.get_nodes()
         return [(f"{self.description} node {n.name}", client.get_redis_connection(n)) for n in nodes]
 
@@ -341,15 +345,12 @@ class RedisClusterStore(RedisStore):
         _check_wait_args(replicas, timeout)
         with self._errors("waiting for replicas"):
             client = self.client
+            client.nodes_manager.initialize()  # current primaries: failovers since the writes show
             if self._written_unknown or not self._written:
                 nodes = list(client.get_primaries())
             else:
                 primaries = {n.name: n for n in client.get_primaries()}
                 lost = sorted(self._written - primaries.keys())
-                if lost:
-                    client.nodes_manager.initialize()
-                    primaries = {n.name: n for n in client.get_primaries()}
-                    lost = sorted(self._written - primaries.keys())
                 if lost:
                     raise ReplicationError(
                         f"{self.description}: node(s) {', '.join(lost)} took writes but are no longer "
