@@ -223,9 +223,10 @@ class RedisClusterStore(RedisStore):
                 type(failure).__name__,
                 attempt + 1,
             )
+            assert failure is not None
             if attempt + 1 == self._rounds:
                 if not isinstance(failure, rex.MovedError):
-                    raise failure  # type: ignore[misc]
+                    raise failure
                 one_by_one += todo  # still MOVED: let the cluster client follow the redirections
                 break
             time.sleep(min(1.0, 0.05 * 2**attempt))
