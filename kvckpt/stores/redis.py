@@ -7,8 +7,11 @@ Large values go out as memoryviews through redis-py's pure-Python command packer
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,15 +21,39 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from kvckpt.errors import (
+    InvalidCheckpointIdError,
     KVCheckpointError,
+    ReplicationError,
     StoreFullError,
     StoreUnavailableError,
+    UnsafeStoreConfigError,
+    UnsafeStoreConfigWarning,
 )
 from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
 from kvckpt.urls import StoreURL
 
+logger = logging.getLogger(__name__)
+
 REDIS_MAX_VALUE = 512 * 1024 * 1024
 PASSWORD_ENV = "REDISCLI_AUTH"
+#: The only maxmemory-policy under which Redis never drops a key it acknowledged.
+SAFE_MAXMEMORY_POLICY = "noeviction"
+#: URL query parameters that configure TLS, and the redis-py keyword each one sets.
+TLS_QUERY_OPTIONS = {
+    "ca": "ssl_ca_certs",
+    "cert": "ssl_certfile",
+    "key": "ssl_keyfile",
+    "ssl_ca_certs": "ssl_ca_certs",
+    "ssl_certfile": "ssl_certfile",
+    "ssl_keyfile": "ssl_keyfile",
+}
+_TRUE = ("1", "true", "yes", "on")
+#: The least an ACL user needs (``ACL SETUSER name on >password ~NAMESPACE/* -@all`` + these);
+#: ``config|get`` only serves check_server_settings, which skips quietly without it.
+ACL_RULES = (
+    "+get", "+set", "+getrange", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping", "+wait",
+    "+config|get",
+)  # fmt: skip
 
 
 def glob_escape(text: str) -> str:
@@ -45,10 +72,86 @@ def _ms(ttl: float) -> int:
     return max(1, round(ttl * 1000))
 
 
+def tls_options(url: StoreURL) -> dict[str, Any]:
+    """redis-py TLS keywords from the URL: ``rediss://`` (or ``?tls=true``) plus ``?ca=&cert=&key=``.
+
+    Paths only: certificates are files, so no secret ever sits in the URL's query.
+    """
+    query = dict(url.query)
+    options: dict[str, Any] = {TLS_QUERY_OPTIONS[k]: v for k, v in query.items() if k in TLS_QUERY_OPTIONS}
+    tls = url.scheme == "rediss" or query.get("tls", "").lower() in _TRUE
+    if (options or tls) and url.scheme == "redis+unix":
+        raise InvalidCheckpointIdError(f"{url}: TLS options do not apply to a unix socket")
+    if options and not tls:
+        raise InvalidCheckpointIdError(
+            f"{url}: ca=/cert=/key= configure TLS; use rediss:// (or tls=true with redis+cluster://)"
+        )
+    if tls:
+        options["ssl"] = True
+    return options
+
+
+def socket_timeout_of(client: Any) -> float | None:
+    """The reply timeout a redis-py client was built with, if it tells."""
+    with contextlib.suppress(AttributeError):
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        return float(timeout) if timeout else None
+    return None
+
+
+def wait_on(client: Any, replicas: int, timeout: float) -> int:
+    """Redis ``WAIT`` on one server: how many replicas acknowledged every write made before the call.
+
+    WAIT waits for the replication offset of the *connection* it runs on, as of that connection's last
+    command. A pooled connection may not have carried our writes, so a PING goes first on the same
+    connection (a pipeline): its offset then covers every write any connection made before. Long
+    timeouts are cut into slices shorter than the socket timeout so the reply never times out.
+    """
+    deadline = time.monotonic() + timeout
+    socket_timeout = socket_timeout_of(client)
+    step = socket_timeout * 0.8 if socket_timeout else timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("PING")
+        pipe.execute_command("WAIT", replicas, max(1, int(min(remaining, step) * 1000)))
+        acked = int(pipe.execute()[1])
+        if acked >= replicas or time.monotonic() >= deadline:
+            return acked
+
+
+def eviction_problem(where: str, settings: dict[str, str]) -> str | None:
+    """Why ``settings`` (a CONFIG GET reply) can lose checkpoint keys, or None when they cannot.
+
+    Any policy but noeviction is refused even with maxmemory 0 (no limit today): maxmemory can be set
+    at runtime (CONFIG SET, a managed service's resize), and eviction then drops chunks of committed
+    checkpoints silently. volatile-* policies are no safer: they evict the keys kvckpt gives a TTL,
+    the previous generation that readers may still be loading.
+    """
+    policy = settings.get("maxmemory-policy", SAFE_MAXMEMORY_POLICY)
+    if policy == SAFE_MAXMEMORY_POLICY:
+        return None
+    limit = settings.get("maxmemory", "?")
+    return (
+        f"{where}: maxmemory-policy is {policy!r} (maxmemory {limit}): when memory runs short Redis "
+        "silently evicts keys, which can leave a committed checkpoint whose chunks are gone. Set "
+        "'maxmemory-policy noeviction' so a full server refuses writes instead (kvckpt then raises "
+        "StoreFullError), or pass allow_eviction=True to accept the risk"
+    )
+
+
 class RedisStore(KVStore):
     """KVStore over one Redis server (or a client the caller passes in)."""
 
     capabilities = Capabilities(max_value_bytes=REDIS_MAX_VALUE, native_ranges=True, ttl=True)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RedisStore:
+        """An injected ``redis.RedisCluster`` is routed to RedisClusterStore (per-node batches)."""
+        if cls is RedisStore and isinstance(kwargs.get("client"), redis.cluster.RedisCluster):
+            from kvckpt.stores.redis_cluster import RedisClusterStore
+
+            cls = RedisClusterStore
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -91,8 +194,7 @@ class RedisStore(KVStore):
             (host, port), *_ = url.hosts
             kwargs.update(host=host, port=port)
             kwargs["socket_keepalive"] = True
-        if url.scheme == "rediss":
-            kwargs["ssl"] = True
+        kwargs.update(tls_options(url))
         kwargs.update(client_kwargs)
         return cls(client_kwargs=kwargs, description=str(url.server))
 
@@ -128,6 +230,8 @@ class RedisStore(KVStore):
         """Translate redis-py exceptions into kvckpt's types by class, never by message text."""
         try:
             yield
+        except KVCheckpointError:
+            raise
         except rex.OutOfMemoryError as exc:
             raise StoreFullError(
                 f"{self.description}: Redis is out of memory while {action} (maxmemory reached); "
@@ -229,3 +333,66 @@ class RedisStore(KVStore):
                 key = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
                 if key.startswith(prefix):
                     yield key
+
+    # Server safety (called by the DCP adapter around a save) ----------------------------------
+
+    def _servers(self) -> list[tuple[str, Any]]:
+        """(name, client) for every server whose settings matter; a cluster lists each node."""
+        return [(self.description, self.client)]
+
+    def check_server_settings(self, *, allow_eviction: bool = False) -> dict[str, str]:
+        """Refuse a server that may evict checkpoint keys; with ``allow_eviction`` only warn.
+
+        Returns maxmemory-policy per server read. CONFIG may be denied (ACL, managed Redis, a renamed
+        command): that server is then skipped with a debug log, since refusing would make kvckpt
+        unusable there and the user cannot change the policy anyway.
+        """
+        policies: dict[str, str] = {}
+        with self._errors("reading server settings"):
+            for name, client in self._servers():
+                try:
+                    settings = {str_of(k): str_of(v) for k, v in client.config_get("maxmemory*").items()}
+                except rex.ResponseError as exc:  # NOPERM, unknown command: CONFIG is off limits
+                    logger.debug("%s: cannot read maxmemory-policy (%s)", name, type(exc).__name__)
+                    continue
+                policies[name] = settings.get("maxmemory-policy", "")
+                problem = eviction_problem(name, settings)
+                if problem and not allow_eviction:
+                    raise UnsafeStoreConfigError(problem, server=name, policy=policies[name])
+                if problem:
+                    warnings.warn(problem, UnsafeStoreConfigWarning, stacklevel=2)
+        return policies
+
+    def wait_for_replicas(self, replicas: int, timeout: float) -> int:
+        """Block until ``replicas`` replicas hold every write made so far (Redis WAIT).
+
+        Returns how many acknowledged; raises ReplicationError when fewer did within ``timeout``
+        seconds, because a failover now could lose acknowledged writes.
+        """
+        _check_wait_args(replicas, timeout)
+        with self._errors("waiting for replicas"):
+            acked = wait_on(self.client, replicas, timeout)
+        if acked < replicas:
+            raise ReplicationError(
+                replication_message(self.description, acked, replicas, timeout),
+                acked=acked,
+                wanted=replicas,
+            )
+        return acked
+
+
+def str_of(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _check_wait_args(replicas: int, timeout: float) -> None:
+    if replicas < 0 or not timeout > 0:
+        raise ValueError(f"wait_for_replicas needs replicas >= 0 and timeout > 0, got {replicas}, {timeout}")
+
+
+def replication_message(where: str, acked: int, wanted: int, timeout: float) -> str:
+    return (
+        f"{where}: only {acked} of {wanted} replica(s) acknowledged the writes within {timeout:g}s; a "
+        "failover now could lose them. Check the replicas are up and linked (INFO replication) and "
+        "that the replica output buffer limit is not cutting them off, or require fewer replicas"
+    )

@@ -1,0 +1,379 @@
+"""Redis Cluster backend: a checkpoint's keys spread over every shard, batches run per node in parallel.
+
+Data keys carry no hash tags, so a checkpoint spreads over all primaries and no command here names two
+keys. A batch is grouped by the node that serves each key's slot and sent as one pipeline per node, the
+nodes in parallel threads. Keys a node refuses with a redirection are finished another way:
+
+- ASK (the slot is migrating and the key has moved, or is new) and TRYAGAIN: sent one by one through
+  redis-py's cluster client, which follows ASK with ASKING and retries TRYAGAIN;
+- MOVED, CLUSTERDOWN or a node that does not answer: the slot table is refreshed and those keys go out
+  again as per-node pipelines, a few rounds with a short backoff, then fail as StoreUnavailableError.
+
+redis-py's own ClusterPipeline would also get redirections right (it re-sends failed commands one by one),
+but it writes and reads the nodes one after another from a single thread.
+"""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import redis
+import redis.exceptions as rex
+from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode
+from redis.retry import Retry
+
+from kvckpt.errors import ReplicationError, StoreUnavailableError
+from kvckpt.store import Buffer, RangeRead
+from kvckpt.stores.redis import (
+    ACL_RULES,
+    PASSWORD_ENV,
+    RedisStore,
+    _check_wait_args,
+    _ms,
+    as_bytes_view,
+    glob_escape,
+    replication_message,
+    tls_options,
+    wait_on,
+)
+from kvckpt.urls import StoreURL
+
+logger = logging.getLogger(__name__)
+
+SLOTS = 16384
+#: An ACL user on every node needs these too: redis-py reads the slot table and the command table.
+CLUSTER_ACL_RULES = (*ACL_RULES, "+cluster|slots", "+command")
+#: Errors after which a node's keys are re-routed with a fresh slot table (MovedError is an AskError).
+_REROUTE = (rex.MovedError, rex.ClusterDownError, rex.ConnectionError, rex.TimeoutError)
+#: Errors that concern one key in a migrating slot: finished one by one by the cluster client.
+_ONE_BY_ONE = (rex.AskError, rex.TryAgainError)
+
+Command = tuple[Any, ...]  # ("SET", key, value, ...): the key is always args[1]
+T = TypeVar("T")
+
+
+def key_slot(key: str | bytes) -> int:
+    """The cluster hash slot of ``key`` (CRC16/XMODEM of the hash tag or key, in C via binascii)."""
+    data = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+    start = data.find(b"{")
+    if start != -1:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % SLOTS
+
+
+class RedisClusterStore(RedisStore):
+    """KVStore over a Redis Cluster (``redis+cluster://`` or an injected ``redis.RedisCluster``)."""
+
+    def __init__(
+        self,
+        *,
+        client: Any = None,
+        client_kwargs: dict[str, Any] | None = None,
+        description: str = "injected redis cluster client",
+        rounds: int = 3,
+        max_workers: int = 16,
+    ) -> None:
+        super().__init__(client=client, client_kwargs=client_kwargs, description=description)
+        self._rounds = max(1, rounds)
+        self._max_workers = max_workers
+        self._executor: ThreadPoolExecutor | None = None
+        self._written: set[str] = set()  # primaries that took writes since the last WAIT
+        self._written_unknown = False  # some write went through a redirection: WAIT on every primary
+
+    @classmethod
+    def from_url(
+        cls,
+        url: StoreURL,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 3.0,
+        retries: int = 2,
+        password: str | None = None,
+        **client_kwargs: Any,
+    ) -> RedisClusterStore:
+        """``url.hosts`` are startup nodes (one reachable is enough); ``retries`` bounds re-routing."""
+        kwargs: dict[str, Any] = {
+            "startup_nodes": list(url.hosts),
+            "username": url.username,
+            "password": password or url.password or os.environ.get(PASSWORD_ENV) or None,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": connect_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 0,
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), max(1, retries)),
+        }
+        kwargs.update(tls_options(url))
+        kwargs.update(client_kwargs)
+        return cls(client_kwargs=kwargs, description=str(url.server), rounds=1 + max(0, retries))
+
+    # Connection lifecycle -------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            kwargs = dict(self._client_kwargs)
+            nodes = [ClusterNode(host, port) for host, port in kwargs.pop("startup_nodes")]  # type: ignore[no-untyped-call]
+            self._client = redis.RedisCluster(startup_nodes=nodes, **kwargs)
+        return self._client
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        super().close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_executor=None, _written=set(), _written_unknown=False)
+        return state
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        with super()._errors(action):
+            try:
+                yield
+            except (rex.ClusterDownError, rex.RedisClusterException) as exc:
+                raise StoreUnavailableError(
+                    f"{self.description}: the cluster cannot serve every slot while {action} "
+                    f"({type(exc).__name__}); check CLUSTER INFO on its nodes"
+                ) from exc
+
+    # Per-node batches -----------------------------------------------------------------------
+
+    def _map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T | BaseException]:
+        """``fn`` over ``items`` in parallel threads; an exception is returned in place of a result."""
+
+        def guarded(item: Any) -> T | BaseException:
+            try:
+                return fn(item)
+            except Exception as exc:
+                return exc
+
+        if len(items) <= 1:
+            return [guarded(item) for item in items]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="kvckpt-cluster")
+        return list(self._executor.map(guarded, items))
+
+    def _by_node(self, commands: Sequence[Command], todo: Sequence[int]) -> list[tuple[Any, Any, list[int]]]:
+        """(node client, node, command indices) per primary, by each key's slot in the cached table."""
+        client = self.client
+        nodes_by_slot: dict[int, Any] = {}
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i in todo:
+            slot = key_slot(commands[i][1])
+            node = nodes_by_slot.get(slot)
+            if node is None:
+                node = nodes_by_slot[slot] = client.nodes_manager.get_node_from_slot(slot)
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        return [(client.get_redis_connection(node), node, idxs) for node, idxs in groups.values()]
+
+    def _run(self, commands: Sequence[Command], *, writes: bool) -> list[Any]:
+        """Replies to ``commands`` (single-key each) in order; raises the first non-routing error."""
+        client = self.client
+        replies: list[Any] = [None] * len(commands)
+        todo: list[int] = list(range(len(commands)))
+        one_by_one: list[int] = []
+        for attempt in range(self._rounds):
+            groups = self._by_node(commands, todo)
+
+            def send(group: tuple[Any, Any, list[int]]) -> list[Any]:
+                node_client, _, idxs = group
+                pipe = node_client.pipeline(transaction=False)
+                for i in idxs:
+                    pipe.execute_command(*commands[i])
+                return list(pipe.execute(raise_on_error=False))
+
+            todo, failure = [], None
+            for (_, node, idxs), outcome in zip(groups, self._map(send, groups), strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, _REROUTE):
+                        raise outcome
+                    todo += idxs
+                    failure = outcome
+                    continue
+                for i, reply in zip(idxs, outcome, strict=True):
+                    if isinstance(reply, _REROUTE):
+                        todo.append(i)
+                        failure = reply
+                    elif isinstance(reply, _ONE_BY_ONE):
+                        one_by_one.append(i)
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        replies[i] = reply
+                if writes:
+                    self._written.add(node.name)
+            if not todo:
+                break
+            logger.debug(
+                "%s: %d key(s) re-routed after %s (round %d)",
+                self.description,
+                len(todo),
+                type(failure).__name__,
+                attempt + 1,
+            )
+            assert failure is not None
+            if attempt + 1 == self._rounds:
+                if not isinstance(failure, rex.MovedError):
+                    raise failure
+                one_by_one += todo  # still MOVED: let the cluster client follow the redirections
+                break
+            time.sleep(min(1.0, 0.05 * 2**attempt))
+            client.nodes_manager.initialize()
+        if one_by_one:
+            logger.debug(
+                "%s: %d key(s) in migrating slots sent one by one", self.description, len(one_by_one)
+            )
+            self._written_unknown |= writes
+            for i in sorted(one_by_one):
+                replies[i] = client.execute_command(*commands[i])
+        return replies
+
+    # KVStore --------------------------------------------------------------------------------
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        with self._errors("reading"):
+            return self._run([("GET", key) for key in keys], writes=False)
+
+    def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
+        copied = [0] * len(reads)
+        todo = [i for i, r in enumerate(reads) if len(r.into)]
+        if not todo:
+            return copied
+        with self._errors("reading"):
+            commands = []
+            for i in todo:
+                r = reads[i]
+                commands.append(("GETRANGE", r.key, r.offset, r.offset + r.into.nbytes - 1))
+            for i, data in zip(todo, self._run(commands, writes=False), strict=True):
+                into = reads[i].into.cast("B") if reads[i].into.format != "B" else reads[i].into
+                n = min(len(data), into.nbytes)
+                into[:n] = data[:n]
+                copied[i] = n
+        return copied
+
+    def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:
+        if not items:
+            return
+        expiry = ("PX", _ms(ttl)) if ttl is not None else ()
+        with self._errors("writing"):
+            self._run([("SET", key, as_bytes_view(value), *expiry) for key, value in items], writes=True)
+
+    def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
+        written = super().put(key, value, create=create, ttl=ttl)
+        self._note_write(key)
+        return written
+
+    def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
+        previous = super().swap(key, value, ttl=ttl)
+        self._note_write(key)
+        return previous
+
+    def _note_write(self, key: str) -> None:
+        with contextlib.suppress(Exception):  # only bookkeeping for WAIT: unknown means "every primary"
+            self._written.add(self.client.nodes_manager.get_node_from_slot(key_slot(key)).name)
+            return
+        self._written_unknown = True
+
+    def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
+        if not keys:
+            return []
+        with self._errors("setting expiry"):
+            if ttl is None:  # PERSIST is 0 for a key without expiry too: EXISTS decides
+                commands = [c for key in keys for c in (("PERSIST", key), ("EXISTS", key))]
+                return [bool(e) for e in self._run(commands, writes=True)[1::2]]
+            replies = self._run([("PEXPIRE", key, _ms(ttl)) for key in keys], writes=True)
+            return [bool(r) for r in replies]
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        with self._errors("deleting"):  # one UNLINK per key: a multi-key UNLINK cannot cross slots
+            self._run([("UNLINK", key) for key in keys], writes=True)
+
+    def scan_prefix(self, prefix: str) -> Iterator[str]:
+        """SCAN every primary; a node that fails mid-scan gets one rescan after a topology refresh."""
+        pattern = glob_escape(prefix) + "*"
+        seen: set[str] = set()  # a key migrating during the scan can show up on two nodes
+        with self._errors("listing keys"):
+            for attempt in range(2):
+                try:
+                    for node in self.client.get_primaries():
+                        node_client = self.client.get_redis_connection(node)
+                        for raw in node_client.scan_iter(match=pattern, count=1000):
+                            key = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+                            if key.startswith(prefix) and key not in seen:
+                                seen.add(key)
+                                yield key
+                    return
+                except (rex.ConnectionError, rex.TimeoutError):
+                    if attempt:
+                        raise
+                    self.client.nodes_manager.initialize()
+
+    # Server safety --------------------------------------------------------------------------
+
+    def _servers(self) -> list[tuple[str, Any]]:
+        """Every node, replicas included: a promoted replica brings its own maxmemory-policy.
+
+        The slot table is re-read first so a node that failed since the last command is not asked.
+        """
+        client = self.client
+        client.nodes_manager.initialize()
+        nodes = client.get_nodes()
+        return [(f"{self.description} node {n.name}", client.get_redis_connection(n)) for n in nodes]
+
+    def wait_for_replicas(self, replicas: int, timeout: float) -> int:
+        """WAIT on every primary that took this store's writes since the last call, in parallel.
+
+        Returns the fewest acknowledgements. A store that wrote nothing itself (the caller wrote through
+        another instance) waits on every primary. A node that took writes but is no longer a primary
+        was failed over: writes it had not replicated may be lost, so that is a ReplicationError too.
+        """
+        _check_wait_args(replicas, timeout)
+        with self._errors("waiting for replicas"):
+            client = self.client
+            client.nodes_manager.initialize()  # current primaries: failovers since the writes show
+            if self._written_unknown or not self._written:
+                nodes = list(client.get_primaries())
+            else:
+                primaries = {n.name: n for n in client.get_primaries()}
+                lost = sorted(self._written - primaries.keys())
+                if lost:
+                    raise ReplicationError(
+                        f"{self.description}: node(s) {', '.join(lost)} took writes but are no longer "
+                        "primaries (a failover?); writes they had not replicated may be lost: save again",
+                        nodes=lost,
+                    )
+                nodes = [primaries[name] for name in sorted(self._written)]
+            clients = [client.get_redis_connection(n) for n in nodes]
+            outcomes = self._map(lambda c: wait_on(c, replicas, timeout), clients)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        acks = {node.name: outcome for node, outcome in zip(nodes, outcomes, strict=True)}
+        short = {name: n for name, n in acks.items() if isinstance(n, int) and n < replicas}
+        if short:
+            name, acked = min(short.items(), key=lambda item: item[1])
+            raise ReplicationError(
+                replication_message(f"{self.description} primary {name}", acked, replicas, timeout),
+                acked=acked,
+                wanted=replicas,
+                nodes=sorted(short),
+            )
+        self._written.clear()
+        self._written_unknown = False
+        return min((n for n in acks.values() if isinstance(n, int)), default=replicas)

@@ -1,0 +1,245 @@
+"""RedisClusterStore on a real 3-master + 3-replica cluster: contract, spread, migration, failover, WAIT."""
+
+from __future__ import annotations
+
+import logging
+import random
+import string
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.crc import key_slot as redis_key_slot
+
+from kvckpt.errors import ReplicationError, StoreFullError, StoreUnavailableError, UnsafeStoreConfigError
+from kvckpt.registry import open_store
+from kvckpt.store import KVStore, RangeRead
+from kvckpt.stores.redis import RedisStore
+from kvckpt.stores.redis_cluster import CLUSTER_ACL_RULES, RedisClusterStore, key_slot
+from kvckpt.testing.conformance import StoreTests
+from kvckpt.testing.servers import RedisCluster, free_port, redis_call
+from kvckpt.urls import parse_url
+
+
+class TestRedisCluster(StoreTests):
+    @pytest.fixture
+    def store(self, redis_cluster: RedisCluster) -> Iterator[KVStore]:
+        store = open_store(redis_cluster.url("conformance"))
+        yield store
+        store.close()
+
+
+@pytest.fixture
+def store(redis_cluster: RedisCluster) -> Iterator[RedisClusterStore]:
+    store = open_store(redis_cluster.url("ns"))
+    assert isinstance(store, RedisClusterStore)
+    yield store
+    store.close()
+
+
+def keys_on(port: int, prefix: str) -> set[str]:
+    client: Any = redis.Redis(port=port, decode_responses=True)
+    try:
+        return set(client.scan_iter(match=prefix + "*", count=1000))
+    finally:
+        client.close()
+
+
+def keys_in_one_slot(prefix: str, count: int) -> tuple[int, list[str]]:
+    """``count`` untagged keys under ``prefix`` that share a hash slot (found by trying names)."""
+    by_slot: dict[int, list[str]] = {}
+    for i in range(2_000_000):
+        key = f"{prefix}k{i}"
+        keys = by_slot.setdefault(key_slot(key), [])
+        keys.append(key)
+        if len(keys) == count:
+            return key_slot(key), keys
+    raise AssertionError("no slot collected enough keys")
+
+
+def test_key_slot_matches_redis(redis_cluster: RedisCluster) -> None:
+    rng = random.Random(6)
+    keys = ["", "{}", "{a}b", "a{b}c{d}", "{{x}}", "x{}{y}", "é/ü", *(
+        "".join(rng.choice(string.printable) for _ in range(rng.randint(0, 30))) for _ in range(300)
+    )]  # fmt: skip
+    for key in keys:
+        assert key_slot(key) == redis_key_slot(key.encode())
+    for key in keys[:20]:
+        assert key_slot(key) == redis_call(redis_cluster.nodes[0].port, "CLUSTER", "KEYSLOT", key)
+
+
+def test_batch_spreads_over_every_master(
+    redis_cluster: RedisCluster, store: RedisClusterStore, namespace: str
+) -> None:
+    items = [(f"{namespace}/w/{i}", i.to_bytes(4, "big")) for i in range(300)]
+    store.put_many(items)
+    per_master = [keys_on(m.port, namespace) for m in redis_cluster.master_nodes()]
+    assert len(per_master) == 3 and all(per_master), [len(k) for k in per_master]
+    assert sum(len(k) for k in per_master) == 300
+    assert set().union(*per_master) == {k for k, _ in items}
+    assert store.get_many([k for k, _ in items]) == [v for _, v in items]
+
+
+def test_injected_cluster_client_is_routed_to_cluster_store(
+    redis_cluster: RedisCluster, namespace: str
+) -> None:
+    client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
+    try:
+        store = RedisStore(client=client)
+        assert type(store) is RedisClusterStore
+        items = [(f"{namespace}/i/{i}", b"x" * i) for i in range(100)]
+        store.put_many(items)
+        assert store.get_many([k for k, _ in items]) == [v for _, v in items]
+        assert sorted(store.scan_prefix(namespace + "/")) == sorted(k for k, _ in items)
+        store.close()  # an injected client is the caller's to close
+        assert client.get(items[5][0]) == items[5][1]
+    finally:
+        client.close()
+
+
+def test_batches_stay_correct_while_a_slot_migrates(
+    redis_cluster: RedisCluster, store: RedisClusterStore, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="kvckpt.stores.redis_cluster")
+    slot, slot_keys = keys_in_one_slot(f"{namespace}/m/", 6)
+    old, new = slot_keys[:4], slot_keys[4:]
+    others = [f"{namespace}/o/{i}" for i in range(200)]
+    store.put_many([(k, b"v1:" + k.encode()) for k in old + others])
+    source = redis_cluster.slot_owner(slot)
+    target = next(m for m in redis_cluster.master_nodes() if m is not source)
+
+    redis_cluster.begin_slot_migration(slot, target)
+    assert redis_cluster.move_slot_keys(slot, source, target, limit=2) == 2
+    everything = old + others
+    # Half the slot's keys answer from the source, half with ASK from the target.
+    assert store.get_many(everything) == [b"v1:" + k.encode() for k in everything]
+    assert "sent one by one" in caplog.text
+    # Overwrites land wherever each key lives now; new keys of the slot go to the importing node.
+    store.put_many([(k, b"v2:" + k.encode()) for k in old + new + others])
+    buffers = [bytearray(3) for _ in slot_keys]
+    counts = store.read_into_many(
+        [RangeRead(k, 0, memoryview(b)) for k, b in zip(slot_keys, buffers, strict=True)]
+    )
+    assert counts == [3] * 6 and all(bytes(b) == b"v2:" for b in buffers)
+    assert keys_on(target.port, f"{namespace}/m/") >= set(new)
+
+    redis_cluster.move_slot_keys(slot, source, target)
+    redis_cluster.finish_slot_migration(slot, target)
+    caplog.clear()
+    # The store's slot table is stale now: MOVED, a refresh, and a second round.
+    assert store.get_many(slot_keys + others) == [b"v2:" + k.encode() for k in slot_keys + others]
+    assert "re-routed after MovedError" in caplog.text
+    assert redis_cluster.slot_owner(slot) is target
+    assert sorted(store.scan_prefix(f"{namespace}/m/")) == sorted(slot_keys)
+    store.delete_many(slot_keys)
+    assert store.get_many(slot_keys) == [None] * 6
+
+
+def test_wait_for_replicas_on_every_written_master(store: RedisClusterStore, namespace: str) -> None:
+    store.put_many([(f"{namespace}/r/{i}", b"x") for i in range(100)])
+    assert store.wait_for_replicas(1, 5.0) == 1
+    store.put(f"{namespace}/one", b"y")
+    with pytest.raises(ReplicationError, match=r"only 1 of 2 replica"):
+        store.wait_for_replicas(2, 0.3)  # each master has exactly one replica
+
+
+def test_oom_on_a_master_is_store_full(
+    redis_cluster: RedisCluster, store: RedisClusterStore, namespace: str
+) -> None:
+    masters = redis_cluster.master_nodes()
+    try:
+        for m in masters:
+            used = int(redis_call(m.port, "INFO", "memory")["used_memory"])
+            redis_call(m.port, "CONFIG", "SET", "maxmemory", used + (1 << 20))
+        with pytest.raises(StoreFullError, match="out of memory"):
+            for i in range(8):
+                store.put_many([(f"{namespace}/big/{i}/{j}", bytes(1 << 19)) for j in range(6)])
+    finally:
+        for m in masters:
+            redis_call(m.port, "CONFIG", "SET", "maxmemory", 0)
+        store.delete_prefix(f"{namespace}/big/")
+
+
+def test_evicting_policy_on_a_replica_is_refused(
+    redis_cluster: RedisCluster, store: RedisClusterStore
+) -> None:
+    replica = redis_cluster.replica_of(redis_cluster.master_nodes()[0])
+    assert set(store.check_server_settings().values()) == {"noeviction"}
+    try:
+        redis_call(replica.port, "CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+        with pytest.raises(UnsafeStoreConfigError, match=rf"{replica.port}.*allkeys-lru"):
+            store.check_server_settings()
+    finally:
+        redis_call(replica.port, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+
+
+def test_least_privilege_acl_user_on_every_node(redis_cluster: RedisCluster, namespace: str) -> None:
+    nodes = redis_cluster.live()
+    for node in nodes:
+        rules = ["reset", "on", ">c-pw", f"~{namespace}/*", "-@all", *CLUSTER_ACL_RULES]
+        redis_call(node.port, "ACL", "SETUSER", "ckpt-min", *rules)
+    try:
+        store = open_store(redis_cluster.url(namespace).replace("://", "://ckpt-min:c-pw@"))
+        items = [(f"{namespace}/{i}", b"v%d" % i) for i in range(100)]
+        store.put_many(items)
+        assert store.get_many([k for k, _ in items]) == [v for _, v in items]
+        assert (
+            store.put(f"{namespace}/rec", b"1", create=True) and store.swap(f"{namespace}/rec", b"2") == b"1"
+        )
+        assert store.delete_prefix(namespace + "/") == 101
+        assert isinstance(store, RedisClusterStore) and store.wait_for_replicas(1, 5.0) == 1
+        assert len(store.check_server_settings()) == len(nodes)
+        store.close()
+    finally:
+        for node in nodes:
+            redis_call(node.port, "ACL", "DELUSER", "ckpt-min")
+
+
+def test_url_options_reach_the_client() -> None:
+    url = parse_url("redis+cluster://ckpt:s3cret@10.0.0.1:7000,10.0.0.2/ns?tls=true&ca=/etc/ca.pem")
+    store = RedisClusterStore.from_url(url, timeout=5.0)
+    kwargs = store._client_kwargs
+    assert kwargs["startup_nodes"] == [("10.0.0.1", 7000), ("10.0.0.2", 6379)]
+    assert (kwargs["username"], kwargs["password"]) == ("ckpt", "s3cret")
+    assert (kwargs["ssl"], kwargs["ssl_ca_certs"], kwargs["socket_timeout"]) == (True, "/etc/ca.pem", 5.0)
+    assert "s3cret" not in repr(store) and "s3cret" not in str(url)
+
+
+def test_unreachable_cluster_is_unavailable() -> None:
+    store = open_store(f"redis+cluster://127.0.0.1:{free_port()}/ns", connect_timeout=0.5)
+    with pytest.raises(StoreUnavailableError, match=r"127\.0\.0\.1"):
+        store.get("k")
+
+
+def test_keys_survive_a_master_failover(
+    redis_cluster: RedisCluster, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kill a master once its writes are replicated; its replica takes over and every key still reads."""
+    caplog.set_level(logging.DEBUG, logger="kvckpt.stores.redis_cluster")
+    store = open_store(redis_cluster.url("ns"))
+    stale = open_store(redis_cluster.url("ns"))
+    assert isinstance(store, RedisClusterStore) and isinstance(stale, RedisClusterStore)
+    assert len(stale.check_server_settings()) == 6  # its slot table predates the failover below
+    items = [(f"{namespace}/f/{i}", f"value-{i}".encode()) for i in range(300)]
+    store.put_many(items)
+    assert store.wait_for_replicas(1, 5.0) == 1
+    store.put_many(items[:50])  # writes since the WAIT went to the master about to die
+    master, replica = redis_cluster.kill_master()
+    try:
+        redis_cluster.wait_for_promotion(replica)
+        # The store still routes to the dead master first: connection refused, refresh, re-route.
+        assert store.get_many([k for k, _ in items]) == [v for _, v in items]
+        assert "re-routed after ConnectionError" in caplog.text
+        fresh = open_store(redis_cluster.url("ns"))
+        assert sorted(fresh.scan_prefix(namespace + "/f/")) == sorted(k for k, _ in items)
+        fresh.close()
+        with pytest.raises(ReplicationError, match="no longer primaries"):
+            store.wait_for_replicas(1, 1.0)
+        assert len(stale.check_server_settings()) == 5  # the dead node is not asked
+    finally:
+        store.close()
+        stale.close()
+        redis_cluster.restart(master)
+    assert len(redis_cluster.master_nodes()) == 3
+    assert all(redis_cluster.replica_of(m) for m in redis_cluster.master_nodes())
