@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Union
 
+from kvckpt.errors import KVCheckpointError
+
 #: Anything exposing the buffer protocol as bytes: bytes, bytearray, memoryview.
 Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
 
@@ -93,6 +95,17 @@ class KVStore(abc.ABC):
     def check_total_bytes(self, nbytes: int) -> None:
         """Refuse, before any data moves, a checkpoint this backend is not meant to hold (etcd caps)."""
         return None
+
+    def check_server_settings(self, *, allow_eviction: bool = False) -> dict[str, str]:
+        """Refuse (or with ``allow_eviction`` warn about) a server that may drop checkpoint keys."""
+        return {}
+
+    def wait_for_replicas(self, replicas: int, timeout: float) -> int:
+        """Block until ``replicas`` replicas hold every write so far; Redis only (WAIT)."""
+        raise KVCheckpointError(
+            f"{type(self).__name__} has no replicas to wait for: min_replicas is a Redis option "
+            "(etcd already commits every write on a quorum)"
+        )
 
     # Conveniences derived from the batched primitives.
 

@@ -53,7 +53,10 @@ class KVStorageWriter(StorageWriter):
     ``checkpoint_id`` is a URL (``redis://host:6379/0/run1/step100``), or with ``client=`` the bare
     namespace. ``overwrite`` replaces a committed checkpoint atomically; ``ttl`` (seconds) expires it.
     ``chunk_bytes`` splits large tensors into values of that size; ``io_threads`` connections move
-    them in parallel. ``store_options`` go to the backend (timeouts, TLS files, …).
+    them in parallel. ``min_replicas`` waits (Redis WAIT, ``replica_timeout`` s) until that many
+    replicas hold the data before the commit, and the commit after it. A server whose
+    maxmemory-policy may evict keys is refused unless ``allow_eviction`` (then only warned about).
+    ``store_options`` go to the backend (timeouts, TLS files, …).
     """
 
     def __init__(
@@ -69,6 +72,9 @@ class KVStorageWriter(StorageWriter):
         checksums: bool = True,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         pending_ttl: float | None = DEFAULT_PENDING_TTL,
+        min_replicas: int = 0,
+        replica_timeout: float = 10.0,
+        allow_eviction: bool = False,
         store_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -84,6 +90,9 @@ class KVStorageWriter(StorageWriter):
         self.checksums = checksums
         self.block_bytes = block_bytes
         self.pending_ttl = pending_ttl
+        self.min_replicas = min_replicas
+        self.replica_timeout = replica_timeout
+        self.allow_eviction = allow_eviction
         self._resolver = Resolver(client, store_options)
         self._target: Target | None = None
         self._save_id = layout.new_save_id()
@@ -136,6 +145,9 @@ class KVStorageWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Runs on the coordinator: refuse early (before any data moves) and pick the generation."""
+        self.target.store.check_server_settings(allow_eviction=self.allow_eviction)
+        if self.min_replicas:  # missing replicas fail the save before any data moves
+            self.target.store.wait_for_replicas(self.min_replicas, self.replica_timeout)
         if not self.overwrite and self.target.store.exists(self.record_key):
             raise CheckpointExistsError(
                 f"{self.target.display} already holds a committed checkpoint; pass overwrite=True "
@@ -214,9 +226,7 @@ class KVStorageWriter(StorageWriter):
             result.index: result.storage_data for rank_results in results for result in rank_results
         }
         metadata.storage_data = items
-        if (
-            metadata.storage_meta is None
-        ):  # torch 2.13's default planner drops it; keep the id for `kvckpt ls`
+        if metadata.storage_meta is None:  # torch 2.13's default planner drops it; `kvckpt ls` shows it
             metadata.storage_meta = self.storage_meta()
         keys = [layout.full_key(target.namespace, c.key) for item in items.values() for c in item.chunks]
         now = time.time()
@@ -236,6 +246,14 @@ class KVStorageWriter(StorageWriter):
         data = record.encode_record(body)
         if self._pending_ttl(store) is not None:
             self._settle_expiry(store, keys)
+        if self.min_replicas:  # the data, and its settled expiry, must survive a failover first
+            store.wait_for_replicas(self.min_replicas, self.replica_timeout)
+        self._commit(store, data, keys)
+        if self.min_replicas:
+            store.wait_for_replicas(self.min_replicas, self.replica_timeout)
+
+    def _commit(self, store: KVStore, data: bytes, keys: list[str]) -> None:
+        target = self.target
         if self.overwrite:
             previous = store.swap(self.record_key, data, ttl=self.ttl)
             if previous is not None:
