@@ -204,9 +204,7 @@ def _folder_destination(path: Path, overwrite: bool) -> Iterator[Path]:
             raise CheckpointExistsError(f"{path} exists and is not a folder", checkpoint_id=str(path))
         is_checkpoint = (path / METADATA_FILE).is_file()
         if any(path.iterdir()) and not (overwrite and is_checkpoint):
-            hint = (
-                "pass overwrite=True (--overwrite) to replace it" if is_checkpoint else "choose another"
-            )
+            hint = "pass overwrite=True (--overwrite) to replace it" if is_checkpoint else "choose another"
             raise CheckpointExistsError(
                 f"{path} already holds {'a DCP checkpoint' if is_checkpoint else 'files'}; {hint}",
                 checkpoint_id=str(path),
