@@ -261,3 +261,11 @@ def test_progress_bar_only_on_a_terminal(redis_server: RedisServer, namespace: s
     assert b"verify:" in drawn and b"/4.00M" in drawn and b"ok: " in drawn
     assert b"verify:" not in run_on_terminal("verify", "--json", redis_server.url(namespace))
     assert "verify:" not in kvckpt_cli("verify", redis_server.url(namespace)).stderr
+
+
+def test_management_commands_do_not_import_torch() -> None:
+    """ls/info/verify/rm/keep-last must start fast: only cp and demo may pull in torch."""
+    code = "import sys, kvckpt, kvckpt.cli, kvckpt.manage; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
