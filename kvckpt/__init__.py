@@ -23,11 +23,23 @@ from kvckpt.errors import (
     StoreUnavailableError,
     UnsafeStoreConfigError,
 )
+from kvckpt.manage import (
+    CheckpointInfo,
+    Entry,
+    VerifyResult,
+    delete,
+    info,
+    keep_last,
+    latest,
+    list_checkpoints,
+    verify,
+)
 from kvckpt.registry import open_store
 from kvckpt.store import Capabilities, KVStore, RangeRead
 
 if TYPE_CHECKING:
-    from kvckpt.dcp.api import SafeLoadPlanner, delete, load, save
+    from kvckpt.dcp.api import SafeLoadPlanner, load, save
+    from kvckpt.dcp.copy import CopyResult, copy
     from kvckpt.dcp.reader import KVStorageReader
     from kvckpt.dcp.writer import KVStorageWriter
 
@@ -39,15 +51,19 @@ _LAZY = {
     "SafeLoadPlanner": "kvckpt.dcp.api",
     "save": "kvckpt.dcp.api",
     "load": "kvckpt.dcp.api",
-    "delete": "kvckpt.dcp.api",
+    "copy": "kvckpt.dcp.copy",
+    "CopyResult": "kvckpt.dcp.copy",
 }
 
 __all__ = [
     "Capabilities",
     "CheckpointExistsError",
+    "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointTooLargeError",
+    "CopyResult",
     "CorruptCheckpointError",
+    "Entry",
     "InvalidCheckpointIdError",
     "KVCheckpointError",
     "KVStorageReader",
@@ -59,10 +75,17 @@ __all__ = [
     "StoreFullError",
     "StoreUnavailableError",
     "UnsafeStoreConfigError",
+    "VerifyResult",
+    "copy",
     "delete",
+    "info",
+    "keep_last",
+    "latest",
+    "list_checkpoints",
     "load",
     "open_store",
     "save",
+    "verify",
 ]
 
 

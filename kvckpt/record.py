@@ -70,3 +70,11 @@ def decode_record(data: bytes, key: str) -> dict[str, Any]:
             key=key,
         )
     return record
+
+
+def chunk_keys(body: dict[str, Any]) -> list[str]:
+    """Every data key (relative to the namespace) a decoded record refers to."""
+    try:
+        return [str(chunk[0]) for row in body["items"] for chunk in row[5]]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise CorruptCheckpointError(f"the record's item list is malformed ({exc})") from exc

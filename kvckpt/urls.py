@@ -166,5 +166,8 @@ def _require_namespace(namespace: str, url: str) -> None:
 
 
 def redact(text: str) -> str:
-    """Replace any password in URL-like text with ***; safe on arbitrary strings."""
-    return re.sub(r"(://[^/@:\s]*:)[^@/\s]*@", r"\1***@", text)
+    """Replace any password in URL-like text with ***; safe on arbitrary strings.
+
+    A user name holds no bracket, so the usage text's ``redis://[user[:password]@]`` survives.
+    """
+    return re.sub(r"(://[^/@:\s\[\]]*:)[^@/\s]*@", r"\1***@", text)

@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -59,10 +60,10 @@ def _open_backend(request: pytest.FixtureRequest, name: str) -> Backend:
         return Backend(name, lambda ns: ns, {"client": client}, RedisStore(client=client))
     if name == "etcd":
         etcd: EtcdServer = request.getfixturevalue("etcd_server")
-        return Backend(name, etcd.url, {}, open_store(etcd.url("inspect")))
+        return Backend(name, lambda ns: etcd.url(quote(ns, safe="/")), {}, open_store(etcd.url("inspect")))
     server: RedisServer = request.getfixturevalue("redis_server")
     make = server.url if name == "redis" else server.unix_url
-    return Backend(name, make, {}, open_store(server.url("inspect")))
+    return Backend(name, lambda ns: make(quote(ns, safe="/")), {}, open_store(server.url("inspect")))
 
 
 @pytest.fixture(params=["redis", "redis-unix", "fakeredis", "etcd"])

@@ -274,6 +274,8 @@ def test_glob_characters_in_namespace_are_literal(backend: Backend, namespace: s
     tricky, sibling = f"{namespace}/a*b?[c]\\d é", f"{namespace}/aXb?[c]\\d é"
     kvckpt.save({"x": torch.ones(2)}, backend.id(tricky), **backend.options)
     kvckpt.save({"x": torch.full((2,), 7.0)}, backend.id(sibling), **backend.options)
+    records = [k for k in backend.keys(f"{namespace}/") if k.endswith("/.metadata")]
+    assert records == sorted([f"{tricky}/.metadata", f"{sibling}/.metadata"])
     assert kvckpt.delete(backend.id(tricky), **backend.options) is True
     assert kvckpt.delete(backend.id(tricky), **backend.options) is False
     loaded = {"x": torch.zeros(2)}

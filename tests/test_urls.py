@@ -73,3 +73,11 @@ def test_password_never_in_error_text() -> None:
 def test_redact_free_text() -> None:
     text = "failed on redis://u:pa55@h:1/0/x and etcd://:p@e:2379/y"
     assert redact(text) == "failed on redis://u:***@h:1/0/x and etcd://:***@e:2379/y"
+
+
+def test_unencoded_question_mark_in_namespace_is_refused_not_truncated() -> None:
+    from kvckpt.registry import open_store
+
+    with pytest.raises(InvalidCheckpointIdError, match="%3F"):
+        open_store("redis://127.0.0.1:1/0/run?1")
+    assert parse_url("redis://127.0.0.1:1/0/run%3F1").namespace == "run?1"

@@ -1,10 +1,9 @@
-"""One-call save/load/delete, and the load planner that refuses to run pickles from the store."""
+"""One-call save/load, and the load planner that refuses to run pickles from the store."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -18,12 +17,9 @@ from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem, SavePlan
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from kvckpt import layout, record
-from kvckpt.dcp.codec import chunk_keys
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.errors import KVCheckpointError
-from kvckpt.target import Resolver
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -105,30 +101,3 @@ def load(
             planner=planner or SafeLoadPlanner(allow_pickle=allow_pickle),
             process_group=process_group,
         )
-
-
-def delete(checkpoint_id: str | os.PathLike[str], *, client: Any = None, **store_options: Any) -> bool:
-    """Remove a checkpoint: the record first (it stops being visible at once), then its data.
-
-    Returns False when there was no record. Rank-local records (use_collectives=False) go too.
-    """
-    resolver = Resolver(client, store_options)
-    target = resolver.resolve(checkpoint_id)
-    store, namespace = target.store, target.namespace
-    try:
-        records = [layout.record_key(namespace)]
-        records += [k for k in store.scan_prefix(f"{namespace}/__") if k.endswith(layout.RECORD_NAME)]
-        found = False
-        for key in records:
-            raw = store.get(key)
-            if raw is None:
-                continue
-            store.delete(key)
-            found = True
-            keys = [layout.full_key(namespace, k) for k in chunk_keys(record.decode_record(raw, key))]
-            step = store.capabilities.max_batch_ops
-            for start in range(0, len(keys), step):
-                store.delete_many(keys[start : start + step])
-        return found
-    finally:
-        resolver.close()

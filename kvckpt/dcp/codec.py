@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from kvckpt.errors import CorruptCheckpointError
 from kvckpt.layout import StoredChunk, StoredItem
+from kvckpt.record import chunk_keys as chunk_keys  # re-exported: the writer imports it from here
 
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
@@ -159,11 +160,3 @@ def decode_metadata(body: dict[str, Any], key: str) -> Metadata:
             f"{key}: the record is malformed ({type(exc).__name__}: {exc}); the checkpoint cannot be loaded",
             key=key,
         ) from exc
-
-
-def chunk_keys(body: dict[str, Any]) -> list[str]:
-    """Every data key (relative to the namespace) a decoded record refers to."""
-    try:
-        return [str(chunk[0]) for row in body["items"] for chunk in row[5]]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise CorruptCheckpointError(f"the record's item list is malformed ({exc})") from exc

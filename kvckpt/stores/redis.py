@@ -78,6 +78,12 @@ def tls_options(url: StoreURL) -> dict[str, Any]:
     Paths only: certificates are files, so no secret ever sits in the URL's query.
     """
     query = dict(url.query)
+    unknown = sorted(set(query) - set(TLS_QUERY_OPTIONS) - {"tls"})
+    if unknown:  # a stray "?" in a namespace lands here: say so rather than silently cut the namespace
+        raise InvalidCheckpointIdError(
+            f"{url}: unknown URL option(s) {', '.join(map(repr, unknown))}; the options are "
+            f"{', '.join(sorted(TLS_QUERY_OPTIONS))}, tls. Percent-encode '?' in a namespace as %3F"
+        )
     options: dict[str, Any] = {TLS_QUERY_OPTIONS[k]: v for k, v in query.items() if k in TLS_QUERY_OPTIONS}
     tls = url.scheme == "rediss" or query.get("tls", "").lower() in _TRUE
     if (options or tls) and url.scheme == "redis+unix":

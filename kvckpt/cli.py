@@ -1,0 +1,327 @@
+"""The ``kvckpt`` command (also ``python -m kvckpt``): list, inspect, verify, remove and copy checkpoints.
+
+Exit status: 0 ok, 1 failure, 2 usage. A failure prints one line (``--debug`` adds the traceback);
+every line printed passes through URL redaction, so passwords never reach a terminal or a log.
+Only ``cp`` and ``demo`` import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from kvckpt import humanize, manage
+from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
+from kvckpt.urls import redact
+
+#: How many verify problems a terminal gets; --json gets them all.
+SHOWN_PROBLEMS = 20
+
+
+def out(text: str = "") -> None:
+    print(redact(text), flush=True)
+
+
+def emit_json(value: Any) -> None:
+    out(json.dumps(value, indent=2))
+
+
+@contextmanager
+def progress_bar(total: int | None, label: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar on stderr when it is a terminal; a no-op callback otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
+        yield bar.update
+
+
+# Commands --------------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    infos = manage.list_checkpoints(args.prefix)
+    if args.json:
+        emit_json([{**i.to_dict(), "created_at": humanize.timestamp(i.created)} for i in infos])
+        return 0
+    if not infos:
+        out(f"no committed checkpoints under {args.prefix}")
+        return 0
+    rows = [
+        [
+            i.checkpoint_id,
+            f"{humanize.timestamp(i.created)} ({humanize.age(i.created)})",
+            humanize.size(i.total_bytes),
+            str(i.num_tensors),
+            str(i.world_size),
+            "-" if i.expires_at is None else humanize.age(i.expires_at),
+        ]
+        for i in infos
+    ]
+    out(
+        humanize.table(
+            ["CHECKPOINT", "COMMITTED", "SIZE", "TENSORS", "RANKS", "EXPIRES"], rows, right=(2, 3, 4)
+        )
+    )
+    total = sum(i.total_bytes for i in infos)
+    out(f"{len(infos)} checkpoint(s), {humanize.size(total)}; latest: {infos[-1].checkpoint_id}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    found = manage.info(args.checkpoint_id)
+    if args.json:
+        emit_json({**found.to_dict(), "created_at": humanize.timestamp(found.created)})
+        return 0
+    expires = "never" if found.expires_at is None else humanize.age(found.expires_at)
+    out(f"checkpoint  {found.checkpoint_id}")
+    when = f"{humanize.timestamp(found.created)} ({humanize.age(found.created)})"
+    out(f"committed   {when} by {found.world_size} rank(s)")
+    out(f"generation  {found.save_id}, {found.num_keys} key(s), expires {expires}")
+    out()
+    rows = [
+        [
+            e.fqn,
+            e.dtype or "(object)",
+            "-" if e.shape is None else "x".join(map(str, e.shape)) or "scalar",
+            str(e.chunks),
+            humanize.size(e.nbytes),
+        ]
+        for e in found.entries
+    ]
+    total = [
+        "total",
+        "",
+        f"{found.num_tensors} tensor(s)",
+        str(found.num_keys),
+        humanize.size(found.total_bytes),
+    ]
+    out(humanize.table(["FQN", "DTYPE", "SHAPE", "CHUNKS", "BYTES"], [*rows, total], right=(3, 4)))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    total = manage.info(args.checkpoint_id).total_bytes
+    started = time.perf_counter()
+    try:
+        with progress_bar(total, "verify", not args.json) as advance:
+            result = manage.verify(args.checkpoint_id, progress=advance)
+    except CorruptCheckpointError as exc:
+        problems: list[str] = list(getattr(exc, "problems", []))
+        if args.json:
+            emit_json({"checkpoint_id": redact(args.checkpoint_id), "ok": False, "problems": problems})
+            return 1
+        for problem in problems[:SHOWN_PROBLEMS]:
+            print(redact(f"  {problem}"), file=sys.stderr)
+        if len(problems) > SHOWN_PROBLEMS:
+            print(f"  … and {len(problems) - SHOWN_PROBLEMS} more (--json lists all)", file=sys.stderr)
+        raise
+    seconds = time.perf_counter() - started
+    if args.json:
+        emit_json({**vars(result), "ok": True, "seconds": seconds})
+        return 0
+    what = "sizes and checksums" if result.checksums else "sizes only (saved with checksums=False)"
+    out(
+        f"ok: {result.checkpoint_id}: {result.num_keys} chunk(s), {humanize.size(result.nbytes)} verified "
+        f"({what}) in {humanize.duration(seconds)} ({humanize.rate(result.nbytes, seconds)})"
+    )
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    results = [(cid, manage.delete(cid)) for cid in args.checkpoint_ids]
+    if args.json:
+        emit_json([{"checkpoint_id": redact(cid), "removed": removed} for cid, removed in results])
+    else:
+        for cid, removed in results:
+            if removed:
+                out(f"removed {cid}")
+            else:
+                print(redact(f"kvckpt: error: no committed checkpoint at {cid}"), file=sys.stderr)
+    return 0 if all(removed for _, removed in results) else 1
+
+
+def cmd_keep_last(args: argparse.Namespace) -> int:
+    doomed = manage.keep_last(args.prefix, args.n, dry_run=args.dry_run)
+    if args.json:
+        emit_json({"dry_run": args.dry_run, "removed": [d.to_dict() for d in doomed]})
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for old in doomed:
+        out(f"{verb} {old.checkpoint_id} ({humanize.size(old.total_bytes)}, {humanize.age(old.created)})")
+    freed = humanize.size(sum(d.total_bytes for d in doomed))
+    out(f"{verb} {len(doomed)} checkpoint(s), {freed}; kept the newest {args.n}")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from kvckpt.dcp.copy import copy
+
+    started = time.perf_counter()
+    with progress_bar(None, "copy", not args.json) as advance:
+        result = copy(args.src, args.dst, overwrite=args.overwrite, ttl=args.ttl, progress=advance)
+    seconds = time.perf_counter() - started
+    if args.json:
+        emit_json({**vars(result), "seconds": seconds})
+        return 0
+    out(
+        f"copied {result.source} -> {result.destination}: {result.items} item(s), "
+        f"{humanize.size(result.nbytes)} in {humanize.duration(seconds)} "
+        f"({humanize.rate(result.nbytes, seconds)})"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvckpt.dcp.demo import run_demo
+
+    return 0 if run_demo(url=args.url, steps=args.steps, every=args.every, keep=args.keep, say=out) else 1
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from kvckpt.testing.servers import RedisServer
+
+    with socket.socket() as probe:  # redis-server would exit and leave us waiting for it
+        try:
+            probe.bind(("127.0.0.1", args.port))
+        except OSError:
+            raise KVCheckpointError(
+                f"port {args.port} is in use on 127.0.0.1; pick another with --port"
+            ) from None
+    server = RedisServer(port=args.port)
+    if args.maxmemory is not None:
+        server.settings["maxmemory"] = args.maxmemory
+    signal.signal(signal.SIGTERM, _interrupt)  # kill / systemd stop the server as Ctrl-C does
+    try:
+        server.start()
+        out(f"redis-server ({server.binary}) listening on 127.0.0.1:{server.port} and a unix socket")
+        out("settings: maxmemory-policy noeviction, no RDB/AOF persistence (data is lost when it stops)")
+        out(f"use: {server.url('NAMESPACE')}")
+        out(f" or: {server.unix_url('NAMESPACE')}")
+        out("Ctrl-C stops it.")
+        assert server.process is not None
+        server.process.wait()
+        print("kvckpt: error: redis-server exited", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.cleanup()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+# Parser ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: keep a --debug given before COMMAND
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    parser = argparse.ArgumentParser(
+        prog="kvckpt",
+        description="Manage PyTorch DCP checkpoints stored in Redis / etcd by kvckpt.",
+        epilog="IDs and prefixes are URLs such as redis://host:6379/0/run1/step100; a password may come "
+        "from REDISCLI_AUTH. See docs/cli.md.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, json: bool = True) -> Any:
+        parents = [common, as_json] if json else [common]
+        p = sub.add_parser(name, help=help, description=help, parents=parents)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("ls", cmd_ls, "list committed checkpoints at or below a prefix, oldest first")
+    p.add_argument("prefix", help="e.g. redis://host:6379/0/run1")
+    p = command("info", cmd_info, "show a checkpoint's tensors: fqn, dtype, shape, chunks, bytes")
+    p.add_argument("checkpoint_id")
+    p = command("verify", cmd_verify, "re-read every chunk and check sizes and checksums")
+    p.add_argument("checkpoint_id")
+    p = command("rm", cmd_rm, "delete checkpoints (record first, then their keys)")
+    p.add_argument("checkpoint_ids", nargs="+", metavar="checkpoint_id")
+    p = command("keep-last", cmd_keep_last, "delete all but the N newest checkpoints under a prefix")
+    p.add_argument("prefix")
+    p.add_argument("n", type=non_negative, metavar="N")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p = command("cp", cmd_cp, "copy a checkpoint between kvckpt URLs and DCP folders (either way)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at DST")
+    p.add_argument("--ttl", type=float, help="seconds until a copy in a store expires")
+    p = command(
+        "demo",
+        cmd_demo,
+        "train, checkpoint, crash and resume on a private redis-server (or --url)",
+        json=False,
+    )
+    p.add_argument(
+        "--url", help="run against this store instead, under a fresh sub-namespace of its NAMESPACE"
+    )
+    p.add_argument("--steps", type=positive, default=16, help="training steps (default 16)")
+    p.add_argument("--every", type=positive, default=4, help="checkpoint every N steps (default 4)")
+    p.add_argument("--keep", type=positive, default=2, help="checkpoints kept by keep_last (default 2)")
+    p = command(
+        "server", cmd_server, "run a local redis-server set up for checkpoints, in the foreground", json=False
+    )
+    p.add_argument("--port", type=positive, default=6379, help="loopback port (default 6379)")
+    p.add_argument("--maxmemory", help="e.g. 8gb (default: no limit)")
+    return parser
+
+
+def non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def positive(text: str) -> int:
+    value = non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def describe(exc: BaseException) -> str:
+    """One line: kvckpt's own messages already say what to do; others get their type for context."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, KVCheckpointError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        print("kvckpt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        hint = "" if isinstance(exc, KVCheckpointError) or args.debug else " (--debug shows the traceback)"
+        print(redact(f"kvckpt: error: {describe(exc)}{hint}"), file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout.flush()
