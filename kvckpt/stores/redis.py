@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from kvckpt.urls import StoreURL
 
 REDIS_MAX_VALUE = 512 * 1024 * 1024
 PASSWORD_ENV = "REDISCLI_AUTH"
+_CLIENT_LOCK = threading.Lock()
 
 
 def glob_escape(text: str) -> str:
@@ -101,7 +103,11 @@ class RedisStore(KVStore):
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = redis.Redis(**self._client_kwargs)
+            # I/O threads race here; a second client would be garbage-collected, and its __del__
+            # would close the pool under the thread still using it.
+            with _CLIENT_LOCK:
+                if self._client is None:
+                    self._client = redis.Redis(**self._client_kwargs)
         return self._client
 
     def close(self) -> None:
