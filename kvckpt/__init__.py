@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from kvckpt.errors import (
+    CheckpointChangedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointTooLargeError,
@@ -44,6 +45,7 @@ _LAZY = {
 
 __all__ = [
     "Capabilities",
+    "CheckpointChangedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CheckpointTooLargeError",

@@ -61,3 +61,7 @@ class StoreFullError(KVCheckpointError):
 
 class UnsafeStoreConfigError(KVCheckpointError):
     """The server is configured in a way that can lose checkpoint data (e.g. an evicting policy)."""
+
+
+class CheckpointChangedError(KVCheckpointError):
+    """The checkpoint was overwritten or deleted while it was being loaded; load it again."""
