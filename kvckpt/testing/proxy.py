@@ -166,11 +166,17 @@ class FaultProxy:
         """Park each connection that sends ``pattern`` (that data unforwarded) until ``release``."""
         self._add(_Rule(pattern, "hold", times))
 
-    def release(self) -> None:
-        """Forward everything held and stop holding."""
+    def release(self, count: int | None = None, *, matching: bytes | None = None) -> None:
+        """Forward what held connections sent: the first ``count`` of those whose held bytes
+        contain ``matching``. A plain ``release()`` frees all and stops holding."""
         with self._lock:
-            self._rules = [r for r in self._rules if r.action != "hold"]
-            links = [link for link in self._links if link.held is not None]
+            if count is None and matching is None:
+                self._rules = [r for r in self._rules if r.action != "hold"]
+            links = [
+                link
+                for link in self._links
+                if link.held is not None and (matching is None or matching in link.held)
+            ][:count]
         for link in links:
             if link.held is not None:
                 self._send(link, link.upstream, link.held)
