@@ -38,7 +38,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _lookup(table: dict[str, Any], name: object, what: str) -> Any:
     if not isinstance(name, str) or name not in table:
-        raise ValueError(f"unknown {what} {name!r}")
+        raise ValueError(f"unknown {what} {name!r:.60}")
     return table[name]
 
 
@@ -93,7 +93,7 @@ def _decode_entry(entry: dict[str, Any]) -> TensorStorageMetadata | BytesStorage
     if entry["type"] == "bytes":
         return BytesStorageMetadata()
     if entry["type"] != "tensor":
-        raise ValueError(f"unknown entry type {entry['type']!r}")
+        raise ValueError(f"unknown entry type {entry['type']!r:.60}")
     props = TensorProperties(
         dtype=_lookup(DTYPES, entry["dtype"], "dtype"),
         layout=_lookup(_LAYOUTS, entry["layout"], "layout"),
@@ -107,7 +107,7 @@ def _decode_entry(entry: dict[str, Any]) -> TensorStorageMetadata | BytesStorage
 
 def _size(values: Any) -> torch.Size:
     if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
-        raise ValueError(f"bad size {values!r}")
+        raise ValueError(f"bad size {values!r:.60}")
     return torch.Size(values)
 
 
