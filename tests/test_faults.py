@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 import kvckpt
 from kvckpt import layout
 from kvckpt.dcp.api import unwrapped_errors
-from kvckpt.testing.proxy import FaultProxy
+from kvckpt.testing.proxy import FaultProxy, resp_prefix
 from kvckpt.testing.servers import REDIS_CHECKPOINT_SETTINGS, RedisServer
 from tests.faulty import QUICK, Faulty, blank, faulty, same, state
 
@@ -275,3 +275,41 @@ def test_killed_writer_leaves_only_expiring_data(faulty: Faulty, namespace: str)
 def test_proxy_is_loopback_only() -> None:
     with pytest.raises(ValueError, match="loopback"):
         FaultProxy(6379, upstream_host="10.0.0.1")
+
+
+# Credentials on failure paths -----------------------------------------------------------------
+
+SECRET = "pw-Fault-7Q-never-shown"
+
+
+def test_password_absent_from_failure_errors_and_logs(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Errors and log lines written while things go wrong carry no password either."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with RedisServer(extra_args=["--requirepass", SECRET]) as server, FaultProxy(server.port) as proxy:
+        url = f"redis://default:{SECRET}@127.0.0.1:{proxy.port}/0/{namespace}"
+        seen: list[BaseException] = []
+        kvckpt.save(state(1), url)
+        for fault in ("data", "commit"):
+            if fault == "data":
+                proxy.cut_after_bytes(1_500_000, refuse_after=True)
+            else:
+                proxy.cut_on(resp_prefix("SET", layout.record_key(namespace)), refuse_after=True)
+            with pytest.raises(kvckpt.StoreUnavailableError) as info:
+                kvckpt.save(state(2), url, overwrite=True, chunk_bytes=CHUNK, store_options=QUICK)
+            seen.append(info.value)
+            proxy.accept()
+        proxy.hold_on(resp_prefix("GETRANGE"))
+        with pytest.raises(kvckpt.StoreUnavailableError) as info:
+            kvckpt.load(blank(), url, store_options={**QUICK, "retries": 0})
+        seen.append(info.value)
+        proxy.release()
+    texts = [caplog.text]
+    for error in seen:
+        while error is not None:  # the whole chain, redis-py's own errors included
+            texts += [str(error), repr(error), repr(vars(error))]
+            error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    assert len(texts) > 6 and not any(SECRET in text for text in texts)
