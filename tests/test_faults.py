@@ -185,15 +185,20 @@ def test_cut_during_load(faulty: Faulty, namespace: str, down: bool) -> None:
     assert faulty.proxy.fired == 1
 
 
-def test_stalled_load_fails_within_the_timeout(faulty: Faulty, namespace: str) -> None:
+@pytest.mark.parametrize("where", ["data-reads", "whole-server"])
+def test_stalled_load_fails_within_the_timeout(faulty: Faulty, namespace: str, where: str) -> None:
     kvckpt.save(state(1), faulty.direct(namespace), chunk_bytes=CHUNK)
-    faulty.proxy.hold_on(faulty.data_read)  # every attempt hangs
+    if where == "data-reads":
+        faulty.proxy.hold_on(faulty.data_read)  # the record arrives; every data read hangs
+    else:
+        faulty.proxy.stall()  # nothing moves at all, connections stay open
     options = {**faulty.options, "timeout": 1.0, "retries": 1}
     started = time.monotonic()
     with pytest.raises(kvckpt.StoreUnavailableError, match="TimeoutError"):
         kvckpt.load(blank(), faulty.via_proxy(namespace), store_options=options)
     elapsed = time.monotonic() - started
-    assert faulty.proxy.seen(faulty.data_read) >= 2  # the read was retried once, then given up
+    if where == "data-reads":
+        assert faulty.proxy.seen(faulty.data_read) >= 2  # the read was retried once, then given up
     # (retries + 1) attempts of timeout each; the 30 s default timeout would blow far past this
     assert elapsed < 15, elapsed
 

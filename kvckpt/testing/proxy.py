@@ -142,9 +142,6 @@ class FaultProxy:
         """Stop moving bytes either way; connections stay open (a hung server or network)."""
         self._stalled.set()
 
-    def resume(self) -> None:
-        self._stalled.clear()
-
     def cut_after_bytes(self, nbytes: int, *, refuse_after: bool = False) -> None:
         """Forward ``nbytes`` more client bytes (all connections together), then cut mid-stream."""
         with self._lock:
@@ -182,21 +179,10 @@ class FaultProxy:
                 self._send(link, link.upstream, link.held)
             link.held = None  # only now may the pump read more from this client
 
-    def clear(self) -> None:
-        """Remove every rule and byte budget (held data stays held until ``release``)."""
-        with self._lock:
-            self._rules = [r for r in self._rules if r.action == "hold"]
-            self._budget = None
-
     # Observation --------------------------------------------------------------------------
 
-    def watch(self, pattern: bytes) -> None:
-        """Count occurrences of ``pattern`` in client traffic (rules' patterns are counted anyway)."""
-        with self._lock:
-            self._counts.setdefault(pattern, 0)
-
     def seen(self, pattern: bytes) -> int:
-        """How many times the client has sent ``pattern``, forwarded or not."""
+        """How many times the client has sent a rule's ``pattern``, forwarded or not."""
         with self._lock:
             return self._counts.get(pattern, 0)
 
