@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from kvckpt.errors import (
+    CheckpointChangedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointTooLargeError,
@@ -57,6 +58,7 @@ _LAZY = {
 
 __all__ = [
     "Capabilities",
+    "CheckpointChangedError",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointNotFoundError",

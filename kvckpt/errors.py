@@ -69,3 +69,7 @@ class ReplicationError(KVCheckpointError):
 
 class UnsafeStoreConfigWarning(UserWarning):
     """The server's configuration can lose checkpoint data and the user opted in anyway."""
+
+
+class CheckpointChangedError(KVCheckpointError):
+    """The checkpoint was overwritten or deleted while it was being loaded; load it again."""

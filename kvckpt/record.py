@@ -65,7 +65,7 @@ def decode_record(data: bytes, key: str) -> dict[str, Any]:
     version = record.get("version")
     if version != VERSION:
         raise CorruptCheckpointError(
-            f"{key}: record version {version!r} is not supported by this kvckpt (reads version "
+            f"{key}: record version {version!r:.40} is not supported by this kvckpt (reads version "
             f"{VERSION}); upgrade kvckpt to load it",
             key=key,
         )

@@ -46,6 +46,9 @@ class KVStore(abc.ABC):
     - a missing key is a read *state* (None / a short read), never an exception;
     - ``put(..., create=True)`` is an atomic put-if-absent and reports whether it wrote;
     - ``swap`` atomically replaces a value and returns the previous one;
+    - ``put(..., create=True)`` and ``swap`` are commits: sent once, never re-sent by the backend;
+      when one raises StoreUnavailableError it has either taken effect or never will (the backend
+      fences it), so the caller reads the key to learn which;
     - ``delete_many`` is idempotent;
     - ``ttl`` is seconds (float) until expiry, None for no expiry;
     - stores connect lazily and pickle without their sockets.

@@ -39,7 +39,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _lookup(table: dict[str, Any], name: object, what: str) -> Any:
     if not isinstance(name, str) or name not in table:
-        raise ValueError(f"unknown {what} {name!r}")
+        raise ValueError(f"unknown {what} {name!r:.60}")
     return table[name]
 
 
@@ -94,7 +94,7 @@ def _decode_entry(entry: dict[str, Any]) -> TensorStorageMetadata | BytesStorage
     if entry["type"] == "bytes":
         return BytesStorageMetadata()
     if entry["type"] != "tensor":
-        raise ValueError(f"unknown entry type {entry['type']!r}")
+        raise ValueError(f"unknown entry type {entry['type']!r:.60}")
     props = TensorProperties(
         dtype=_lookup(DTYPES, entry["dtype"], "dtype"),
         layout=_lookup(_LAYOUTS, entry["layout"], "layout"),
@@ -108,7 +108,7 @@ def _decode_entry(entry: dict[str, Any]) -> TensorStorageMetadata | BytesStorage
 
 def _size(values: Any) -> torch.Size:
     if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
-        raise ValueError(f"bad size {values!r}")
+        raise ValueError(f"bad size {values!r:.60}")
     return torch.Size(values)
 
 
@@ -118,10 +118,7 @@ def _decode_item(row: list[Any]) -> tuple[MetadataIndex, StoredItem]:
         raise ValueError("bad item row")
     if dtype is not None:
         _lookup(DTYPES, dtype, "dtype")
-    stored = tuple(
-        StoredChunk(key=str(key), nbytes=int(size), sums=tuple(int(s) for s in sums))
-        for key, size, sums in chunks
-    )
+    stored = tuple(_decode_chunk(chunk) for chunk in chunks)
     if sum(c.nbytes for c in stored) != nbytes:
         raise ValueError(f"chunk sizes of {fqn!r} do not add up to {nbytes}")
     item = StoredItem(
@@ -132,6 +129,46 @@ def _decode_item(row: list[Any]) -> tuple[MetadataIndex, StoredItem]:
     )
     index = MetadataIndex(fqn, None if offset is None else _size(offset))
     return index, item
+
+
+def _decode_chunk(row: Any) -> StoredChunk:
+    key, size, sums = row
+    if not isinstance(key, str) or type(size) is not int or size < 0:
+        raise ValueError(f"bad chunk {row!r:.200}")
+    if not isinstance(sums, list) or not all(type(s) is int and 0 <= s < 2**64 for s in sums):
+        raise ValueError(f"bad checksums for chunk {key!r}")
+    return StoredChunk(key=key, nbytes=size, sums=tuple(sums))
+
+
+def _check_consistent(
+    state: dict[str, TensorStorageMetadata | BytesStorageMetadata], items: dict[MetadataIndex, StoredItem]
+) -> None:
+    """Every stored item agrees with its state_dict entry, so no read can run outside a tensor.
+
+    This also bounds what a load allocates by the caller's own tensors, whatever a record claims.
+    """
+    for index, item in items.items():
+        fqn, entry = index.fqn, state.get(index.fqn)
+        if entry is None:
+            raise ValueError(f"stored item {fqn!r} has no state_dict entry")
+        if isinstance(entry, BytesStorageMetadata):
+            if item.dtype is not None or item.shape is not None or index.offset is not None:
+                raise ValueError(f"{fqn!r} is a bytes entry but is stored as a tensor")
+            continue
+        if item.dtype is None or item.shape is None or index.offset is None:
+            raise ValueError(f"{fqn!r} is a tensor entry but is stored as bytes")
+        if DTYPES[item.dtype] != entry.properties.dtype:
+            raise ValueError(f"{fqn!r} is stored as {item.dtype}, its entry says {entry.properties.dtype}")
+        offset, size = tuple(index.offset), tuple(entry.size)
+        if not len(offset) == len(item.shape) == len(size) or any(
+            o + n > total for o, n, total in zip(offset, item.shape, size, strict=True)
+        ):
+            raise ValueError(f"{fqn!r}: stored box {item.shape} at {offset} lies outside size {size}")
+        numel = 1
+        for n in item.shape:
+            numel *= n
+        if numel * DTYPES[item.dtype].itemsize != item.nbytes:
+            raise ValueError(f"{fqn!r}: {item.nbytes} bytes stored for shape {item.shape} of {item.dtype}")
 
 
 def decode_metadata(body: dict[str, Any], key: str) -> Metadata:
@@ -148,10 +185,13 @@ def decode_metadata(body: dict[str, Any], key: str) -> Metadata:
                 modules=list(meta["modules"]),
             )
         )
+        state = {str(fqn): _decode_entry(entry) for fqn, entry in body["state_dict"]}
+        items = dict(_decode_item(row) for row in body["items"])
+        _check_consistent(state, items)
         return Metadata(
-            state_dict_metadata={str(fqn): _decode_entry(entry) for fqn, entry in body["state_dict"]},
+            state_dict_metadata=state,
             planner_data=body["planner_data"],
-            storage_data=dict(_decode_item(row) for row in body["items"]),
+            storage_data=items,
             storage_meta=storage_meta,
             version=body["dcp_version"],
         )

@@ -8,6 +8,7 @@ a scratch tensor and the box copied out of it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Callable
@@ -24,7 +25,12 @@ from kvckpt import layout, record
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
 from kvckpt.dcp.codec import DTYPES, decode_metadata
 from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, writable_byte_view
-from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, KVCheckpointError
+from kvckpt.errors import (
+    CheckpointChangedError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    KVCheckpointError,
+)
 from kvckpt.registry import owns
 from kvckpt.store import RangeRead
 from kvckpt.target import Resolver, Target
@@ -68,6 +74,7 @@ class KVStorageReader(StorageReader):
         self._target: Target | None = None
         self._records: dict[str, tuple[dict[str, Any], Metadata]] = {}
         self._body: dict[str, Any] = {}
+        self._record_key = ""
         self._items: dict[MetadataIndex, layout.StoredItem] = {}
         self.rank: int | None = None
         if checkpoint_id is not None:
@@ -111,6 +118,7 @@ class KVStorageReader(StorageReader):
             body = record.decode_record(raw, key)
             self._records[key] = (body, decode_metadata(body, key))
         self._body, metadata = self._records[key]
+        self._record_key = key
         return metadata
 
     def set_up_storage_reader(
@@ -123,9 +131,18 @@ class KVStorageReader(StorageReader):
         self._items = metadata.storage_data
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        """Tell the coordinator which generation this rank's record named."""
+        return dataclasses.replace(plan, storage_data=self._body.get("save_id"))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        """Every rank read the record on its own: an overwrite in between would mix generations."""
+        seen = {plan.storage_data for plan in plans}
+        if len(seen) > 1:
+            raise CheckpointChangedError(
+                f"{self.target.display} was overwritten while the ranks were reading it (they saw "
+                f"generations {sorted(map(str, seen))}); load it again",
+                checkpoint_id=self.target.display,
+            )
         return plans
 
     def storage_meta(self) -> StorageMeta | None:
@@ -134,10 +151,13 @@ class KVStorageReader(StorageReader):
     # Data -------------------------------------------------------------------------------------
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        self._load_objects([i for i in plan.items if i.type == LoadItemType.BYTE_IO], planner)
         group: list[_Read] = []
         finishers: list[Callable[[], None]] = []
         size = 0
         for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                continue
             reads, finish = self._plan_item(item, planner)
             group += reads
             finishers.append(finish)
@@ -163,11 +183,6 @@ class KVStorageReader(StorageReader):
     def _plan_item(self, item: ReadItem, planner: LoadPlanner) -> tuple[list[_Read], Callable[[], None]]:
         stored = self._stored(item)
         fqn = item.storage_index.fqn
-        if item.type == LoadItemType.BYTE_IO:
-            buffer = bytearray(stored.nbytes)
-            reads = self._span_reads(stored, 0, stored.nbytes, memoryview(buffer), fqn)
-            return reads, lambda: planner.load_bytes(item, io.BytesIO(buffer))
-
         if stored.dtype is None or stored.shape is None:
             raise CorruptCheckpointError(f"{self.target.display}: {fqn!r} is stored as bytes, not a tensor")
         dtype = DTYPES[stored.dtype]
@@ -176,6 +191,16 @@ class KVStorageReader(StorageReader):
         if tuple(target.shape) != lengths:
             raise KVCheckpointError(
                 f"{fqn!r}: the planner's target has shape {tuple(target.shape)} but {lengths} was asked for"
+            )
+        if any(
+            o < 0 or o + n > size
+            for o, n, size in zip(item.storage_offsets, lengths, stored.shape, strict=True)
+        ):
+            raise CorruptCheckpointError(
+                f"{self.target.display}: the record stores {fqn!r} with shape {stored.shape}, which "
+                f"does not hold the region at {tuple(item.storage_offsets)} of size {lengths}",
+                key=self._record_key,
+                fqn=fqn,
             )
         element = torch.empty((), dtype=dtype).element_size()
         span = contiguous_span(stored.shape, tuple(item.storage_offsets), lengths)
@@ -204,6 +229,27 @@ class KVStorageReader(StorageReader):
             planner.commit_tensor(item, target)
 
         return reads, finish_box
+
+    def _load_objects(self, items: list[ReadItem], planner: LoadPlanner) -> None:
+        """Non-tensor values, fetched whole: memory follows what is stored, not what the record claims."""
+        if not items:
+            return
+        store, namespace = self.target.store, self.target.namespace
+        wanted = [(item, self._stored(item)) for item in items]
+        keys = [layout.full_key(namespace, c.key) for _, stored in wanted for c in stored.chunks]
+        step = store.capabilities.max_batch_ops
+        values: list[bytes | None] = []
+        for start in range(0, len(keys), step):
+            values += store.get_many(keys[start : start + step])
+        found = iter(zip(keys, values, strict=True))
+        for item, stored in wanted:
+            parts = []
+            for chunk in stored.chunks:
+                key, value = next(found)
+                data = memoryview(value or b"")
+                self._check(key, item.storage_index.fqn, 0, data, len(data), chunk.nbytes, chunk.sums)
+                parts.append(data)
+            planner.load_bytes(item, io.BytesIO(b"".join(parts)))
 
     def _span_reads(
         self, stored: layout.StoredItem, start: int, stop: int, dest: memoryview, fqn: str
@@ -251,24 +297,55 @@ class KVStorageReader(StorageReader):
 
     def _fetch(self, reads: list[_Read]) -> None:
         counts = self.target.store.read_into_many([r.request for r in reads])
-        block = int(self._body.get("block_bytes") or DEFAULT_BLOCK_BYTES)
         for read, count in zip(reads, counts, strict=True):
-            key, wanted = read.request.key, read.request.into.nbytes
-            if count != wanted:
-                raise CorruptCheckpointError(
-                    f"{self.target.display}: chunk {key!r} of {read.fqn!r} is missing or truncated "
-                    f"(got {count} of {wanted} bytes at offset {read.request.offset})",
-                    key=key,
-                    fqn=read.fqn,
-                )
-            if read.sums is not None:
-                bad = first_bad_block(read.request.into, block, read.sums)
-                if bad is not None:
-                    raise CorruptCheckpointError(
-                        f"{self.target.display}: checksum mismatch in {read.fqn!r}, key {key!r} "
-                        f"(block {bad} from offset {read.request.offset}); the stored bytes are damaged",
-                        key=key,
-                        fqn=read.fqn,
-                    )
+            request = read.request
+            self._check(
+                request.key, read.fqn, request.offset, request.into, count, request.into.nbytes, read.sums
+            )
             if read.copy_to is not None and read.copy_from is not None:
-                read.copy_to[:] = read.request.into[read.copy_from]
+                read.copy_to[:] = request.into[read.copy_from]
+
+    def _check(
+        self,
+        key: str,
+        fqn: str,
+        offset: int,
+        data: memoryview,
+        count: int,
+        wanted: int,
+        sums: tuple[int, ...] | None,
+    ) -> None:
+        """``count`` bytes arrived from ``offset`` of ``key`` where ``wanted`` were due; verify them."""
+        if count != wanted:
+            self._raise_if_changed()
+            what = "is missing or truncated" if count < wanted else "is longer than the record says"
+            raise CorruptCheckpointError(
+                f"{self.target.display}: chunk {key!r} of {fqn!r} {what} "
+                f"(got {count} of {wanted} bytes at offset {offset})",
+                key=key,
+                fqn=fqn,
+            )
+        if self.verify and sums:
+            block = int(self._body.get("block_bytes") or DEFAULT_BLOCK_BYTES)
+            bad = first_bad_block(data, block, sums)
+            if bad is not None:
+                raise CorruptCheckpointError(
+                    f"{self.target.display}: checksum mismatch in {fqn!r}, key {key!r} "
+                    f"(block {bad} from offset {offset}); the stored bytes are damaged",
+                    key=key,
+                    fqn=fqn,
+                )
+
+    def _raise_if_changed(self) -> None:
+        """A chunk is missing: when the record has been replaced or deleted meanwhile, say that."""
+        try:
+            raw = self.target.store.get(self._record_key)
+            now = None if raw is None else record.decode_record(raw, self._record_key).get("save_id")
+        except KVCheckpointError:
+            return  # cannot tell: the missing chunk is reported as it is
+        if now != self._body.get("save_id"):
+            raise CheckpointChangedError(
+                f"{self.target.display} was {'deleted' if raw is None else 'overwritten'} while being "
+                "loaded, so the data this load started from is gone; nothing was mixed: load it again",
+                checkpoint_id=self.target.display,
+            )

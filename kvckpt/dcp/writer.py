@@ -25,7 +25,12 @@ from kvckpt import layout, record
 from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
 from kvckpt.dcp.codec import chunk_keys, dtype_name, encode_metadata
 from kvckpt.dcp.tensor_bytes import byte_view, host_contiguous
-from kvckpt.errors import CheckpointExistsError, CorruptCheckpointError, KVCheckpointError
+from kvckpt.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    KVCheckpointError,
+    StoreUnavailableError,
+)
 from kvckpt.registry import owns
 from kvckpt.store import Buffer, KVStore
 from kvckpt.target import Resolver, Target
@@ -244,27 +249,66 @@ class KVStorageWriter(StorageWriter):
             **encode_metadata(metadata, items),
         }
         data = record.encode_record(body)
+        hint = store.get(self.record_key) if self.overwrite else None  # to retire if a reply is lost
         if self._pending_ttl(store) is not None:
             self._settle_expiry(store, keys)
         if self.min_replicas:  # the data, and its settled expiry, must survive a failover first
             store.wait_for_replicas(self.min_replicas, self.replica_timeout)
-        self._commit(store, data, keys)
+        self._commit(store, data, keys, hint)
         if self.min_replicas:
             store.wait_for_replicas(self.min_replicas, self.replica_timeout)
 
-    def _commit(self, store: KVStore, data: bytes, keys: list[str]) -> None:
+    def _commit(self, store: KVStore, data: bytes, keys: list[str], hint: bytes | None) -> None:
         target = self.target
-        if self.overwrite:
-            previous = store.swap(self.record_key, data, ttl=self.ttl)
-            if previous is not None:
-                self._retire(store, previous, set(keys))
-        elif not store.put(self.record_key, data, create=True, ttl=self.ttl):
-            if store.get(self.record_key) != data:  # not our own commit answered twice by a retry
-                self._discard(store, keys)
-                raise CheckpointExistsError(
-                    f"{target.display}: another save committed first; this save's data was removed",
-                    checkpoint_id=target.display,
-                )
+        try:
+            if self.overwrite:
+                previous = store.swap(self.record_key, data, ttl=self.ttl)
+                written = True
+            else:
+                written, previous = store.put(self.record_key, data, create=True, ttl=self.ttl), None
+        except StoreUnavailableError as exc:
+            written, previous = self._learn_outcome(store, data, keys, exc), hint
+        except KVCheckpointError:  # the server refused the commit (e.g. out of memory)
+            self._discard(store, keys)
+            raise
+        if previous is not None and written:
+            self._retire(store, previous, set(keys))
+        # A client that re-sends on its own may report our own commit as "exists": compare.
+        if not written and store.get(self.record_key) != data:
+            self._discard(store, keys)
+            raise CheckpointExistsError(
+                f"{target.display}: another save committed first; this save's data was removed",
+                checkpoint_id=target.display,
+            )
+
+    def _learn_outcome(self, store: KVStore, data: bytes, keys: list[str], exc: KVCheckpointError) -> bool:
+        """The commit is sent once; when its reply is lost, read the record to learn what happened.
+
+        True when the record is this save's; False when another save's record is there. When the
+        commit did not land, this save's data is removed and the error raised; when the store
+        cannot even be read, the data is kept, as the commit may have landed.
+        """
+        display = self.target.display
+        try:
+            current = store.get(self.record_key)
+        except KVCheckpointError:
+            raise StoreUnavailableError(
+                f"{display}: the connection failed while committing and the store is still "
+                "unreachable, so whether this save committed is unknown; its data was kept. Load "
+                "the checkpoint once the store is back to find out, and save again if it is missing",
+                checkpoint_id=display,
+            ) from exc
+        if current == data:
+            log.warning("%s: the commit's reply was lost, but the record is this save's", display)
+            return True
+        if current is not None and not self.overwrite:
+            return False
+        self._discard(store, keys)
+        raise StoreUnavailableError(
+            f"{display}: the connection failed while committing; the commit did not take effect, "
+            "nothing was committed and this save's data was removed; save again",
+            checkpoint_id=display,
+        ) from exc
 
     def _pending_ttl(self, store: KVStore) -> float | None:
         return self.pending_ttl if store.capabilities.cheap_expiry else None
@@ -276,10 +320,14 @@ class KVStorageWriter(StorageWriter):
         """Make pending data permanent (or give it the user's ttl); every key must still exist."""
         step = store.capabilities.max_batch_ops
         missing: list[str] = []
-        for start in range(0, len(keys), step):
-            part = keys[start : start + step]
-            present = store.expire_many(part, self._data_ttl())
-            missing += [key for key, ok in zip(part, present, strict=True) if not ok]
+        try:
+            for start in range(0, len(keys), step):
+                part = keys[start : start + step]
+                present = store.expire_many(part, self._data_ttl())
+                missing += [key for key, ok in zip(part, present, strict=True) if not ok]
+        except KVCheckpointError:  # keys already made permanent must not outlive the failed save
+            self._discard(store, keys)
+            raise
         if missing:
             self._discard(store, keys)
             raise CorruptCheckpointError(

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -54,6 +55,7 @@ ACL_RULES = (
     "+get", "+set", "+getrange", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping", "+wait",
     "+config|get",
 )  # fmt: skip
+_CLIENT_LOCK = threading.Lock()
 
 
 def glob_escape(text: str) -> str:
@@ -146,6 +148,19 @@ def eviction_problem(where: str, settings: dict[str, str]) -> str | None:
     )
 
 
+def _px(ms: int | None) -> list[Any]:
+    return [] if ms is None else ["PX", ms]
+
+
+def _connection_id(conn: Any) -> int | None:
+    """The server's id for this connection, to fence it later; None where CLIENT is not allowed."""
+    try:
+        conn.send_command("CLIENT", "ID")
+        return int(conn.read_response())
+    except rex.ResponseError:
+        return None
+
+
 class RedisStore(KVStore):
     """KVStore over one Redis server (or a client the caller passes in)."""
 
@@ -181,17 +196,20 @@ class RedisStore(KVStore):
         timeout: float = 30.0,
         connect_timeout: float = 3.0,
         retries: int = 2,
+        backoff: float = 0.05,
+        backoff_cap: float = 1.0,
         password: str | None = None,
         **client_kwargs: Any,
     ) -> RedisStore:
-        """``timeout`` bounds each reply; ``retries`` re-sends idempotent commands on a dropped link."""
+        """``timeout`` bounds each reply; ``retries`` re-sends idempotent commands on a dropped link,
+        waiting ``backoff`` seconds, doubling up to ``backoff_cap``. Commits are never re-sent."""
         kwargs: dict[str, Any] = {
             "db": url.db,
             "username": url.username,
             "password": password or url.password or os.environ.get(PASSWORD_ENV) or None,
             "socket_timeout": timeout,
             "socket_connect_timeout": connect_timeout,
-            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+            "retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff), retries),
             "health_check_interval": 0,
         }
         if url.scheme == "redis+unix":
@@ -209,7 +227,11 @@ class RedisStore(KVStore):
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = redis.Redis(**self._client_kwargs)
+            # I/O threads race here; a second client would be garbage-collected, and its __del__
+            # would close the pool under the thread still using it.
+            with _CLIENT_LOCK:
+                if self._client is None:
+                    self._client = redis.Redis(**self._client_kwargs)
         return self._client
 
     def close(self) -> None:
@@ -299,13 +321,45 @@ class RedisStore(KVStore):
     def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
         px = _ms(ttl) if ttl is not None else None
         with self._errors("writing"):
-            return bool(self.client.set(key, as_bytes_view(value), nx=create, px=px))
+            if create:  # a commit: sent once, see _once
+                return bool(self._once("SET", key, as_bytes_view(value), "NX", *_px(px)))
+            return bool(self.client.set(key, as_bytes_view(value), px=px))
 
     def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
         px = _ms(ttl) if ttl is not None else None
         with self._errors("writing"):
-            previous: bytes | None = self.client.set(key, as_bytes_view(value), get=True, px=px)
+            previous: bytes | None = self._once("SET", key, as_bytes_view(value), "GET", *_px(px), get=True)
             return previous
+
+    def _once(self, *args: Any, **options: Any) -> Any:
+        """Send a commit exactly once, bypassing the client's retry, and fence it if the reply is lost.
+
+        redis-py re-sends any command whose reply was lost, which is unsafe for a conditional commit
+        (a re-sent swap can reinstate a record whose data another writer already retired). After a
+        lost reply the connection is killed server-side (CLIENT KILL ID), so the commit either has
+        run or never will, and the caller learns which by reading the record (docs/reliability.md).
+        """
+        client = self.client
+        pool = getattr(client, "connection_pool", None)
+        if pool is None:  # not a redis.Redis: its own retry policy applies
+            return client.execute_command(*args, **options)
+        conn = pool.get_connection()
+        try:
+            conn_id = _connection_id(conn)  # a failure here is before anything was sent
+            try:
+                conn.send_command(*args)
+                return client.parse_response(conn, args[0], **options)
+            except (rex.ConnectionError, rex.TimeoutError):
+                conn.disconnect()
+                if conn_id is not None:
+                    with contextlib.suppress(rex.RedisError):
+                        client.execute_command("CLIENT", "KILL", "ID", conn_id)
+                raise
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
         if not keys:

@@ -1,0 +1,109 @@
+"""A backend behind a FaultProxy, for the fault and race suites.
+
+Each backend says how to address it through the proxy and directly, and which client bytes mark
+each protocol step (the commit, a data write, a data read). A new backend (etcd, Redis Cluster)
+joins every scenario by adding a parameter to ``faulty`` and a ``Faulty`` built for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from kvckpt import layout
+from kvckpt.testing.proxy import FaultProxy, resp_prefix
+from kvckpt.testing.servers import RedisServer
+from tests.helpers import bits_equal, random_tensor
+
+#: Store options that make a dead link fail in about a second instead of the 30 s default.
+QUICK = {"timeout": 1.0, "connect_timeout": 1.0, "retries": 2, "backoff": 0.01, "backoff_cap": 0.1}
+
+
+@dataclass
+class Faulty:
+    name: str
+    proxy: FaultProxy
+    via_proxy: Callable[[str], str]
+    direct: Callable[[str], str]
+    raw: Any  # a redis-py-style client on the server itself, for inspection and tampering
+    commit: Callable[[str], bytes]  # client bytes that start the commit of a namespace
+    data_write: Callable[[str], bytes]  # client bytes in every data write of a namespace
+    data_read: bytes  # client bytes that start a ranged data read
+    options: dict[str, Any] = field(default_factory=lambda: dict(QUICK))
+
+    def keys(self, namespace: str) -> set[str]:
+        return {k.decode() for k in self.raw.scan_iter(match=f"{namespace}/*")}
+
+    def record(self, namespace: str) -> bytes | None:
+        value: bytes | None = self.raw.get(layout.record_key(namespace))
+        return value
+
+    def ttl_ms(self, key: str) -> int:
+        return int(self.raw.pttl(key))
+
+
+def redis_faulty(server: RedisServer, proxy: FaultProxy) -> Faulty:
+    import redis
+
+    return Faulty(
+        name="redis",
+        proxy=proxy,
+        via_proxy=lambda ns: f"redis://127.0.0.1:{proxy.port}/0/{ns}",
+        direct=server.url,
+        raw=redis.Redis(port=server.port),
+        commit=lambda ns: resp_prefix("SET", layout.record_key(ns)),
+        data_write=lambda ns: f"{ns}/g".encode(),
+        data_read=resp_prefix("GETRANGE"),
+    )
+
+
+@pytest.fixture(params=["redis"])
+def faulty(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Faulty]:
+    with FaultProxy(redis_server.port) as proxy:
+        backend = redis_faulty(redis_server, proxy)
+        yield backend
+        backend.raw.close()
+
+
+def state(generation: int, tensors: int = 4) -> dict[str, Any]:
+    """~1 MiB per tensor, every tensor tagged with its generation so a mix is visible."""
+    out: dict[str, Any] = {
+        f"layer{i}.w": random_tensor((256, 1024), torch.float32, seed=100 * generation + i)
+        for i in range(tensors)
+    }
+    out["gen"] = torch.full((16,), generation, dtype=torch.int64)
+    out["step"] = generation
+    return out
+
+
+def blank(tensors: int = 4) -> dict[str, Any]:
+    out: dict[str, Any] = {f"layer{i}.w": torch.zeros(256, 1024) for i in range(tensors)}
+    out["gen"] = torch.zeros(16, dtype=torch.int64)
+    out["step"] = -1
+    return out
+
+
+def same(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
+    """Bit-exact equality of two flat state dicts."""
+    if set(expected) != set(actual):
+        return False
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            if not bits_equal(value, actual[key]):
+                return False
+        elif value != actual[key]:
+            return False
+    return True
+
+
+def generation_of(loaded: dict[str, Any], tensors: int = 4) -> int:
+    """The one generation every value of a loaded state came from; AssertionError on a mix."""
+    gens = {int(v) for v in loaded["gen"]} | {loaded["step"]}
+    assert len(gens) == 1, f"a mix of generations: {gens}"
+    (gen,) = gens
+    assert same(state(gen, tensors), loaded), f"generation {gen} loaded with foreign tensor data"
+    return gen

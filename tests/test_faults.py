@@ -1,0 +1,320 @@
+"""Network faults, restarts and a full server, against real servers (docs/reliability.md).
+
+A failed save raises a kvckpt error, never becomes visible and never damages the checkpoint already
+committed under its id; a failed load raises within the configured timeout instead of returning;
+idempotent reads and data writes are retried within bounds; the commit is sent exactly once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch.distributed.checkpoint as dcp
+
+import kvckpt
+from kvckpt import layout
+from kvckpt.dcp.api import unwrapped_errors
+from kvckpt.testing.proxy import FaultProxy, resp_prefix
+from kvckpt.testing.servers import REDIS_CHECKPOINT_SETTINGS, RedisServer
+from tests.faulty import QUICK, Faulty, blank, faulty, same, state
+
+__all__ = ["faulty"]  # the fixture, imported for pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+PENDING = 900.0  # pending_ttl of the saves under test, seconds
+CHUNK = 256 << 10
+
+CUTS: dict[str, Callable[[Faulty, str, bool], None]] = {
+    # 1.5 MB into ~4 MB of tensor data: some chunks landed, the rest never will
+    "during-data": lambda f, ns, down: f.proxy.cut_after_bytes(1_500_000, refuse_after=down),
+    "before-commit": lambda f, ns, down: f.proxy.cut_on(f.commit(ns), refuse_after=down),
+    "during-commit": lambda f, ns, down: f.proxy.cut_on(f.commit(ns), refuse_after=down, partial=True),
+}
+
+
+def save(faulty: Faulty, namespace: str, generation: int, **options: Any) -> None:
+    store_options = {**faulty.options, **options.pop("store_options", {})}
+    kvckpt.save(
+        state(generation),
+        faulty.via_proxy(namespace),
+        chunk_bytes=CHUNK,
+        batch_bytes=4 * CHUNK,
+        pending_ttl=PENDING,
+        store_options=store_options,
+        **options,
+    )
+
+
+def load_direct(faulty: Faulty, namespace: str) -> dict[str, Any]:
+    loaded = blank()
+    kvckpt.load(loaded, faulty.direct(namespace))
+    return loaded
+
+
+def generations(faulty: Faulty, namespace: str) -> set[str]:
+    return {k.split("/")[-4] for k in faulty.keys(namespace) if not k.endswith(layout.RECORD_NAME)}
+
+
+# Saves ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("point", list(CUTS))
+def test_save_cut_with_store_down_keeps_previous(faulty: Faulty, namespace: str, point: str) -> None:
+    kvckpt.save(state(1), faulty.direct(namespace))
+    record, keys = faulty.record(namespace), faulty.keys(namespace)
+    CUTS[point](faulty, namespace, True)
+    with pytest.raises(kvckpt.StoreUnavailableError) as info:
+        save(faulty, namespace, 2, overwrite=True)
+    assert faulty.proxy.fired == 1
+    faulty.proxy.accept()  # the server is back
+    assert faulty.record(namespace) == record
+    assert same(state(1), load_direct(faulty, namespace))
+    left = faulty.keys(namespace) - keys
+    assert left, "the cut was meant to land after some data"
+    if point == "during-data":  # nothing made permanent: it all expires on its own
+        assert all(0 < faulty.ttl_ms(k) <= PENDING * 1000 for k in left)
+    else:  # the commit's fate could not be read back: its data is kept, and the error says so
+        assert "unknown" in str(info.value)
+        assert all(faulty.ttl_ms(k) == -1 for k in left)
+
+
+@pytest.mark.parametrize("point", ["before-commit", "during-commit"])
+def test_commit_cut_with_store_back_removes_data(faulty: Faulty, namespace: str, point: str) -> None:
+    kvckpt.save(state(1), faulty.direct(namespace))
+    record, keys = faulty.record(namespace), faulty.keys(namespace)
+    CUTS[point](faulty, namespace, False)
+    with pytest.raises(kvckpt.StoreUnavailableError, match="did not take effect"):
+        save(faulty, namespace, 2, overwrite=True)
+    assert faulty.proxy.fired == 1
+    assert faulty.proxy.seen(faulty.commit(namespace)) == 1  # not re-sent
+    assert faulty.record(namespace) == record
+    assert faulty.keys(namespace) == keys
+    assert same(state(1), load_direct(faulty, namespace))
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["create", "overwrite"])
+def test_lost_commit_reply_is_read_back_not_resent(faulty: Faulty, namespace: str, overwrite: bool) -> None:
+    """The server ran the commit but its reply never arrived: the save succeeds, sent once."""
+    if overwrite:
+        kvckpt.save(state(1), faulty.direct(namespace))
+    faulty.proxy.drop_reply_on(faulty.commit(namespace))
+    save(faulty, namespace, 2, overwrite=overwrite)
+    assert faulty.proxy.fired == 1
+    assert faulty.proxy.seen(faulty.commit(namespace)) == 1
+    assert same(state(2), load_direct(faulty, namespace))
+    assert len(generations(faulty, namespace)) == 1  # the replaced generation was still retired
+
+
+def test_commit_held_past_timeout_can_never_land_late(faulty: Faulty, namespace: str) -> None:
+    """The commit sits in the network past the timeout; the writer fences it before giving up."""
+    kvckpt.save(state(1), faulty.direct(namespace))
+    record, keys = faulty.record(namespace), faulty.keys(namespace)
+    faulty.proxy.hold_on(faulty.commit(namespace), times=1)
+    with pytest.raises(kvckpt.StoreUnavailableError, match="did not take effect"):
+        save(faulty, namespace, 2, overwrite=True)
+    faulty.proxy.release()  # the held commit finally reaches the server...
+    faulty.proxy.wait_for(lambda: faulty.proxy.held() == 0, what="release")
+    time.sleep(0.3)
+    assert faulty.record(namespace) == record  # ...on a connection the server already closed
+    assert faulty.keys(namespace) == keys
+    assert same(state(1), load_direct(faulty, namespace))
+
+
+def test_transient_cut_during_data_is_retried(faulty: Faulty, namespace: str) -> None:
+    faulty.proxy.cut_after_bytes(1_500_000)
+    save(faulty, namespace, 2)
+    assert faulty.proxy.fired == 1
+    assert same(state(2), load_direct(faulty, namespace))
+
+
+def test_without_retries_a_transient_cut_fails_and_cleans_up(faulty: Faulty, namespace: str) -> None:
+    faulty.proxy.cut_after_bytes(1_500_000)
+    with pytest.raises(kvckpt.StoreUnavailableError):
+        save(faulty, namespace, 2, store_options={"retries": 0})
+    assert faulty.proxy.fired == 1
+    assert faulty.record(namespace) is None
+    assert faulty.keys(namespace) == set()  # the store answered again: the failed rank removed its data
+
+
+@pytest.mark.parametrize("retries", [0, 3])
+def test_retries_are_bounded_and_configurable(faulty: Faulty, namespace: str, retries: int) -> None:
+    store = kvckpt.open_store(faulty.via_proxy(namespace), **{**QUICK, "retries": retries})
+    try:
+        assert store.get(f"{namespace}/k") is None
+        faulty.proxy.refuse()
+        faulty.proxy.cut()
+        before = faulty.proxy.accepted
+        with pytest.raises(kvckpt.StoreUnavailableError, match="cannot reach"):
+            store.get(f"{namespace}/k")
+        assert faulty.proxy.accepted - before == retries + 1
+    finally:
+        store.close()
+
+
+def test_backoff_is_configurable(faulty: Faulty, namespace: str) -> None:
+    """Two retries with a fixed 0.3 s backoff wait at least 0.6 s (a lower bound: noise only adds)."""
+    options = {**QUICK, "retries": 2, "backoff": 0.3, "backoff_cap": 0.3}
+    store = kvckpt.open_store(faulty.via_proxy(namespace), **options)
+    faulty.proxy.refuse()
+    started = time.monotonic()
+    with pytest.raises(kvckpt.StoreUnavailableError):
+        store.get(f"{namespace}/k")
+    assert time.monotonic() - started >= 0.6
+    store.close()
+
+
+# Loads ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("down", [True, False], ids=["store-down", "blip"])
+def test_cut_during_load(faulty: Faulty, namespace: str, down: bool) -> None:
+    kvckpt.save(state(1), faulty.direct(namespace), chunk_bytes=CHUNK)
+    faulty.proxy.cut_on(faulty.data_read, refuse_after=down)
+    loaded = blank()
+    if down:
+        with pytest.raises(kvckpt.StoreUnavailableError):
+            kvckpt.load(loaded, faulty.via_proxy(namespace), store_options=faulty.options)
+    else:  # an idempotent read: retried on a new connection
+        kvckpt.load(loaded, faulty.via_proxy(namespace), store_options=faulty.options)
+        assert same(state(1), loaded)
+    assert faulty.proxy.fired == 1
+
+
+@pytest.mark.parametrize("where", ["data-reads", "whole-server"])
+def test_stalled_load_fails_within_the_timeout(faulty: Faulty, namespace: str, where: str) -> None:
+    kvckpt.save(state(1), faulty.direct(namespace), chunk_bytes=CHUNK)
+    if where == "data-reads":
+        faulty.proxy.hold_on(faulty.data_read)  # the record arrives; every data read hangs
+    else:
+        faulty.proxy.stall()  # nothing moves at all, connections stay open
+    options = {**faulty.options, "timeout": 1.0, "retries": 1}
+    started = time.monotonic()
+    with pytest.raises(kvckpt.StoreUnavailableError, match="TimeoutError"):
+        kvckpt.load(blank(), faulty.via_proxy(namespace), store_options=options)
+    elapsed = time.monotonic() - started
+    if where == "data-reads":
+        assert faulty.proxy.seen(faulty.data_read) >= 2  # the read was retried once, then given up
+    # (retries + 1) attempts of timeout each; the 30 s default timeout would blow far past this
+    assert elapsed < 15, elapsed
+
+
+# Server restart and memory --------------------------------------------------------------------
+
+
+def test_restart_between_save_and_load_is_not_found(namespace: str) -> None:
+    with RedisServer() as server:
+        url = server.url(namespace)
+        kvckpt.save(state(1), url)
+        reader = kvckpt.KVStorageReader(url)
+        assert reader.target.store.get(layout.record_key(namespace)) is not None  # a pooled connection
+        server.stop()
+        server.start()  # same port, no persistence
+        with pytest.raises(kvckpt.CheckpointNotFoundError):
+            kvckpt.load(blank(), url)
+        with pytest.raises(kvckpt.CheckpointNotFoundError):  # the stale connection reconnects
+            reader.read_metadata()
+
+
+def test_restart_mid_load_is_reported_as_changed(namespace: str) -> None:
+    with RedisServer() as server:
+        url = server.url(namespace)
+        kvckpt.save(state(1), url)
+        reader = kvckpt.KVStorageReader(url)
+        reader.read_metadata()  # the record is read...
+        server.stop()
+        server.start()  # ...then the server comes back empty
+        with pytest.raises(kvckpt.CheckpointChangedError, match="deleted"), unwrapped_errors():
+            dcp.load(blank(), storage_reader=reader, planner=kvckpt.SafeLoadPlanner())
+
+
+def test_out_of_memory_mid_save(namespace: str) -> None:
+    settings = {**REDIS_CHECKPOINT_SETTINGS, "maxmemory": "12mb"}
+    with RedisServer(settings=settings) as server:
+        import redis
+
+        raw = redis.Redis(port=server.port)
+        url = server.url(namespace)
+        kvckpt.save(state(1, tensors=1), url)
+        record, keys = raw.get(layout.record_key(namespace)), set(raw.scan_iter())
+        with pytest.raises(kvckpt.StoreFullError, match="out of memory"):
+            kvckpt.save(state(2, tensors=16), url, overwrite=True, chunk_bytes=CHUNK)
+        assert raw.get(layout.record_key(namespace)) == record
+        assert set(raw.scan_iter()) == keys  # the partial data was removed
+        loaded = blank(tensors=1)
+        kvckpt.load(loaded, url)
+        assert same(state(1, tensors=1), loaded)
+        kvckpt.save(state(3, tensors=1), url, overwrite=True)  # the memory is usable again
+        raw.close()
+
+
+# A writer killed mid-save ---------------------------------------------------------------------
+
+
+def _save_in_child(url: str) -> None:
+    kvckpt.save(state(2), url, chunk_bytes=CHUNK, batch_bytes=CHUNK, pending_ttl=PENDING)
+
+
+@pytest.mark.slow
+def test_killed_writer_leaves_only_expiring_data(faulty: Faulty, namespace: str) -> None:
+    faulty.proxy.hold_on(faulty.data_write(namespace), times=1)  # one batch hangs; others land
+    child = multiprocessing.get_context("spawn").Process(
+        target=_save_in_child, args=(faulty.via_proxy(namespace),)
+    )
+    child.start()
+    try:
+        faulty.proxy.wait_for(lambda: faulty.proxy.held() == 1, what="a held data write")
+        faulty.proxy.wait_for(lambda: len(faulty.keys(namespace)) >= 2, what="some data written")
+    finally:
+        child.kill()
+        child.join(30)
+    assert faulty.record(namespace) is None
+    left = faulty.keys(namespace)
+    assert left and all(0 < faulty.ttl_ms(k) <= PENDING * 1000 for k in left)
+
+
+def test_proxy_is_loopback_only() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        FaultProxy(6379, upstream_host="10.0.0.1")
+
+
+# Credentials on failure paths -----------------------------------------------------------------
+
+SECRET = "pw-Fault-7Q-never-shown"
+
+
+def test_password_absent_from_failure_errors_and_logs(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Errors and log lines written while things go wrong carry no password either."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with RedisServer(extra_args=["--requirepass", SECRET]) as server, FaultProxy(server.port) as proxy:
+        url = f"redis://default:{SECRET}@127.0.0.1:{proxy.port}/0/{namespace}"
+        seen: list[BaseException] = []
+        kvckpt.save(state(1), url)
+        for fault in ("data", "commit"):
+            if fault == "data":
+                proxy.cut_after_bytes(1_500_000, refuse_after=True)
+            else:
+                proxy.cut_on(resp_prefix("SET", layout.record_key(namespace)), refuse_after=True)
+            with pytest.raises(kvckpt.StoreUnavailableError) as info:
+                kvckpt.save(state(2), url, overwrite=True, chunk_bytes=CHUNK, store_options=QUICK)
+            seen.append(info.value)
+            proxy.accept()
+        proxy.hold_on(resp_prefix("GETRANGE"))
+        with pytest.raises(kvckpt.StoreUnavailableError) as info:
+            kvckpt.load(blank(), url, store_options={**QUICK, "retries": 0})
+        seen.append(info.value)
+        proxy.release()
+    texts = [caplog.text]
+    for error in seen:
+        while error is not None:  # the whole chain, redis-py's own errors included
+            texts += [str(error), repr(error), repr(vars(error))]
+            error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    assert len(texts) > 6 and not any(SECRET in text for text in texts)
