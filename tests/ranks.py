@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ def _entry(rank: int, scenario: Callable[..., None], world_size: int, args: tupl
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
     try:
         scenario(rank, world_size, *args)
+        gc.collect()  # free FSDP2/DTensor cycles holding gloo work before the group goes (see examples/)
         dist.barrier()
     finally:
         dist.destroy_process_group()
