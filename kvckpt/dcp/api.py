@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -19,7 +20,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
-from kvckpt.errors import KVCheckpointError
+from kvckpt.errors import CheckpointNotFoundError, KVCheckpointError
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -70,13 +71,24 @@ def save(
     client: Any = None,
     planner: SavePlanner | None = None,
     process_group: Any = None,
+    no_dist: bool = False,
+    use_collectives: bool = True,
     **writer_options: Any,
 ) -> Metadata:
-    """``dcp.save`` into kvckpt; works with or without an initialised process group."""
+    """``dcp.save`` into kvckpt; works with or without an initialised process group.
+
+    ``no_dist`` saves this process's state alone; ``use_collectives=False`` gives every rank its own
+    record (``NAMESPACE/__R.metadata``), as DCP defines both.
+    """
     writer = KVStorageWriter(checkpoint_id, client=client, **writer_options)
     with unwrapped_errors():
         metadata: Metadata = dcp_save(
-            state_dict, storage_writer=writer, planner=planner, process_group=process_group
+            state_dict,
+            storage_writer=writer,
+            planner=planner,
+            process_group=process_group,
+            no_dist=no_dist,
+            use_collectives=use_collectives,
         )
     return metadata
 
@@ -89,15 +101,31 @@ def load(
     allow_pickle: bool = False,
     planner: LoadPlanner | None = None,
     process_group: Any = None,
+    no_dist: bool = False,
     **reader_options: Any,
 ) -> None:
-    """``dcp.load`` from kvckpt in place; non-tensor values load with weights_only unless allowed."""
+    """``dcp.load`` from kvckpt in place; non-tensor values load with weights_only unless allowed.
+
+    Like DCP, it falls back to this rank's own record when the checkpoint has no global one.
+    """
     reader = KVStorageReader(checkpoint_id, client=client, **reader_options)
     with unwrapped_errors():
-        reader.read_metadata()  # a missing checkpoint is CheckpointNotFoundError, not DCP's AssertionError
+        _check_committed(reader, 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group))
         dcp_load(
             state_dict,
             storage_reader=reader,
             planner=planner or SafeLoadPlanner(allow_pickle=allow_pickle),
             process_group=process_group,
+            no_dist=no_dist,
         )
+
+
+def _check_committed(reader: KVStorageReader, rank: int) -> None:
+    """A missing checkpoint is CheckpointNotFoundError here, not DCP's AssertionError later."""
+    try:
+        reader.read_metadata()
+    except CheckpointNotFoundError as missing:
+        try:
+            reader.read_metadata(rank=rank)
+        except CheckpointNotFoundError:
+            raise missing from None

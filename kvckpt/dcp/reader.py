@@ -2,8 +2,9 @@
 
 A ReadItem asks for a box of one stored tensor. When that box is one contiguous byte run (e.g. a dim-0
 slice) only those bytes are fetched, widened to checksum-block boundaries, straight into the target
-tensor's memory when it is a CPU tensor of the same dtype; otherwise the stored item is fetched into
-a scratch tensor and the box copied out of it.
+tensor's memory when it is a CPU tensor of the same dtype; otherwise the whole rows (dim-0 slices)
+holding the box are fetched into a scratch tensor and the box copied out of it. Ranges of one key that
+overlap or touch are fetched once (kvckpt.coalesce).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from torch.futures import Future
 
 from kvckpt import layout, record
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
+from kvckpt.coalesce import read_coalesced
 from kvckpt.dcp.codec import DTYPES, decode_metadata
-from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, writable_byte_view
+from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, row_slab, writable_byte_view
 from kvckpt.errors import (
     CheckpointChangedError,
     CheckpointNotFoundError,
@@ -131,18 +133,26 @@ class KVStorageReader(StorageReader):
         self._items = metadata.storage_data
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        """Tell the coordinator which generation this rank's record named."""
-        return dataclasses.replace(plan, storage_data=self._body.get("save_id"))
+        """Tell the coordinator which record this rank read, and which generation it named."""
+        return dataclasses.replace(plan, storage_data=(self._record_key, self._body.get("save_id")))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        """Every rank read the record on its own: an overwrite in between would mix generations."""
-        seen = {plan.storage_data for plan in plans}
-        if len(seen) > 1:
-            raise CheckpointChangedError(
-                f"{self.target.display} was overwritten while the ranks were reading it (they saw "
-                f"generations {sorted(map(str, seen))}); load it again",
-                checkpoint_id=self.target.display,
-            )
+        """Every rank read its record on its own: an overwrite in between would mix generations.
+
+        Ranks that read one record must agree on its generation; rank-local records
+        (use_collectives=False) are separate records and may differ.
+        """
+        generations: dict[str, set[str]] = {}
+        for plan in plans:
+            key, save_id = plan.storage_data
+            generations.setdefault(key, set()).add(str(save_id))
+        for seen in generations.values():
+            if len(seen) > 1:
+                raise CheckpointChangedError(
+                    f"{self.target.display} was overwritten while the ranks were reading it (they saw "
+                    f"generations {sorted(seen)}); load it again",
+                    checkpoint_id=self.target.display,
+                )
         return plans
 
     def storage_meta(self) -> StorageMeta | None:
@@ -218,13 +228,14 @@ class KVStorageReader(StorageReader):
 
             return reads, finish_span
 
-        whole = torch.empty(stored.shape, dtype=dtype)
-        reads = self._span_reads(stored, 0, stored.nbytes, byte_view(whole), fqn)
+        start, stop = row_slab(stored.shape, tuple(item.storage_offsets), lengths)
+        rows = torch.empty((lengths[0], *stored.shape[1:]), dtype=dtype)
+        reads = self._span_reads(stored, start * element, stop * element, byte_view(rows), fqn)
 
         def finish_box() -> None:
-            box = whole
-            for dim, (offset, length) in enumerate(zip(item.storage_offsets, lengths, strict=True)):
-                box = box.narrow(dim, offset, length)
+            box = rows
+            for dim in range(1, len(lengths)):
+                box = box.narrow(dim, item.storage_offsets[dim], lengths[dim])
             target.copy_(box)
             planner.commit_tensor(item, target)
 
@@ -281,6 +292,7 @@ class KVStorageReader(StorageReader):
 
     def _run(self, reads: list[_Read], finishers: list[Callable[[], None]]) -> None:
         ops = self.target.store.capabilities.max_batch_ops
+        reads.sort(key=lambda read: (read.request.key, read.request.offset))  # overlaps share a batch
         with Transfer(self.io_threads) as transfer:
             batch: list[_Read] = []
             size = 0
@@ -296,7 +308,7 @@ class KVStorageReader(StorageReader):
             finish()
 
     def _fetch(self, reads: list[_Read]) -> None:
-        counts = self.target.store.read_into_many([r.request for r in reads])
+        counts = read_coalesced(self.target.store, [r.request for r in reads])
         for read, count in zip(reads, counts, strict=True):
             request = read.request
             self._check(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvckpt.errors import KVCheckpointError
@@ -17,8 +19,8 @@ def host_contiguous(tensor: torch.Tensor) -> torch.Tensor:
         )
     if tensor.device.type == "meta":
         raise KVCheckpointError("cannot save a tensor on the meta device: it has no data")
-    if tensor.device.type != "cpu":
-        tensor = tensor.to("cpu")
+    if tensor.device.type != "cpu":  # gather strided views on the device, then one copy to host
+        tensor = tensor.contiguous().to("cpu")
     if tensor.is_conj():
         tensor = tensor.resolve_conj()
     if tensor.is_neg():
@@ -66,3 +68,9 @@ def contiguous_span(
     for n in lengths:
         count *= n
     return (start, start + count)
+
+
+def row_slab(shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, int]:
+    """Element range [start, stop) of the whole dim-0 slices holding the region: always one run."""
+    row = math.prod(shape[1:])
+    return offsets[0] * row, (offsets[0] + lengths[0]) * row

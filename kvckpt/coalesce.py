@@ -1,0 +1,65 @@
+"""Range reads of one key that overlap or touch are fetched as one request.
+
+A resharding reader widens each range to whole checksum blocks, so two ranges of one chunk often
+share a block; a backend without native byte ranges would even fetch the whole value once per range.
+Merging such requests costs one copy of the merged bytes into the callers' buffers, so ranges that
+stand alone keep reading straight into their own buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvckpt.store import KVStore, RangeRead
+
+
+@dataclass
+class _Span:
+    key: str
+    start: int
+    stop: int
+    members: list[int] = field(default_factory=list)
+
+
+def merge_spans(reads: Sequence[RangeRead], *, touching_only: bool) -> list[_Span]:
+    """Group reads per key; with ``touching_only`` a gap between two ranges keeps them apart."""
+    spans: list[_Span] = []
+    order = sorted(range(len(reads)), key=lambda i: (reads[i].key, reads[i].offset))
+    for i in order:
+        read = reads[i]
+        stop = read.offset + read.into.nbytes
+        last = spans[-1] if spans else None
+        if last is not None and last.key == read.key and (not touching_only or read.offset <= last.stop):
+            last.stop = max(last.stop, stop)
+            last.members.append(i)
+        else:
+            spans.append(_Span(read.key, read.offset, stop, [i]))
+    return spans
+
+
+def _bytes(view: memoryview) -> memoryview:
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def read_coalesced(store: KVStore, reads: Sequence[RangeRead]) -> list[int]:
+    """``store.read_into_many(reads)`` with merged requests; the same per-read byte counts."""
+    spans = merge_spans(reads, touching_only=store.capabilities.native_ranges)
+    requests = [
+        reads[span.members[0]]
+        if len(span.members) == 1
+        else RangeRead(span.key, span.start, memoryview(bytearray(span.stop - span.start)))
+        for span in spans
+    ]
+    copied = [0] * len(reads)
+    for span, request, count in zip(spans, requests, store.read_into_many(requests), strict=True):
+        if len(span.members) == 1:
+            copied[span.members[0]] = count
+            continue
+        for i in span.members:
+            into = _bytes(reads[i].into)
+            lo = reads[i].offset - span.start
+            n = max(0, min(count - lo, into.nbytes))
+            into[:n] = request.into[lo : lo + n]
+            copied[i] = n
+    return copied
