@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import redis
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
@@ -17,7 +16,8 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 
 import kvckpt
 from kvckpt import layout, record
-from kvckpt.testing.servers import RedisServer
+from kvckpt.registry import open_store
+from kvckpt.testing.servers import EtcdServer, RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
 
@@ -76,24 +76,23 @@ def assert_loaded(state: dict[str, Any], mesh: DeviceMesh | None, where: str) ->
     assert state["plain"] == PLAIN, where
 
 
-def reshard_scenario(rank: int, world_size: int, port: int, namespace: str) -> None:
-    server = RedisServer(port=port)
+def reshard_scenario(rank: int, world_size: int, url_template: str, namespace: str) -> None:
     meshes = {n: DeviceMesh("cpu", list(range(n))) for n in range(1, world_size + 1)}
     for n, mesh in meshes.items():
         if rank < n:
             kvckpt.save(
                 sharded(mesh, 0, fill=True),
-                server.url(f"{namespace}/n{n}"),
+                url_template.format(f"{namespace}/n{n}"),
                 process_group=mesh.get_group(),
                 **WRITER_OPTIONS,
             )
     dist.barrier()
 
-    raw = redis.Redis(port=port)
+    raw = open_store(url_template.format("inspect"))
     if rank == 0:  # one record per save, naming every shard each rank wrote
         for n in meshes:
             key = layout.record_key(f"{namespace}/n{n}")
-            body = record.decode_record(raw.get(key), key)
+            body = record.decode_record(raw.get(key) or b"", key)
             assert body["world_size"] == n
             rows = {tuple(row[1]) for row in body["items"] if row[0] == "rows"}
             expected = {(o, 0) for o in range(0, 10, -(-10 // n))}
@@ -103,7 +102,7 @@ def reshard_scenario(rank: int, world_size: int, port: int, namespace: str) -> N
     loads = [(f"{m} ranks", mesh) for m, mesh in meshes.items()]
     loads.append(("a 2x2 mesh", DeviceMesh("cpu", [[0, 1], [2, 3]])))
     for n in meshes:
-        url = server.url(f"{namespace}/n{n}")
+        url = url_template.format(f"{namespace}/n{n}")
         for name, mesh in loads:
             if mesh.get_coordinate() is not None:
                 state = sharded(mesh, 1, fill=False)
@@ -116,5 +115,7 @@ def reshard_scenario(rank: int, world_size: int, port: int, namespace: str) -> N
             assert_loaded(state, None, f"saved on {n} ranks, loaded without a process group")
 
 
-def test_save_on_n_ranks_load_on_m(redis_server: RedisServer, namespace: str) -> None:
-    run_ranks(reshard_scenario, 4, redis_server.port, namespace)
+@pytest.mark.parametrize("backend_name", ["redis", "etcd"])
+def test_save_on_n_ranks_load_on_m(request: pytest.FixtureRequest, backend_name: str, namespace: str) -> None:
+    server: RedisServer | EtcdServer = request.getfixturevalue(f"{backend_name}_server")
+    run_ranks(reshard_scenario, 4, server.url("{}"), namespace)
