@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 import kvckpt
 from kvckpt import layout, record
-from kvckpt.testing.servers import RedisServer
+from kvckpt.testing.servers import EtcdServer, RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.test_dcp_core import assert_same, reference_state, zeros_like_state
 
@@ -427,3 +427,22 @@ def test_copy_of_a_sharded_multi_rank_checkpoint(
     dcp.load(again, storage_reader=dcp.FileSystemReader(tmp_path / "back"))
     assert torch.equal(again["w"], expected) and again["step"] == 5
     assert len(dcp.FileSystemReader(tmp_path / "back").read_metadata().state_dict_metadata["w"].chunks) == 2
+
+
+def test_copy_between_redis_etcd_and_a_folder(
+    redis_server: RedisServer, etcd_server: EtcdServer, namespace: str, tmp_path: Path
+) -> None:
+    """etcd's small request limit re-chunks on the way in; every hop stays bit-exact."""
+    state = {"big": random_tensor((1000, 700), torch.float32, seed=7), "step": 5}  # 2.8 MB
+    src = redis_server.url(namespace)
+    kvckpt.save(state, src)
+    kvckpt.copy(src, etcd_server.url(namespace))
+    kvckpt.copy(etcd_server.url(namespace), tmp_path / "out")
+    kvckpt.copy(tmp_path / "out", redis_server.url(f"{namespace}/back"))
+    for where in (etcd_server.url(namespace), redis_server.url(f"{namespace}/back")):
+        loaded: dict[str, Any] = {"big": torch.zeros(1000, 700), "step": 0}
+        kvckpt.load(loaded, where)
+        assert bits_equal(state["big"], loaded["big"]) and loaded["step"] == 5, where
+    assert [c.checkpoint_id for c in kvckpt.list_checkpoints(etcd_server.url(namespace))] == [
+        etcd_server.url(namespace)
+    ]
