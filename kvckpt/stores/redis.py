@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ class RedisStore(KVStore):
         self._injected = client is not None
         self._client_kwargs = client_kwargs or {}
         self.description = description
+        self._lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -101,7 +103,9 @@ class RedisStore(KVStore):
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = redis.Redis(**self._client_kwargs)
+            with self._lock:  # I/O threads connect lazily at once: a second client would close the first
+                if self._client is None:
+                    self._client = redis.Redis(**self._client_kwargs)
         return self._client
 
     def close(self) -> None:
@@ -118,7 +122,11 @@ class RedisStore(KVStore):
             )
         state = self.__dict__.copy()
         state["_client"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"
