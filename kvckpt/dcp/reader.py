@@ -25,6 +25,7 @@ from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
 from kvckpt.dcp.codec import DTYPES, decode_metadata
 from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, writable_byte_view
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, KVCheckpointError
+from kvckpt.gcpause import paused_gc
 from kvckpt.registry import owns
 from kvckpt.store import RangeRead
 from kvckpt.target import Resolver, Target
@@ -97,6 +98,7 @@ class KVStorageReader(StorageReader):
 
     # Metadata ---------------------------------------------------------------------------------
 
+    @paused_gc()
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Fetch and decode the record once per reader, however many times DCP asks."""
         key = layout.record_key(self.target.namespace, kwargs.get("rank"))
@@ -133,6 +135,7 @@ class KVStorageReader(StorageReader):
 
     # Data -------------------------------------------------------------------------------------
 
+    @paused_gc()
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         group: list[_Read] = []
         finishers: list[Callable[[], None]] = []

@@ -26,6 +26,7 @@ from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
 from kvckpt.dcp.codec import chunk_keys, dtype_name, encode_metadata
 from kvckpt.dcp.tensor_bytes import byte_view, host_contiguous
 from kvckpt.errors import CheckpointExistsError, CorruptCheckpointError, KVCheckpointError
+from kvckpt.gcpause import paused_gc
 from kvckpt.registry import owns
 from kvckpt.store import Buffer, KVStore
 from kvckpt.target import Resolver, Target
@@ -147,6 +148,7 @@ class KVStorageWriter(StorageWriter):
 
     # Data -------------------------------------------------------------------------------------
 
+    @paused_gc()
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         save_id = plan.storage_data.save_id if plan.storage_data else self._save_id
         store, namespace = self.target.store, self.target.namespace
@@ -205,6 +207,7 @@ class KVStorageWriter(StorageWriter):
 
     # Commit -----------------------------------------------------------------------------------
 
+    @paused_gc()
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         store, target = self.target.store, self.target
         items: dict[MetadataIndex, layout.StoredItem] = {
