@@ -144,6 +144,10 @@ SCENARIOS = {
     )
 }
 
+PHASES = ("save", "load")
+#: Peak RSS a phase may add over the state dict: 64 MiB + one 4 MiB chunk per connection (2).
+RSS_BUDGET_MIB = 64 + 2 * 4
+
 #: (save, load) minimum kvckpt/FS ratios from the performance issue.
 TARGETS = {
     ("large", "unix"): (2.0, 1.0),
@@ -236,14 +240,21 @@ def run_phase(job: dict[str, Any]) -> dict[str, Any]:
     storage = _storage(job["target"], job["checkpoint_id"], job["phase"])
     rss_before = _status_kib("VmRSS")
     _reset_peak_rss()
-    started = time.perf_counter()
+    cpu, started = os.times(), time.perf_counter()
     if job["phase"] == "save":
         dcp.save(state, storage_writer=storage)
     else:
         dcp.load(state, storage_reader=storage)
     seconds = time.perf_counter() - started
+    cpu_s = sum(os.times()[:2]) - sum(cpu[:2])
     peak = _status_kib("VmHWM")
-    result = {"seconds": seconds, "bytes": tensor_bytes(state), "rss_kib": rss_before, "peak_kib": peak}
+    result = {
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+        "bytes": tensor_bytes(state),
+        "rss_kib": rss_before,
+        "peak_kib": peak,
+    }
     if job["phase"] == "load" and job.get("verify"):
         result["verified"] = _same(scenario.build(**job["kwargs"]), state)
     return result
@@ -252,26 +263,43 @@ def run_phase(job: dict[str, Any]) -> dict[str, Any]:
 # Parent: servers, orchestration, report -------------------------------------------------------------
 
 
+@dataclass
+class Stores:
+    """The running servers: target name → checkpoint_id factory, and how to empty everything."""
+
+    ids: dict[str, Callable[[str], str]]
+    cleaners: list[Callable[[], None]]
+    server_pids: dict[str, int]
+
+    def clean(self) -> None:
+        for clean in self.cleaners:
+            clean()
+
+    def server_usage(self, target: str) -> tuple[float, int]:
+        """CPU seconds and minor page faults of the target's server so far (0 without a server)."""
+        pid = self.server_pids.get(target)
+        if pid is None:
+            return 0.0, 0
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks, int(fields[7])  # utime+stime, minflt
+
+
 @contextlib.contextmanager
-def open_targets(scratch: Path) -> Iterator[tuple[dict[str, Callable[[str], str]], list[Callable[[], None]]]]:
-    """Start the servers; yield target name → checkpoint_id factory, and how to empty every store."""
+def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
     import redis
 
     from kvckpt.testing.servers import RedisServer
 
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(RedisServer())
+        server = stack.enter_context(RedisServer(binary=redis_binary))
         client = stack.enter_context(contextlib.closing(redis.Redis(port=server.port)))
-        targets: dict[str, Callable[[str], str]] = {
-            "tcp": server.url,
-            "unix": server.unix_url,
-            "fs": lambda ns: str(scratch / ns),
-        }
-        cleaners: list[Callable[[], None]] = [
-            client.flushall,
-            lambda: shutil.rmtree(scratch, ignore_errors=True),
-        ]
-        yield targets, cleaners
+        assert server.process is not None
+        yield Stores(
+            ids={"tcp": server.url, "unix": server.unix_url, "fs": lambda ns: str(scratch / ns)},
+            cleaners=[client.flushall, lambda: shutil.rmtree(scratch, ignore_errors=True)],
+            server_pids={"tcp": server.process.pid, "unix": server.process.pid},
+        )
 
 
 def run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -296,6 +324,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     median = statistics.median(seconds)
     return {
         "median_s": median,
+        "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+        "server_cpu_s": statistics.median(r["server_cpu_s"] for r in runs),
+        "server_page_faults": statistics.median(r["server_page_faults"] for r in runs),
         "gb_s": runs[0]["bytes"] / median / 1e9,
         "seconds": seconds,
         "peak_mib": max(r["peak_kib"] for r in runs) / 1024,
@@ -305,47 +336,52 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Repetitions outermost, targets interleaved: a burst of load elsewhere hits every target alike."""
     scratch = Path(tempfile.mkdtemp(prefix="kvckpt-bench-", dir=args.fs_dir))
     report: dict[str, Any] = {}
     try:
-        with open_targets(scratch / "ckpt") as (targets, cleaners):
+        with open_stores(scratch / "ckpt", args.redis_server) as stores:
             for name in args.scenarios:
                 scenario = SCENARIOS[name]
                 kwargs = {**scenario.kwargs, **(scenario.quick_kwargs if args.quick else {})}
-                for target in scenario.targets:
-                    runs: dict[str, list[dict[str, Any]]] = {"save": [], "load": []}
-                    for rep in range(args.repeat):
-                        for clean in cleaners:
-                            clean()
+                runs: dict[tuple[str, str], list[dict[str, Any]]] = {
+                    (target, phase): [] for target in scenario.targets for phase in PHASES
+                }
+                for rep in range(args.repeat):
+                    for target in scenario.targets:
+                        stores.clean()
                         ns = f"bench/{name}/{uuid.uuid4().hex[:8]}"
-                        for phase in ("save", "load"):
+                        for phase in PHASES:
                             job = {
                                 "scenario": name,
                                 "kwargs": kwargs,
                                 "target": target,
                                 "phase": phase,
-                                "checkpoint_id": targets[target](ns),
-                                "warmup_id": targets[target](f"{ns}-warmup-{phase}"),
+                                "checkpoint_id": stores.ids[target](ns),
+                                "warmup_id": stores.ids[target](f"{ns}-warmup-{phase}"),
                                 "verify": rep == 0,
                             }
+                            cpu, faults = stores.server_usage(target)
                             result = run_child(job, args.timeout)
-                            runs[phase].append(result)
+                            cpu_after, faults_after = stores.server_usage(target)
+                            result["server_cpu_s"] = cpu_after - cpu
+                            result["server_page_faults"] = faults_after - faults
+                            runs[(target, phase)].append(result)
                             print(
                                 f"  {name:6} {target:5} {phase:4} rep {rep}: {result['seconds']:.3f} s",
                                 file=sys.stderr,
                                 flush=True,
                             )
+                for target in scenario.targets:
                     report[f"{name}/{target}"] = {
                         "scenario": name,
                         "what": scenario.what,
                         "kwargs": kwargs,
                         "target": target,
-                        "bytes": runs["save"][0]["bytes"],
-                        "save": summarise(runs["save"]),
-                        "load": summarise(runs["load"]),
+                        "bytes": runs[(target, "save")][0]["bytes"],
+                        **{phase: summarise(runs[(target, phase)]) for phase in PHASES},
                     }
-            for clean in cleaners:
-                clean()
+            stores.clean()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report
@@ -360,29 +396,51 @@ def table(report: dict[str, Any]) -> str:
     ]
     for row in report.values():
         fs = report.get(f"{row['scenario']}/fs")
-        ratios = []
-        for phase in ("save", "load"):
-            ratio = fs[phase]["median_s"] / row[phase]["median_s"] if fs else None
+        kv = row["target"] != "fs"
+        cells = []
+        for phase in PHASES:
+            ratio = fs[phase]["median_s"] / row[phase]["median_s"] if fs and kv else None
             need = TARGETS.get((row["scenario"], row["target"]), (None, None))[phase == "load"]
-            text = "—" if ratio is None or row["target"] == "fs" else f"{ratio:.2f}x"
+            text = "—" if ratio is None else f"{ratio:.2f}x"
             if need is not None and ratio is not None:
                 text += f" ({'✓' if ratio >= need else '✗'} ≥{need:g})"
-            ratios.append(text)
+            cells.append(text)
+        for phase in PHASES:
+            over = row[phase]["over_mib"]
+            cells.append(f"{over:.0f}" + ((" ✓" if over <= RSS_BUDGET_MIB else " ✗") if kv else ""))
         lines.append(
             f"| {row['scenario']} | {row['target']} | {row['bytes'] / MIB:,.0f} MiB "
-            f"| {row['save']['gb_s']:.2f} | {row['load']['gb_s']:.2f} | {ratios[0]} | {ratios[1]} "
-            f"| {row['save']['over_mib']:.0f} | {row['load']['over_mib']:.0f} |"
+            f"| {row['save']['gb_s']:.2f} | {row['load']['gb_s']:.2f} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
+def cpu_table(report: dict[str, Any]) -> str:
+    """Where the time went: wall seconds; CPU seconds of this process and of the server, and the
+    server's minor page faults (first touch of memory it had not used before)."""
+    lines = [
+        "| scenario | target | save s | save CPU s: client / server (faults) "
+        "| load s | load CPU s: client / server (faults) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report.values():
+        cells = [
+            f"{row[p]['median_s']:.3f} | {row[p]['cpu_s']:.2f} / {row[p]['server_cpu_s']:.2f} "
+            f"({row[p]['server_page_faults'] / 1000:,.0f}k)"
+            for p in PHASES
+        ]
+        lines.append(f"| {row['scenario']} | {row['target']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine(redis_binary: str) -> dict[str, Any]:
     import redis
     import torch
 
     from kvckpt.testing.servers import find_binary
 
-    server = subprocess.run([find_binary("redis-server"), "--version"], capture_output=True, text=True)
+    binary = redis_binary or find_binary("redis-server")
+    server = subprocess.run([binary, "--version"], capture_output=True, text=True)
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -397,7 +455,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "redis-py": redis.__version__,
-        "redis-server": server.stdout.split()[2] if server.stdout else "?",
+        "redis-server": " ".join(server.stdout.split()[2:4]),  # v=7.0.15 malloc=jemalloc-5.3.0
     }
 
 
@@ -409,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per phase (median reported)")
     parser.add_argument("--fs-dir", default="/dev/shm", help="where FileSystemWriter writes")
+    parser.add_argument("--redis-server", default="", help="redis-server binary (default: from PATH)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per phase")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -419,12 +478,15 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {sorted(SCENARIOS)}")
-    info = machine()
+    info = machine(args.redis_server)
     started = time.time()
     report = measure(args)
-    text = table(report)
+    text = table(report) + "\n\n" + cpu_table(report)
     command = "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"\n{command.strip()}  ({info['cores']} cores, {info['cpu']}; median of {args.repeat})\n")
+    print(
+        f"\n{command.strip()}\n{info['cores']} cores ({info['cpu']}), redis-server {info['redis-server']}, "
+        f"torch {info['torch']}; medians of {args.repeat}\n"
+    )
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / time.strftime("bench-%Y%m%dT%H%M%S.json")

@@ -46,6 +46,9 @@ EDGES = sorted(
         resp.READ_BUFFER - 1,
         resp.READ_BUFFER,
         resp.READ_BUFFER + 3,
+        resp.READ_PIECE - 1,
+        resp.READ_PIECE + 1,
+        2 * resp.READ_PIECE,
         resp.SEND_BUFFER + 5,
         (4 << 20) + 7,
     }
@@ -73,10 +76,12 @@ def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator
 
 @pytest.fixture
 def tiny_buffers(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
-    """Read buffer and direct-receive threshold small enough that every reply spans many recv calls."""
-    read_buffer, direct = request.param
+    """Read buffer, direct-receive threshold and range piece small enough that every reply spans many
+    recv calls and every range many GETRANGEs."""
+    read_buffer, direct, piece = request.param
     monkeypatch.setattr(resp, "READ_BUFFER", read_buffer)
     monkeypatch.setattr(resp, "DIRECT_RECV", direct)
+    monkeypatch.setattr(resp, "READ_PIECE", piece)
 
 
 # Which path a store takes ----------------------------------------------------------------------
@@ -138,7 +143,10 @@ class TestGenericPathOnRealServer(StoreTests):
 
 
 @pytest.mark.parametrize(
-    "tiny_buffers", [(256 << 10, 64 << 10), (64, 1 << 40), (7, 3)], indirect=True, ids=str
+    "tiny_buffers",
+    [(256 << 10, 64 << 10, 1 << 20), (64, 1 << 40, 1 << 20), (7, 3, 100_003)],
+    indirect=True,
+    ids=str,
 )
 def test_values_around_every_boundary_round_trip(
     store: RedisStore, namespace: str, tiny_buffers: None
@@ -152,16 +160,19 @@ def test_values_around_every_boundary_round_trip(
     assert all(targets[k] == v for k, v in values.items())
 
 
-@pytest.mark.parametrize("tiny_buffers", [(256 << 10, 64 << 10), (16, 5)], indirect=True, ids=str)
+@pytest.mark.parametrize(
+    "tiny_buffers", [(256 << 10, 64 << 10, 1 << 20), (16, 5, 4099)], indirect=True, ids=str
+)
 def test_ranges_at_odd_offsets_missing_keys_and_short_values(
     store: RedisStore, namespace: str, tiny_buffers: None
 ) -> None:
-    value = pattern((1 << 20) + 13)
+    value = pattern((2 << 20) + 13)
     store.put_many([(f"{namespace}/v", value), (f"{namespace}/small", b"abc")])
     spans = [(0, 1), (1, 4095), (4097, 70_001), (65_535, 300_000), (len(value) - 3, 3), (12345, 1)]
+    spans += [(3, (1 << 20) + 5), (0, len(value))]
     reads = [RangeRead(f"{namespace}/v", off, memoryview(bytearray(n))) for off, n in spans]
     reads += [
-        RangeRead(f"{namespace}/v", len(value) - 10, memoryview(bytearray(100))),  # runs past the end
+        RangeRead(f"{namespace}/v", len(value) - 10, memoryview(bytearray(3 << 20))),  # runs past the end
         RangeRead(f"{namespace}/v", len(value) + 5, memoryview(bytearray(8))),  # starts past the end
         RangeRead(f"{namespace}/missing", 0, memoryview(bytearray(70_000))),
         RangeRead(f"{namespace}/v", 5, memoryview(bytearray(0))),
@@ -171,8 +182,9 @@ def test_ranges_at_odd_offsets_missing_keys_and_short_values(
     assert counts == [n for _, n in spans] + [10, 0, 0, 0, 2]
     for (off, n), read in zip(spans, reads, strict=False):
         assert bytes(read.into) == value[off : off + n]
-    assert bytes(reads[6].into[:10]) == value[-10:] and not any(reads[6].into[10:])
-    assert bytes(reads[10].into[:2]) == b"bc"
+    past = reads[len(spans)].into
+    assert bytes(past[:10]) == value[-10:] and not any(past[10:])
+    assert bytes(reads[-1].into[:2]) == b"bc"
 
 
 def test_wide_item_buffers_are_filled_bytewise(store: RedisStore, namespace: str) -> None:

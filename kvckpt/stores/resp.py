@@ -28,6 +28,10 @@ from kvckpt.store import Buffer, RangeRead
 DIRECT_SEND = 64 << 10
 #: A reply still missing at least this many bytes is received straight into its destination.
 DIRECT_RECV = 64 << 10
+#: Ranges are asked for in pieces of at most this size. The server copies each reply into a buffer
+#: of the reply's size; pieces this small reuse its allocator's free memory, where a 4 MiB reply
+#: took fresh pages (measured: ~60,000 page faults per 512 MiB read, none with 1 MiB pieces).
+READ_PIECE = 1 << 20
 #: Small parts of a batch are flushed to the socket once this much has accumulated.
 SEND_BUFFER = 1 << 20
 READ_BUFFER = 256 << 10
@@ -191,19 +195,21 @@ class RespConnection:
         """GETRANGE each read's bytes straight into its buffer; returns how many bytes each got."""
         with self._io() as sock:
             out = bytearray()
-            for r in reads:
-                nbytes = r.into.nbytes
-                if nbytes:
-                    out += pack(b"GETRANGE", r.key, r.offset, r.offset + nbytes - 1)
+            pieces: list[tuple[int, memoryview]] = []  # (read, where its piece lands), in reply order
+            for i, r in enumerate(reads):
+                dest = byte_view(r.into)
+                for start in range(0, dest.nbytes, READ_PIECE):
+                    piece = dest[start : start + READ_PIECE]
+                    first = r.offset + start
+                    out += pack(b"GETRANGE", r.key, first, first + piece.nbytes - 1)
+                    pieces.append((i, piece))
             sock.sendall(out)
             counts = [0] * len(reads)
             errors: list[Reply] = []
-            for i, r in enumerate(reads):
-                if not r.into.nbytes:
-                    continue
+            for i, piece in pieces:
                 line = self._line()
                 if line[:1] == b"$":
-                    counts[i] = self._bulk_into(int(line[1:]), byte_view(r.into))
+                    counts[i] += self._bulk_into(int(line[1:]), piece)
                 elif line[:1] == b"-":
                     errors.append(server_error(line[1:]))
                 else:
