@@ -9,14 +9,17 @@ resets the kernel's peak-RSS mark, and times one ``dcp.save`` / ``dcp.load``. Th
 Markdown table (medians; ratios are kvckpt/FS from the same run) and writes JSON to
 benchmarks/results/.
 
-Adding a target is one entry in ``open_targets`` (a name and a checkpoint_id factory); adding a
-scenario is one ``Scenario`` in ``SCENARIOS``. An etcd scenario, once ``EtcdServer`` exists, is::
+Adding a target is an entry in ``open_stores`` (a checkpoint_id factory, a cleaner, the server's
+pid); adding a scenario is one ``Scenario`` in ``SCENARIOS``. An etcd scenario, once ``EtcdServer``
+exists, is::
 
-    etcd = stack.enter_context(EtcdServer())                         # in open_targets
+    etcd = stack.enter_context(EtcdServer())                                   # in open_stores
     nofsync = stack.enter_context(EtcdServer(extra_args=["--unsafe-no-fsync"]))
-    targets["etcd"], targets["etcd-nofsync"] = etcd.url, nofsync.url
+    for name, server in (("etcd", etcd), ("etcd-nofsync", nofsync)):
+        ids[name], pids[name] = server.url, server.process.pid
+        cleaners.append(lambda s=server: kvckpt.open_store(s.url("x")).delete_prefix("bench/"))
     Scenario("etcd", "64 MiB of 4 MiB fp32 tensors", large_state, {"mib": 64, "tensor_mib": 4},
-             ("etcd", "etcd-nofsync", "fs"))                          # in SCENARIOS
+             targets=("etcd", "etcd-nofsync", "fs"))                           # in SCENARIOS
 """
 
 from __future__ import annotations
@@ -295,11 +298,14 @@ def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
         server = stack.enter_context(RedisServer(binary=redis_binary))
         client = stack.enter_context(contextlib.closing(redis.Redis(port=server.port)))
         assert server.process is not None
-        yield Stores(
-            ids={"tcp": server.url, "unix": server.unix_url, "fs": lambda ns: str(scratch / ns)},
-            cleaners=[client.flushall, lambda: shutil.rmtree(scratch, ignore_errors=True)],
-            server_pids={"tcp": server.process.pid, "unix": server.process.pid},
-        )
+        ids: dict[str, Callable[[str], str]] = {
+            "tcp": server.url,
+            "unix": server.unix_url,
+            "fs": lambda ns: str(scratch / ns),
+        }
+        cleaners: list[Callable[[], None]] = [client.flushall, lambda: shutil.rmtree(scratch, True)]
+        pids = {"tcp": server.process.pid, "unix": server.process.pid}
+        yield Stores(ids, cleaners, pids)
 
 
 def run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
