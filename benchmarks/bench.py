@@ -467,7 +467,7 @@ def machine(redis_binary: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "redis-py": redis.__version__,
-        "redis-server": " ".join(server.stdout.split()[2:4]),  # v=7.0.15 malloc=jemalloc-5.3.0
+        "redis-server": " ".join(w for w in server.stdout.split() if w.startswith(("v=", "malloc="))),
     }
 
 

@@ -30,7 +30,7 @@ DIRECT_SEND = 64 << 10
 DIRECT_RECV = 64 << 10
 #: Ranges are asked for in pieces of at most this size. The server copies each reply into a buffer
 #: of the reply's size; pieces this small reuse its allocator's free memory, where a 4 MiB reply
-#: took fresh pages (measured: ~60,000 page faults per 512 MiB read, none with 1 MiB pieces).
+#: took fresh pages (redis-server 7.0 with jemalloc: ~55,000 page faults per 512 MiB read; 1 MiB: none).
 READ_PIECE = 1 << 20
 #: Small parts of a batch are flushed to the socket once this much has accumulated.
 SEND_BUFFER = 1 << 20
@@ -273,14 +273,6 @@ class RespConnection:
             self._pos += take
             got += take
 
-    def _skip(self, count: int) -> None:
-        while count:
-            if self._pos == self._end:
-                self._fill()
-            take = min(self._end - self._pos, count)
-            self._pos += take
-            count -= take
-
     def _crlf(self) -> None:
         while self._end - self._pos < 2:
             self._fill()
@@ -289,14 +281,14 @@ class RespConnection:
         self._pos += 2
 
     def _bulk_into(self, length: int, dest: memoryview) -> int:
-        """The body of a bulk reply of ``length`` bytes into ``dest``; a longer body's excess is dropped."""
+        """The body of a bulk reply of ``length`` bytes (never more than asked for) into ``dest``."""
         if length < 0:
             return 0
-        take = min(length, dest.nbytes)
-        self._read_into(dest[:take])
-        self._skip(length - take)
+        if length > dest.nbytes:
+            raise rex.InvalidResponse(f"a {length}-byte reply to a {dest.nbytes}-byte request")
+        self._read_into(dest[:length])
         self._crlf()
-        return take
+        return length
 
     def _reply(self) -> Reply:
         line = self._line()
