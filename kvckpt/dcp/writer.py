@@ -31,6 +31,7 @@ from kvckpt.errors import (
     KVCheckpointError,
     StoreUnavailableError,
 )
+from kvckpt.gcpause import paused_gc
 from kvckpt.registry import owns
 from kvckpt.store import Buffer, KVStore
 from kvckpt.target import Resolver, Target
@@ -167,6 +168,7 @@ class KVStorageWriter(StorageWriter):
 
     # Data -------------------------------------------------------------------------------------
 
+    @paused_gc()
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         save_id = plan.storage_data.save_id if plan.storage_data else self._save_id
         store, namespace = self.target.store, self.target.namespace
@@ -225,6 +227,7 @@ class KVStorageWriter(StorageWriter):
 
     # Commit -----------------------------------------------------------------------------------
 
+    @paused_gc()
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         store, target = self.target.store, self.target
         items: dict[MetadataIndex, layout.StoredItem] = {

@@ -1,7 +1,10 @@
 """Redis backend: standalone (TCP, TLS, unix socket) or any injected redis-py-compatible client.
 
-Large values go out as memoryviews through redis-py's pure-Python command packer, which hands them to
-``sendall`` without copying (hiredis' packer copies every argument: ~10x slower for 4 MiB chunks).
+On connections it opens itself over TCP or a unix socket, the bulk operations (put_many,
+read_into_many, expire_many, delete_many) go through kvckpt.stores.resp: values are sent from and
+received into the caller's memory. Everything else, and every operation over TLS or an injected
+client, goes through redis-py, whose pure-Python packer sends memoryviews without copying (hiredis'
+packer copies every argument: ~10x slower for 4 MiB chunks).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from kvckpt.errors import (
     UnsafeStoreConfigWarning,
 )
 from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
+from kvckpt.stores.resp import Arg, Endpoint, RespPool
 from kvckpt.urls import StoreURL
 
 logger = logging.getLogger(__name__)
@@ -55,7 +59,6 @@ ACL_RULES = (
     "+get", "+set", "+getrange", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping", "+wait",
     "+config|get",
 )  # fmt: skip
-_CLIENT_LOCK = threading.Lock()
 
 
 def glob_escape(text: str) -> str:
@@ -180,6 +183,8 @@ class RedisStore(KVStore):
         client: Any = None,
         client_kwargs: dict[str, Any] | None = None,
         description: str = "injected redis client",
+        endpoint: Endpoint | None = None,
+        retries: int = 2,
     ) -> None:
         if client is None and client_kwargs is None:
             raise TypeError("RedisStore needs client= or client_kwargs=")
@@ -187,6 +192,11 @@ class RedisStore(KVStore):
         self._injected = client is not None
         self._client_kwargs = client_kwargs or {}
         self.description = description
+        self._lock = threading.Lock()
+        #: The RESP fast path for bulk operations, when this store opens its own plain sockets.
+        self._endpoint = endpoint
+        self._retries = retries
+        self._fast = None if endpoint is None else RespPool(endpoint, retries)
 
     @classmethod
     def from_url(
@@ -199,14 +209,33 @@ class RedisStore(KVStore):
         backoff: float = 0.05,
         backoff_cap: float = 1.0,
         password: str | None = None,
+        fast_path: bool = True,
         **client_kwargs: Any,
     ) -> RedisStore:
         """``timeout`` bounds each reply; ``retries`` re-sends idempotent commands on a dropped link,
-        waiting ``backoff`` seconds, doubling up to ``backoff_cap``. Commits are never re-sent."""
+        waiting ``backoff`` seconds, doubling up to ``backoff_cap``. Commits are never re-sent.
+
+        ``fast_path=False``, TLS, or any extra redis-py option keeps bulk I/O on redis-py too.
+        """
+        secret = password or url.password or os.environ.get(PASSWORD_ENV) or None
+        tls = tls_options(url)
+        endpoint = None
+        if fast_path and url.scheme in ("redis", "redis+unix") and not client_kwargs and not tls:
+            (host, port), *_ = url.hosts or (("", 0),)
+            endpoint = Endpoint(
+                host=host,
+                port=port,
+                unix_path=url.socket_path if url.scheme == "redis+unix" else None,
+                db=url.db,
+                username=url.username,
+                password=secret,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+            )
         kwargs: dict[str, Any] = {
             "db": url.db,
             "username": url.username,
-            "password": password or url.password or os.environ.get(PASSWORD_ENV) or None,
+            "password": secret,
             "socket_timeout": timeout,
             "socket_connect_timeout": connect_timeout,
             "retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff), retries),
@@ -218,23 +247,23 @@ class RedisStore(KVStore):
             (host, port), *_ = url.hosts
             kwargs.update(host=host, port=port)
             kwargs["socket_keepalive"] = True
-        kwargs.update(tls_options(url))
+        kwargs.update(tls)
         kwargs.update(client_kwargs)
-        return cls(client_kwargs=kwargs, description=str(url.server))
+        return cls(client_kwargs=kwargs, description=str(url.server), endpoint=endpoint, retries=retries)
 
     # Connection lifecycle -------------------------------------------------------------------
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            # I/O threads race here; a second client would be garbage-collected, and its __del__
-            # would close the pool under the thread still using it.
-            with _CLIENT_LOCK:
+            with self._lock:  # I/O threads connect lazily at once: a second client would close the first
                 if self._client is None:
                     self._client = redis.Redis(**self._client_kwargs)
         return self._client
 
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         if self._client is not None and not self._injected:
             with contextlib.suppress(Exception):
                 self._client.close()
@@ -247,8 +276,14 @@ class RedisStore(KVStore):
                 "pickles the writer); pass a redis:// URL instead of client="
             )
         state = self.__dict__.copy()
-        state["_client"] = None
+        state["_client"] = state["_fast"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+        if self._endpoint is not None:
+            self._fast = RespPool(self._endpoint, self._retries)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"
@@ -296,6 +331,9 @@ class RedisStore(KVStore):
         todo = [i for i, r in enumerate(reads) if len(r.into)]
         if not todo:
             return copied
+        if self._fast is not None:
+            with self._errors("reading"):
+                return self._fast.getrange_into(reads)
         with self._errors("reading"):
             pipe = self._pipeline()
             for i in todo:
@@ -312,6 +350,10 @@ class RedisStore(KVStore):
         if not items:
             return
         px = _ms(ttl) if ttl is not None else None
+        if self._fast is not None:
+            with self._errors("writing"):
+                self._fast.set_many(items, px)
+            return
         with self._errors("writing"):
             pipe = self._pipeline()
             for key, value in items:
@@ -365,14 +407,22 @@ class RedisStore(KVStore):
         if not keys:
             return []
         with self._errors("setting expiry"):
-            pipe = self._pipeline()
-            for key in keys:
-                if ttl is None:
-                    pipe.persist(key)
-                    pipe.exists(key)
-                else:
-                    pipe.pexpire(key, _ms(ttl))
-            replies = pipe.execute()
+            if self._fast is not None:
+                commands: list[tuple[Arg, ...]] = (
+                    [(c, key) for key in keys for c in ("PERSIST", "EXISTS")]
+                    if ttl is None
+                    else [("PEXPIRE", key, _ms(ttl)) for key in keys]
+                )
+                replies = self._fast.execute(commands)
+            else:
+                pipe = self._pipeline()
+                for key in keys:
+                    if ttl is None:
+                        pipe.persist(key)
+                        pipe.exists(key)
+                    else:
+                        pipe.pexpire(key, _ms(ttl))
+                replies = pipe.execute()
         if ttl is None:  # PERSIST is 0 for a key without expiry too: EXISTS decides
             return [bool(e) for e in replies[1::2]]
         return [bool(r) for r in replies]
@@ -381,6 +431,9 @@ class RedisStore(KVStore):
         if not keys:
             return
         with self._errors("deleting"):
+            if self._fast is not None:
+                self._fast.execute([("UNLINK", key) for key in keys])
+                return
             pipe = self._pipeline()
             for key in keys:
                 pipe.unlink(key)
