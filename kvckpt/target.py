@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from kvckpt.errors import InvalidCheckpointIdError
-from kvckpt.registry import open_store
+from kvckpt.errors import InvalidCheckpointIdError, KVCheckpointError
+from kvckpt.registry import open_store, owns
 from kvckpt.store import KVStore
 from kvckpt.urls import StoreURL, parse_url
 
@@ -58,6 +59,39 @@ class Resolver:
         if self._store is not None and not self.injected:
             self._store.close()
             self._store, self._server = None, None
+
+
+class Addressed:
+    """What KVStorageWriter and KVStorageReader share: a checkpoint_id resolved to a store + namespace."""
+
+    _resolver: Resolver
+    _target: Target | None
+
+    def _init_target(self, client: Any, store_options: dict[str, Any] | None) -> None:
+        self._resolver = Resolver(client, store_options)
+        self._target = None
+
+    def _retarget(self, checkpoint_id: object) -> None:
+        if checkpoint_id is not None:
+            self._target = self._resolver.resolve(checkpoint_id)
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        """The target with credentials redacted (DCP logs this attribute)."""
+        return None if self._target is None else self._target.display
+
+    @property
+    def target(self) -> Target:
+        if self._target is None:
+            raise KVCheckpointError(
+                f"no checkpoint_id: pass one to {type(self).__name__}(...) or to "
+                "dcp.save/dcp.load(checkpoint_id=...)"
+            )
+        return self._target
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return owns(checkpoint_id)
 
 
 def wrap_client(client: Any) -> KVStore:

@@ -403,3 +403,10 @@ def test_codec_round_trips_every_metadata_field() -> None:
     decoded = decode_metadata(record.decode_record(data, "k"), "k")
     assert decoded == metadata
     assert decoded.planner_data["b"][2] == ("nested", None)
+
+
+def test_missing_checkpoint_id_says_where_to_pass_it() -> None:
+    for adapter in (kvckpt.KVStorageWriter(), kvckpt.KVStorageReader()):
+        assert adapter.checkpoint_id is None
+        with pytest.raises(kvckpt.KVCheckpointError, match=f"pass one to {type(adapter).__name__}"):
+            _ = adapter.target

@@ -34,9 +34,8 @@ from kvckpt.errors import (
     KVCheckpointError,
 )
 from kvckpt.gcpause import paused_gc
-from kvckpt.registry import owns
 from kvckpt.store import RangeRead
-from kvckpt.target import Resolver, Target
+from kvckpt.target import Addressed
 from kvckpt.transfer import Transfer
 
 
@@ -51,7 +50,7 @@ class _Read:
     copy_from: slice | None = None
 
 
-class KVStorageReader(StorageReader):
+class KVStorageReader(Addressed, StorageReader):
     """Read a DCP checkpoint written by KVStorageWriter; works with any number of ranks.
 
     ``verify`` checks every fetched block against the record's checksums (on by default).
@@ -73,8 +72,7 @@ class KVStorageReader(StorageReader):
         self.batch_bytes = batch_bytes
         self.group_bytes = group_bytes
         self.verify = verify
-        self._resolver = Resolver(client, store_options)
-        self._target: Target | None = None
+        self._init_target(client, store_options)
         self._records: dict[str, tuple[dict[str, Any], Metadata]] = {}
         self._body: dict[str, Any] = {}
         self._record_key = ""
@@ -83,25 +81,8 @@ class KVStorageReader(StorageReader):
         if checkpoint_id is not None:
             self.reset(checkpoint_id)
 
-    @property
-    def checkpoint_id(self) -> str | None:
-        return None if self._target is None else self._target.display
-
-    @property
-    def target(self) -> Target:
-        if self._target is None:
-            raise KVCheckpointError(
-                "no checkpoint_id: pass one to KVStorageReader(...) or to dcp.load(checkpoint_id=...)"
-            )
-        return self._target
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return owns(checkpoint_id)
-
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self._target = self._resolver.resolve(checkpoint_id)
+        self._retarget(checkpoint_id)
         self._records.clear()
         self._body, self._items = {}, {}
 

@@ -32,9 +32,8 @@ from kvckpt.errors import (
     StoreUnavailableError,
 )
 from kvckpt.gcpause import paused_gc
-from kvckpt.registry import owns
 from kvckpt.store import Buffer, KVStore
-from kvckpt.target import Resolver, Target
+from kvckpt.target import Addressed
 from kvckpt.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class _SaveTarget:
     save_id: str
 
 
-class KVStorageWriter(StorageWriter):
+class KVStorageWriter(Addressed, StorageWriter):
     """Write a DCP checkpoint into Redis, Redis Cluster or etcd.
 
     ``checkpoint_id`` is a URL (``redis://host:6379/0/run1/step100``), or with ``client=`` the bare
@@ -99,8 +98,7 @@ class KVStorageWriter(StorageWriter):
         self.min_replicas = min_replicas
         self.replica_timeout = replica_timeout
         self.allow_eviction = allow_eviction
-        self._resolver = Resolver(client, store_options)
-        self._target: Target | None = None
+        self._init_target(client, store_options)
         self._save_id = layout.new_save_id()
         self._rank: int | None = None
         self._use_collectives = True
@@ -110,30 +108,12 @@ class KVStorageWriter(StorageWriter):
     # Identity --------------------------------------------------------------------------------
 
     @property
-    def checkpoint_id(self) -> str | None:
-        """The target with credentials redacted (DCP logs this attribute)."""
-        return None if self._target is None else self._target.display
-
-    @property
-    def target(self) -> Target:
-        if self._target is None:
-            raise KVCheckpointError(
-                "no checkpoint_id: pass one to KVStorageWriter(...) or to dcp.save(checkpoint_id=...)"
-            )
-        return self._target
-
-    @property
     def record_key(self) -> str:
         rank = None if self._use_collectives or self._rank is None else self._rank
         return layout.record_key(self.target.namespace, rank)
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return owns(checkpoint_id)
-
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self._target = self._resolver.resolve(checkpoint_id)
+        self._retarget(checkpoint_id)
         self._save_id = layout.new_save_id()
 
     def storage_meta(self) -> StorageMeta | None:
