@@ -73,6 +73,17 @@ def as_bytes_view(value: Buffer) -> Buffer:
     return value
 
 
+def copy_replies(
+    reads: Sequence[RangeRead], todo: list[int], replies: list[bytes], copied: list[int]
+) -> None:
+    """Copy each GETRANGE reply into its read's buffer; a short reply means a missing or short value."""
+    for i, data in zip(todo, replies, strict=True):
+        into = reads[i].into.cast("B") if reads[i].into.format != "B" else reads[i].into
+        n = min(len(data), into.nbytes)
+        into[:n] = data[:n]
+        copied[i] = n
+
+
 def _ms(ttl: float) -> int:
     return max(1, round(ttl * 1000))
 
@@ -339,11 +350,7 @@ class RedisStore(KVStore):
             for i in todo:
                 r = reads[i]
                 pipe.getrange(r.key, r.offset, r.offset + r.into.nbytes - 1)
-            for i, data in zip(todo, pipe.execute(), strict=True):
-                into = reads[i].into.cast("B") if reads[i].into.format != "B" else reads[i].into
-                n = min(len(data), into.nbytes)
-                into[:n] = data[:n]
-                copied[i] = n
+            copy_replies(reads, todo, pipe.execute(), copied)
         return copied
 
     def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:

@@ -39,6 +39,7 @@ from kvckpt.stores.redis import (
     _check_wait_args,
     _ms,
     as_bytes_view,
+    copy_replies,
     glob_escape,
     replication_message,
     tls_options,
@@ -258,11 +259,7 @@ class RedisClusterStore(RedisStore):
             for i in todo:
                 r = reads[i]
                 commands.append(("GETRANGE", r.key, r.offset, r.offset + r.into.nbytes - 1))
-            for i, data in zip(todo, self._run(commands, writes=False), strict=True):
-                into = reads[i].into.cast("B") if reads[i].into.format != "B" else reads[i].into
-                n = min(len(data), into.nbytes)
-                into[:n] = data[:n]
-                copied[i] = n
+            copy_replies(reads, todo, self._run(commands, writes=False), copied)
         return copied
 
     def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:
