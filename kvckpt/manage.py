@@ -332,10 +332,9 @@ def _generation_keys(store: KVStore, namespace: str) -> Iterator[str]:
 def _delete(store: KVStore, namespace: str) -> bool:
     found = False
     for key in [layout.record_key(namespace), *_rank_records(store, namespace)]:
-        raw = store.get(key)
-        if raw is None:
+        raw = store.take(key)  # first, and atomically: a save swapping in a new record meanwhile
+        if raw is None:  # keeps it (and its data) whole rather than losing it to this delete
             continue
-        store.delete(key)  # first: from here on nobody can start loading it
         found = True
         try:
             keys = [layout.full_key(namespace, k) for k in record.chunk_keys(record.decode_record(raw, key))]

@@ -80,6 +80,10 @@ class KVStore(abc.ABC):
         """Atomically replace the value; return the previous one (None if there was none)."""
 
     @abc.abstractmethod
+    def take(self, key: str) -> bytes | None:
+        """Atomically read and remove a value (None if absent), so a delete cannot race a swap."""
+
+    @abc.abstractmethod
     def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
         """Set (or with None remove) each key's expiry; False where the key does not exist."""
 

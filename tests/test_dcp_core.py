@@ -410,3 +410,21 @@ def test_missing_checkpoint_id_says_where_to_pass_it() -> None:
         assert adapter.checkpoint_id is None
         with pytest.raises(kvckpt.KVCheckpointError, match=f"pass one to {type(adapter).__name__}"):
             _ = adapter.target
+
+
+def test_a_reused_writer_and_reader_never_reuse_a_generation(backend: Backend, namespace: str) -> None:
+    """dcp.save without checkpoint_id does not call reset(): each save must still get a new generation."""
+    writer = kvckpt.KVStorageWriter(backend.id(namespace), overwrite=True, **backend.options)
+    reader = kvckpt.KVStorageReader(backend.id(namespace), **backend.options)
+    dcp.save({"w": torch.ones(4)}, storage_writer=writer, no_dist=True)
+    first = backend.keys(f"{namespace}/g")
+    loaded = {"w": torch.zeros(4)}
+    dcp.load(loaded, storage_reader=reader, no_dist=True)
+    with pytest.raises(CheckpointException):
+        dcp.save({"w": torch.ones(4), "x": Unsafe()}, storage_writer=writer, planner=ExplodingPlanner(1))
+    assert backend.keys(f"{namespace}/g") == first  # the failed save touched nothing committed
+    dcp.save({"w": torch.full((4,), 2.0)}, storage_writer=writer, no_dist=True)
+    second = backend.keys(f"{namespace}/g")
+    assert second and not set(second) & set(first)
+    dcp.load(loaded, storage_reader=reader, no_dist=True)  # the reader sees the new record, not a cached one
+    assert torch.equal(loaded["w"], torch.full((4,), 2.0))

@@ -160,6 +160,7 @@ class KVStorageReader(Addressed, StorageReader):
                 self._run(group, finishers)
                 group, finishers, size = [], [], 0
         self._run(group, finishers)
+        self._records.clear()  # the next load with this reader fetches the record afresh
         future: Future[None] = Future()
         future.set_result(None)
         return future

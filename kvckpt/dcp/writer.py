@@ -143,6 +143,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         self.target.store.check_total_bytes(
             sum(item.tensor_storage_size() or 0 for plan in plans for item in plan.items)
         )
+        self._save_id = layout.new_save_id()  # per save: a reused writer must never reuse a generation
         save_target = _SaveTarget(save_id=self._save_id)
         return [dataclasses.replace(plan, storage_data=save_target) for plan in plans]
 
@@ -216,10 +217,12 @@ class KVStorageWriter(Addressed, StorageWriter):
         metadata.storage_data = items
         if metadata.storage_meta is None:  # torch 2.13's default planner drops it; `kvckpt ls` shows it
             metadata.storage_meta = self.storage_meta()
+        else:  # DCP asked for it before planning, when this save's generation was not yet chosen
+            metadata.storage_meta = dataclasses.replace(metadata.storage_meta, save_id=self._save_id)
         keys = [layout.full_key(target.namespace, c.key) for item in items.values() for c in item.chunks]
         now = time.time()
         body = {
-            "save_id": metadata.storage_meta.save_id if metadata.storage_meta else self._save_id,
+            "save_id": self._save_id,
             "created": now,
             "world_size": len(results),
             "rank": None if self._use_collectives else self._rank,

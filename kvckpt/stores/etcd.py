@@ -733,6 +733,13 @@ class EtcdStore(KVStore):
         previous = pb.parse_put_response(reply)
         return bytes(previous.value) if previous is not None else None
 
+    def take(self, key: str) -> bytes | None:
+        """DeleteRange with prev_kv: one atomic request, sent once (a resend would find nothing)."""
+        request = pb.join(pb.delete_range_request(_key_bytes(key), prev_kv=True))
+        reply = self._rpc(pb.DELETE_RANGE, request, action="deleting", idempotent=False, write=True)
+        previous = pb.parse_delete_range_prev_kvs(reply)
+        return bytes(previous[0].value) if previous else None
+
     def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
         """Re-attach existing keys to a new lease (or to none) with a value-less put per key."""
         if not keys:

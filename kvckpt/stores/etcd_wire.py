@@ -127,8 +127,8 @@ def put_request(
     ]
 
 
-def delete_range_request(key: bytes, range_end: bytes = b"") -> Parts:
-    return [*bytes_field(1, key), *bytes_field(2, range_end)]
+def delete_range_request(key: bytes, range_end: bytes = b"", prev_kv: bool = False) -> Parts:
+    return [*bytes_field(1, key), *bytes_field(2, range_end), int_field(3, prev_kv)]
 
 
 def request_op(kind: int, request: Parts) -> Parts:
@@ -276,6 +276,11 @@ def parse_range_response(data: bytes | memoryview) -> RangeResponse:
         elif field == 1 and isinstance(v, memoryview):
             revision = header_revision(v)
     return RangeResponse(kvs, more, count, revision)
+
+
+def parse_delete_range_prev_kvs(data: bytes | memoryview) -> list[KeyValue]:
+    """The deleted key-values when the DeleteRangeRequest asked for ``prev_kv``."""
+    return [parse_kv(v) for field, v in fields(_view(data)) if field == 3 and isinstance(v, memoryview)]
 
 
 def parse_delete_range_response(data: bytes | memoryview) -> int:

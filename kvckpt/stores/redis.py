@@ -410,6 +410,11 @@ class RedisStore(KVStore):
         finally:
             pool.release(conn)
 
+    def take(self, key: str) -> bytes | None:
+        with self._errors("deleting"):
+            value: bytes | None = self.client.getdel(key)
+            return value
+
     def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
         if not keys:
             return []

@@ -73,6 +73,13 @@ class StoreTests:
         assert store.swap(prefix + "rec", b"two") == b"one"
         assert store.get(prefix + "rec") == b"two"
 
+    def test_take_reads_and_removes(self, store: KVStore, prefix: str) -> None:
+        store.put(prefix + "rec", b"record")
+        assert store.take(prefix + "rec") == b"record"
+        assert store.get(prefix + "rec") is None
+        assert store.take(prefix + "rec") is None
+        assert store.take(prefix + "never") is None
+
     def test_batched_put_and_get(self, store: KVStore, prefix: str) -> None:
         items = [(f"{prefix}item/{i}", f"value-{i}".encode()) for i in range(1500)]
         store.put_many(items)
