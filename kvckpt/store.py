@@ -107,8 +107,10 @@ class KVStore(abc.ABC):
         """Refuse (or with ``allow_eviction`` warn about) a server that may drop checkpoint keys."""
         return {}
 
-    def wait_for_replicas(self, replicas: int, timeout: float) -> int:
-        """Block until ``replicas`` replicas hold every write so far; Redis only (WAIT)."""
+    def wait_for_replicas(self, replicas: int, timeout: float, fence_key: str | None = None) -> int:
+        """Block until ``replicas`` replicas hold every write so far; Redis only (WAIT).
+
+        ``fence_key`` is a key the store may write briefly to pin down "every write so far"."""
         raise KVCheckpointError(
             f"{type(self).__name__} has no replicas to wait for: min_replicas is a Redis option "
             "(etcd already commits every write on a quorum)"

@@ -103,14 +103,17 @@ def test_wait_for_replicas_raises_within_the_timeout_when_the_replica_is_down(
         store.close()
 
 
+@pytest.mark.parametrize("fenced", [False, True], ids=["ping", "fence-key"])
 def test_wait_covers_writes_made_on_other_connections(
-    redis_replica_pair: RedisReplicaPair, namespace: str
+    redis_replica_pair: RedisReplicaPair, namespace: str, fenced: bool
 ) -> None:
-    """WAIT counts up to its own connection's last command; kvckpt's PING first makes that "now".
+    """WAIT counts up to its own connection's last write; kvckpt's fencing write (or, before Redis
+    7.2, a PING) first makes that "now".
 
     Without it, a connection idle since before another connection's writes reports a frozen replica
-    as caught up (checked: a bare WAIT returns 1 here).
+    as caught up (checked: a bare WAIT returns 1 here). The fence key is gone afterwards.
     """
+    fence = f"{namespace}/.kvckpt-wait" if fenced else None
     store = open_store(redis_replica_pair.url(namespace))
     assert isinstance(store, RedisStore)
     store.put(f"{namespace}/a", b"1")
@@ -123,7 +126,8 @@ def test_wait_covers_writes_made_on_other_connections(
         other.set(f"{namespace}/b", b"x" * 100_000)
         other.close()
         with pytest.raises(ReplicationError):
-            store.wait_for_replicas(1, 0.3)
+            store.wait_for_replicas(1, 0.3, fence)
+        assert not store.exists(f"{namespace}/.kvckpt-wait")
     finally:
         os.kill(pid, signal.SIGCONT)
         store.close()

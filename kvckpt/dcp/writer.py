@@ -133,7 +133,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         """Runs on the coordinator: refuse early (before any data moves) and pick the generation."""
         self.target.store.check_server_settings(allow_eviction=self.allow_eviction)
         if self.min_replicas:  # missing replicas fail the save before any data moves
-            self.target.store.wait_for_replicas(self.min_replicas, self.replica_timeout)
+            self._wait_for_replicas(self.target.store)
         if not self.overwrite and self.target.store.exists(self.record_key):
             raise CheckpointExistsError(
                 f"{self.target.display} already holds a committed checkpoint; pass overwrite=True "
@@ -239,10 +239,10 @@ class KVStorageWriter(Addressed, StorageWriter):
         if self._pending_ttl(store) is not None:
             self._settle_expiry(store, keys)
         if self.min_replicas:  # the data, and its settled expiry, must survive a failover first
-            store.wait_for_replicas(self.min_replicas, self.replica_timeout)
+            self._wait_for_replicas(store)
         self._commit(store, data, keys, hint)
         if self.min_replicas:
-            store.wait_for_replicas(self.min_replicas, self.replica_timeout)
+            self._wait_for_replicas(store)
 
     def _commit(self, store: KVStore, data: bytes, keys: list[str], hint: bytes | None) -> None:
         target = self.target
@@ -295,6 +295,10 @@ class KVStorageWriter(Addressed, StorageWriter):
             "nothing was committed and this save's data was removed; save again",
             checkpoint_id=display,
         ) from exc
+
+    def _wait_for_replicas(self, store: KVStore) -> None:
+        fence = layout.full_key(self.target.namespace, ".kvckpt-wait")  # inside the namespace, for ACLs
+        store.wait_for_replicas(self.min_replicas, self.replica_timeout, fence)
 
     def _pending_ttl(self, store: KVStore) -> float | None:
         return self.pending_ttl if store.capabilities.cheap_expiry else None

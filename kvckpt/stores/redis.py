@@ -54,9 +54,11 @@ TLS_QUERY_OPTIONS = {
 }
 _TRUE = ("1", "true", "yes", "on")
 #: The least an ACL user needs (``ACL SETUSER name on >password ~NAMESPACE/* -@all`` + these);
-#: ``config|get`` only serves check_server_settings, which skips quietly without it.
+#: ``config|get`` only serves check_server_settings, which skips quietly without it. Commit fencing
+#: after a lost reply also needs ``+client|id +client|kill``; without them commits are sent once, unfenced.
 ACL_RULES = (
-    "+get", "+set", "+getrange", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping", "+wait",
+    "+get", "+set", "+getrange", "+getdel", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping",
+    "+wait",
     "+config|get",
 )  # fmt: skip
 
@@ -121,13 +123,16 @@ def socket_timeout_of(client: Any) -> float | None:
     return None
 
 
-def wait_on(client: Any, replicas: int, timeout: float) -> int:
+def wait_on(client: Any, replicas: int, timeout: float, fence_key: str | None = None) -> int:
     """Redis ``WAIT`` on one server: how many replicas acknowledged every write made before the call.
 
     WAIT waits for the replication offset of the *connection* it runs on, as of that connection's last
-    command. A pooled connection may not have carried our writes, so a PING goes first on the same
-    connection (a pipeline): its offset then covers every write any connection made before. Long
-    timeouts are cut into slices shorter than the socket timeout so the reply never times out.
+    write (Redis 7.2+ moves it only on commands that propagate; older servers on any command). A
+    pooled connection may not have carried our writes, so a small write to ``fence_key`` (removed
+    right after, and expiring in a minute anyway) goes first on the same connection: its offset then
+    covers every write any connection made before. Without a fence key a PING does that on servers
+    before 7.2. Long timeouts are cut into slices shorter than the socket timeout so the reply never
+    times out.
     """
     deadline = time.monotonic() + timeout
     socket_timeout = socket_timeout_of(client)
@@ -135,8 +140,13 @@ def wait_on(client: Any, replicas: int, timeout: float) -> int:
     while True:
         remaining = deadline - time.monotonic()
         pipe = client.pipeline(transaction=False)
-        pipe.execute_command("PING")
+        if fence_key is None:
+            pipe.execute_command("PING")
+        else:
+            pipe.execute_command("SET", fence_key, b"wait", "PX", 60_000)
         pipe.execute_command("WAIT", replicas, max(1, int(min(remaining, step) * 1000)))
+        if fence_key is not None:
+            pipe.execute_command("UNLINK", fence_key)
         acked = int(pipe.execute()[1])
         if acked >= replicas or time.monotonic() >= deadline:
             return acked
@@ -488,15 +498,16 @@ class RedisStore(KVStore):
                     warnings.warn(problem, UnsafeStoreConfigWarning, stacklevel=2)
         return policies
 
-    def wait_for_replicas(self, replicas: int, timeout: float) -> int:
+    def wait_for_replicas(self, replicas: int, timeout: float, fence_key: str | None = None) -> int:
         """Block until ``replicas`` replicas hold every write made so far (Redis WAIT).
 
         Returns how many acknowledged; raises ReplicationError when fewer did within ``timeout``
-        seconds, because a failover now could lose acknowledged writes.
+        seconds, because a failover now could lose acknowledged writes. ``fence_key`` (a key the
+        caller may write, e.g. under its namespace) makes WAIT cover every connection's writes.
         """
         _check_wait_args(replicas, timeout)
         with self._errors("waiting for replicas"):
-            acked = wait_on(self.client, replicas, timeout)
+            acked = wait_on(self.client, replicas, timeout, fence_key)
         if acked < replicas:
             raise ReplicationError(
                 replication_message(self.description, acked, replicas, timeout),

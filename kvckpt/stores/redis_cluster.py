@@ -279,6 +279,17 @@ class RedisClusterStore(RedisStore):
         self._note_write(key)
         return previous
 
+    def _fence_on(self, node: Any, fence_key: str | None) -> str | None:
+        """A key for WAIT's fencing write that ``node`` owns: ``fence_key`` plus a hash tag."""
+        if fence_key is None:
+            return None
+        owner = self.client.nodes_manager.get_node_from_slot
+        for tag in range(100_000):
+            key = f"{fence_key}{{{tag}}}"
+            if owner(key_slot(key)).name == node.name:
+                return key
+        return None  # a node owning no slot: WAIT falls back to PING
+
     def _note_write(self, key: str) -> None:
         with contextlib.suppress(Exception):  # only bookkeeping for WAIT: unknown means "every primary"
             self._written.add(self.client.nodes_manager.get_node_from_slot(key_slot(key)).name)
@@ -333,7 +344,7 @@ class RedisClusterStore(RedisStore):
         nodes = client.get_nodes()
         return [(f"{self.description} node {n.name}", client.get_redis_connection(n)) for n in nodes]
 
-    def wait_for_replicas(self, replicas: int, timeout: float) -> int:
+    def wait_for_replicas(self, replicas: int, timeout: float, fence_key: str | None = None) -> int:
         """WAIT on every primary that took this store's writes since the last call, in parallel.
 
         Returns the fewest acknowledgements. A store that wrote nothing itself (the caller wrote through
@@ -350,14 +361,15 @@ class RedisClusterStore(RedisStore):
                 primaries = {n.name: n for n in client.get_primaries()}
                 lost = sorted(self._written - primaries.keys())
                 if lost:
+                    self._written.clear()  # reported once: a save after this one starts afresh
                     raise ReplicationError(
                         f"{self.description}: node(s) {', '.join(lost)} took writes but are no longer "
                         "primaries (a failover?); writes they had not replicated may be lost: save again",
                         nodes=lost,
                     )
                 nodes = [primaries[name] for name in sorted(self._written)]
-            clients = [client.get_redis_connection(n) for n in nodes]
-            outcomes = self._map(lambda c: wait_on(c, replicas, timeout), clients)
+            waits = [(client.get_redis_connection(n), self._fence_on(n, fence_key)) for n in nodes]
+            outcomes = self._map(lambda cw: wait_on(cw[0], replicas, timeout, cw[1]), waits)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
