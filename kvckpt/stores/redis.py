@@ -390,6 +390,10 @@ class RedisStore(KVStore):
             previous: bytes | None = self._once("SET", key, as_bytes_view(value), "GET", *_px(px), get=True)
             return previous
 
+    def _commit_client(self, key: str) -> Any:
+        """The client a commit of ``key`` goes through (a Cluster sends it to the key's primary)."""
+        return self.client
+
     def _once(self, *args: Any, **options: Any) -> Any:
         """Send a commit exactly once, bypassing the client's retry, and fence it if the reply is lost.
 
@@ -398,7 +402,7 @@ class RedisStore(KVStore):
         lost reply the connection is killed server-side (CLIENT KILL ID), so the commit either has
         run or never will, and the caller learns which by reading the record (docs/reliability.md).
         """
-        client = self.client
+        client = self._commit_client(str(args[1]))
         pool = getattr(client, "connection_pool", None)
         if pool is None:  # not a redis.Redis: its own retry policy applies
             return client.execute_command(*args, **options)

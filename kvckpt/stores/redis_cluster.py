@@ -122,10 +122,26 @@ class RedisClusterStore(RedisStore):
     @property
     def client(self) -> Any:
         if self._client is None:
-            kwargs = dict(self._client_kwargs)
-            nodes = [ClusterNode(host, port) for host, port in kwargs.pop("startup_nodes")]  # type: ignore[no-untyped-call]
-            self._client = redis.RedisCluster(startup_nodes=nodes, **kwargs)
+            with self._lock:  # I/O threads connect lazily at once: a second client would leak
+                if self._client is None:
+                    kwargs = dict(self._client_kwargs)
+                    nodes = [ClusterNode(h, p) for h, p in kwargs.pop("startup_nodes")]  # type: ignore[no-untyped-call]
+                    self._client = redis.RedisCluster(startup_nodes=nodes, **kwargs)
         return self._client
+
+    def _once(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super()._once(*args, **options)
+        except (rex.AskError, rex.MovedError, rex.TryAgainError):
+            # Redirected: nothing ran on that node. The cluster client follows the redirection
+            # (only while the record's slot migrates, when its own retry policy applies).
+            return self.client.execute_command(*args, **options)
+
+    def _commit_client(self, key: str) -> Any:
+        """The key's primary as a plain redis.Redis, so the commit is sent once and can be fenced
+        (RedisCluster re-sends on its own after a lost reply)."""
+        client = self.client
+        return client.get_redis_connection(client.nodes_manager.get_node_from_slot(key_slot(key)))
 
     def close(self) -> None:
         if self._executor is not None:
