@@ -243,3 +243,12 @@ def test_keys_survive_a_master_failover(
         redis_cluster.restart(master)
     assert len(redis_cluster.master_nodes()) == 3
     assert all(redis_cluster.replica_of(m) for m in redis_cluster.master_nodes())
+
+
+def test_cluster_urls_take_the_standalone_options(redis_cluster: RedisCluster, namespace: str) -> None:
+    store = open_store(
+        redis_cluster.url("x"), retries=1, backoff=0.01, backoff_cap=0.1, fast_path=False, timeout=5
+    )
+    store.put(f"{namespace}/opt", b"ok")
+    assert store.get(f"{namespace}/opt") == b"ok"
+    store.close()

@@ -99,10 +99,16 @@ class RedisClusterStore(RedisStore):
         timeout: float = 30.0,
         connect_timeout: float = 3.0,
         retries: int = 2,
+        backoff: float = 0.05,
+        backoff_cap: float = 1.0,
         password: str | None = None,
+        fast_path: bool = True,
         **client_kwargs: Any,
     ) -> RedisClusterStore:
-        """``url.hosts`` are startup nodes (one reachable is enough); ``retries`` bounds re-routing."""
+        """``url.hosts`` are startup nodes (one reachable is enough); ``retries`` bounds re-routing.
+
+        The same options as RedisStore.from_url are accepted; ``fast_path`` has no effect here (bulk
+        I/O goes through per-node redis-py pipelines)."""
         kwargs: dict[str, Any] = {
             "startup_nodes": list(url.hosts),
             "username": url.username,
@@ -111,7 +117,7 @@ class RedisClusterStore(RedisStore):
             "socket_connect_timeout": connect_timeout,
             "socket_keepalive": True,
             "health_check_interval": 0,
-            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), max(1, retries)),
+            "retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff), max(1, retries)),
         }
         kwargs.update(tls_options(url))
         kwargs.update(client_kwargs)
