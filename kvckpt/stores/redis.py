@@ -115,6 +115,26 @@ def tls_options(url: StoreURL) -> dict[str, Any]:
     return options
 
 
+def password_of(url: StoreURL, password: str | None) -> str | None:
+    """The password: given explicitly, else in the URL, else in REDISCLI_AUTH (as redis-cli reads it)."""
+    return password or url.password or os.environ.get(PASSWORD_ENV) or None
+
+
+def connection_kwargs(
+    url: StoreURL, password: str | None, timeout: float, connect_timeout: float, retry: Retry
+) -> dict[str, Any]:
+    """redis-py keywords every kvckpt connection shares, standalone or Cluster, TLS included."""
+    return {
+        "username": url.username,
+        "password": password,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": connect_timeout,
+        "retry": retry,
+        "health_check_interval": 0,
+        **tls_options(url),
+    }
+
+
 def socket_timeout_of(client: Any) -> float | None:
     """The reply timeout a redis-py client was built with, if it tells."""
     with contextlib.suppress(AttributeError):
@@ -238,8 +258,9 @@ class RedisStore(KVStore):
 
         ``fast_path=False``, TLS, or any extra redis-py option keeps bulk I/O on redis-py too.
         """
-        secret = password or url.password or os.environ.get(PASSWORD_ENV) or None
+        secret = password_of(url, password)
         tls = tls_options(url)
+        backoff_policy = ExponentialBackoff(cap=backoff_cap, base=backoff)
         endpoint = None
         if fast_path and url.scheme in ("redis", "redis+unix") and not client_kwargs and not tls:
             (host, port), *_ = url.hosts or (("", 0),)
@@ -253,22 +274,14 @@ class RedisStore(KVStore):
                 timeout=timeout,
                 connect_timeout=connect_timeout,
             )
-        kwargs: dict[str, Any] = {
-            "db": url.db,
-            "username": url.username,
-            "password": secret,
-            "socket_timeout": timeout,
-            "socket_connect_timeout": connect_timeout,
-            "retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff), retries),
-            "health_check_interval": 0,
-        }
+        kwargs = connection_kwargs(url, secret, timeout, connect_timeout, Retry(backoff_policy, retries))
+        kwargs["db"] = url.db
         if url.scheme == "redis+unix":
             kwargs["unix_socket_path"] = url.socket_path
         else:
             (host, port), *_ = url.hosts
             kwargs.update(host=host, port=port)
             kwargs["socket_keepalive"] = True
-        kwargs.update(tls)
         kwargs.update(client_kwargs)
         return cls(client_kwargs=kwargs, description=str(url.server), endpoint=endpoint, retries=retries)
 

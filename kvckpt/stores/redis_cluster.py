@@ -18,7 +18,6 @@ from __future__ import annotations
 import binascii
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,15 +33,15 @@ from kvckpt.errors import ReplicationError, StoreUnavailableError
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis import (
     ACL_RULES,
-    PASSWORD_ENV,
     RedisStore,
     _check_wait_args,
     _ms,
     as_bytes_view,
+    connection_kwargs,
     copy_replies,
     glob_escape,
+    password_of,
     replication_message,
-    tls_options,
     wait_on,
 )
 from kvckpt.urls import StoreURL
@@ -109,17 +108,9 @@ class RedisClusterStore(RedisStore):
 
         The same options as RedisStore.from_url are accepted; ``fast_path`` has no effect here (bulk
         I/O goes through per-node redis-py pipelines)."""
-        kwargs: dict[str, Any] = {
-            "startup_nodes": list(url.hosts),
-            "username": url.username,
-            "password": password or url.password or os.environ.get(PASSWORD_ENV) or None,
-            "socket_timeout": timeout,
-            "socket_connect_timeout": connect_timeout,
-            "socket_keepalive": True,
-            "health_check_interval": 0,
-            "retry": Retry(ExponentialBackoff(cap=backoff_cap, base=backoff), max(1, retries)),
-        }
-        kwargs.update(tls_options(url))
+        retry = Retry(ExponentialBackoff(cap=backoff_cap, base=backoff), max(1, retries))
+        kwargs = connection_kwargs(url, password_of(url, password), timeout, connect_timeout, retry)
+        kwargs.update(startup_nodes=list(url.hosts), socket_keepalive=True)
         kwargs.update(client_kwargs)
         return cls(client_kwargs=kwargs, description=str(url.server), rounds=1 + max(0, retries))
 
