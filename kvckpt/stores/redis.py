@@ -259,22 +259,9 @@ class RedisStore(KVStore):
         ``fast_path=False``, TLS, or any extra redis-py option keeps bulk I/O on redis-py too.
         """
         secret = password_of(url, password)
-        tls = tls_options(url)
-        backoff_policy = ExponentialBackoff(cap=backoff_cap, base=backoff)
-        endpoint = None
-        if fast_path and url.scheme in ("redis", "redis+unix") and not client_kwargs and not tls:
-            (host, port), *_ = url.hosts or (("", 0),)
-            endpoint = Endpoint(
-                host=host,
-                port=port,
-                unix_path=url.socket_path if url.scheme == "redis+unix" else None,
-                db=url.db,
-                username=url.username,
-                password=secret,
-                timeout=timeout,
-                connect_timeout=connect_timeout,
-            )
-        kwargs = connection_kwargs(url, secret, timeout, connect_timeout, Retry(backoff_policy, retries))
+        retry = Retry(ExponentialBackoff(cap=backoff_cap, base=backoff), retries)
+        kwargs = connection_kwargs(url, secret, timeout, connect_timeout, retry)
+        tls = bool(kwargs.get("ssl"))
         kwargs["db"] = url.db
         if url.scheme == "redis+unix":
             kwargs["unix_socket_path"] = url.socket_path
@@ -282,6 +269,18 @@ class RedisStore(KVStore):
             (host, port), *_ = url.hosts
             kwargs.update(host=host, port=port)
             kwargs["socket_keepalive"] = True
+        endpoint = None
+        if fast_path and url.scheme in ("redis", "redis+unix") and not client_kwargs and not tls:
+            endpoint = Endpoint(
+                host=kwargs.get("host", ""),
+                port=kwargs.get("port", 0),
+                unix_path=kwargs.get("unix_socket_path"),
+                db=url.db,
+                username=url.username,
+                password=secret,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+            )
         kwargs.update(client_kwargs)
         return cls(client_kwargs=kwargs, description=str(url.server), endpoint=endpoint, retries=retries)
 

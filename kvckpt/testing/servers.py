@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -28,6 +28,9 @@ REDIS_CHECKPOINT_SETTINGS: dict[str, str] = {
     "proto-max-bulk-len": "512mb",
     "client-output-buffer-limit": "replica 0 0 0",
 }
+
+
+_T = TypeVar("_T", bound="Throwaway")
 
 
 def find_binary(name: str) -> str:
@@ -73,8 +76,25 @@ def wait_until(check: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+class Throwaway:
+    """A local server (or group of them) used as ``with X() as server``: start on enter, cleanup on exit."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _T) -> _T:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
 @dataclass
-class RedisServer:
+class RedisServer(Throwaway):
     """One redis-server on a free loopback port and a unix socket in a private temp dir."""
 
     extra_args: Sequence[str] = ()
@@ -138,12 +158,6 @@ class RedisServer:
         self.stop()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
 
 # etcd ---------------------------------------------------------------------------------------------
 # One contiguous block so other helpers can be appended without merge conflicts.
@@ -160,7 +174,7 @@ def _etcd_healthy(client_port: int) -> bool:
 
 
 @dataclass
-class EtcdServer:
+class EtcdServer(Throwaway):
     """One etcd member on free loopback ports with a data dir in a private temp folder.
 
     Alone it is a single-member cluster; ``EtcdCluster`` builds several that share ``initial_cluster``.
@@ -274,15 +288,9 @@ class EtcdServer:
         self.stop()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> EtcdServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
 
 @dataclass
-class EtcdCluster:
+class EtcdCluster(Throwaway):
     """``size`` etcd members on loopback, each with its own data dir under one temp folder.
 
     ``stop_member(i)`` / ``start_member(i)`` take one member down and bring it back with its data.
@@ -341,12 +349,6 @@ class EtcdCluster:
             member.stop(kill=True)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> EtcdCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
 
 # Redis beyond one node: Cluster, primary + replica, TLS (issue 6) ---------------------------------
 
@@ -400,7 +402,7 @@ class ClusterNodeInfo:
 
 
 @dataclass
-class RedisCluster:
+class RedisCluster(Throwaway):
     """A throw-away Redis Cluster: ``masters`` primaries with ``replicas`` each, on free loopback ports.
 
     The node timeout is short (1 s) so a killed master's replica takes over within a few seconds.
@@ -574,15 +576,9 @@ class RedisCluster:
         for node in self.nodes:
             node.cleanup()
 
-    def __enter__(self) -> RedisCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
 
 @dataclass
-class RedisReplicaPair:
+class RedisReplicaPair(Throwaway):
     """A primary and one replica (``replicaof``), both with the checkpoint settings."""
 
     binary: str = ""
@@ -621,12 +617,6 @@ class RedisReplicaPair:
     def cleanup(self) -> None:
         self.replica.cleanup()
         self.primary.cleanup()
-
-    def __enter__(self) -> RedisReplicaPair:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
 
 
 @dataclass(frozen=True)
