@@ -108,6 +108,18 @@ class RedisServer(Throwaway):
     def socket_path(self) -> str:
         return os.path.join(self.tmpdir, "redis.sock")
 
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.tmpdir, "redis.log")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server's log, for a failure message that says what the server saw."""
+        try:
+            with open(self.log_path, errors="replace") as log:
+                return "".join(log.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
     def url(self, namespace: str = "ckpt", db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}/{namespace}"
 
@@ -117,7 +129,7 @@ class RedisServer(Throwaway):
     def command_line(self) -> list[str]:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
-        args += ["--dir", self.tmpdir, "--protected-mode", "no"]
+        args += ["--dir", self.tmpdir, "--protected-mode", "no", "--logfile", self.log_path]
         for name, value in self.settings.items():
             args += [f"--{name}", *(value.split(" ") if value else [""])]
         return args + list(self.extra_args)
@@ -460,9 +472,9 @@ class RedisCluster(Throwaway):
     def node(self, port: int) -> RedisServer:
         return next(n for n in self.nodes if n.port == port)
 
-    def topology(self) -> list[ClusterNodeInfo]:
-        """CLUSTER NODES as one live node sees it."""
-        text = str(redis_call(self.live()[0].port, "CLUSTER", "NODES"))
+    def topology(self, port: int = 0) -> list[ClusterNodeInfo]:
+        """CLUSTER NODES as one live node (the first, or the one on ``port``) sees it."""
+        text = str(redis_call(port or self.live()[0].port, "CLUSTER", "NODES"))
         nodes = []
         for line in text.splitlines():
             parts = line.split()
@@ -509,14 +521,37 @@ class RedisCluster(Throwaway):
             replication = _info(node.port, "replication")
             if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
                 return False
-        return True
+        return self._slot_maps_agree()
+
+    def _slot_maps_agree(self) -> bool:
+        """Every live node, replicas included, has heard of every slot move.
+
+        A replica claims in its election only the slots it knows its master holds; kill a master
+        that just took slots before its replica heard, and those slots stay on the dead node.
+        """
+        views = set()
+        for node in self.live():
+            view = {
+                n.node_id: tuple(s for s in n.slots if not s.startswith("["))
+                for n in self.topology(node.port)
+            }
+            views.add(frozenset((k, v) for k, v in view.items() if v))
+        return len(views) == 1
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Every slot served, every live node agrees, every replica linked to its master."""
-        wait_until(self._healthy, timeout, "a healthy Redis Cluster")
+        try:
+            wait_until(self._healthy, timeout, "a healthy Redis Cluster")
+        except TimeoutError as timeout_error:
+            raise TimeoutError(f"{timeout_error}\n{self.diagnostics()}") from None
 
     def kill_master(self, master: RedisServer | None = None) -> tuple[RedisServer, RedisServer]:
-        """SIGKILL a master (the first by default); return it and the replica expected to take over."""
+        """SIGKILL a master (the first by default); return it and the replica expected to take over.
+
+        Waits first for a healthy cluster whose nodes all agree on the slot map, so the replica
+        claims every slot its master held.
+        """
+        self.wait_healthy()
         master = master or self.master_nodes()[0]
         replica = self.replica_of(master)
         assert master.process is not None
@@ -533,7 +568,21 @@ class RedisCluster(Throwaway):
             states = [str(redis_call(n.port, "CLUSTER", "INFO")) for n in self.live()]
             return role == "master" and all("cluster_state:ok" in s for s in states)
 
-        wait_until(promoted, timeout, f"promotion of the replica on port {replica.port}")
+        try:
+            wait_until(promoted, timeout, f"promotion of the replica on port {replica.port}")
+        except TimeoutError as timeout_error:
+            raise TimeoutError(f"{timeout_error}\n{self.diagnostics()}") from None
+
+    def diagnostics(self) -> str:
+        """What each live node sees of the cluster, and the end of its log (voters log refusals)."""
+        views = []
+        for live in self.live():
+            try:
+                nodes = redis_call(live.port, "CLUSTER", "NODES")
+            except Exception as error:  # a diagnostic must not mask the failure it explains
+                nodes = repr(error)
+            views.append(f"--- node {live.port}: CLUSTER NODES\n{nodes}\nlog:\n{live.log_tail(15)}")
+        return "\n".join(views)
 
     def restart(self, node: RedisServer, timeout: float = 60.0) -> None:
         """Start a killed node again on its port and dir; it rejoins, and the cluster heals."""
