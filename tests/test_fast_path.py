@@ -437,3 +437,19 @@ def test_dcp_load_cut_off_is_unavailable(
     dying.extend([[1 << 20] for _ in range(16)])
     with pytest.raises(kvckpt.StoreUnavailableError, match="while reading"):
         kvckpt.load({"w": torch.zeros(1024, 1024)}, url)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_user_without_password_authenticates_as_that_user(fast_path: bool) -> None:
+    """``redis://user@host`` logs in as ``user`` (AUTH user ""), on both paths, as redis-py does."""
+    with RedisServer() as server:
+        admin = redis.Redis(port=server.port)
+        admin.execute_command("ACL", "SETUSER", "ckpt-np", "reset", "on", "nopass", "~np/*", "+@all")
+        admin.close()
+        url = f"redis://ckpt-np@127.0.0.1:{server.port}/0/np"
+        store = open_store(url, fast_path=fast_path)
+        store.put_many([("np/a", b"inside")])
+        assert store.get_many(["np/a"]) == [b"inside"]
+        with pytest.raises(kvckpt.KVCheckpointError, match="no permissions"):  # as default it could
+            store.put_many([("elsewhere/a", b"outside")])
+        store.close()

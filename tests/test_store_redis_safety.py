@@ -96,7 +96,7 @@ def test_wait_for_replicas_raises_within_the_timeout_when_the_replica_is_down(
         with pytest.raises(ReplicationError, match=r"only 0 of 1 replica") as info:
             store.wait_for_replicas(1, 1.2)
         elapsed = time.monotonic() - started
-        assert 1.1 <= elapsed < 2.5, elapsed
+        assert 1.1 <= elapsed < 4.0, elapsed  # slack for a loaded CI machine; a hang is minutes
         assert (info.value.acked, info.value.wanted) == (0, 1)  # type: ignore[attr-defined]
     finally:
         redis_replica_pair.start_replica()

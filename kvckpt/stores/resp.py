@@ -125,8 +125,10 @@ class RespConnection:
         sock.settimeout(ep.timeout)
         self._sock, self._pos, self._end = sock, 0, 0
         setup: list[tuple[Arg, ...]] = []
-        if ep.password is not None:
-            setup.append(("AUTH", ep.username, ep.password) if ep.username else ("AUTH", ep.password))
+        if ep.username:  # as redis-py does: a user without a password authenticates with ""
+            setup.append(("AUTH", ep.username, ep.password or ""))
+        elif ep.password is not None:
+            setup.append(("AUTH", ep.password))
         if ep.db:
             setup.append(("SELECT", ep.db))
         if not setup:
