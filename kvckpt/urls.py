@@ -1,10 +1,11 @@
 """checkpoint_id URLs: parsing into a StoreURL and redacting credentials.
 
-Forms (a public contract, see docs/urls.md):
+Forms (a public contract, see the README's URL table):
   redis://[user[:password]@]host[:port]/DB/NAMESPACE     rediss:// is the same over TLS
   redis+unix://[user[:password]@]/path/to.sock?db=0&namespace=NAMESPACE
   redis+cluster://[user[:password]@]host:port[,host:port...]/NAMESPACE
   etcd://[user[:password]@]host:port[,host:port...]/NAMESPACE
+TCP forms take ?tls=true&ca=PATH&cert=PATH&key=PATH (rediss:// implies tls=true).
 """
 
 from __future__ import annotations
@@ -68,6 +69,48 @@ class StoreURL:
 
     def __str__(self) -> str:
         return self.to_url(redact=True)
+
+
+#: URL query options naming TLS files, by the name each goes by (redis-py's names are aliases).
+TLS_FILE_OPTIONS = {
+    "ca": "ca", "cert": "cert", "key": "key",
+    "ssl_ca_certs": "ca", "ssl_certfile": "cert", "ssl_keyfile": "key",
+}  # fmt: skip
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    """TLS for a store connection. Paths only: certificates are files, so no secret sits in a URL."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+def tls_of(url: StoreURL) -> TLSOptions | None:
+    """The URL's TLS settings (None: plain): on with ``rediss://`` or ``?tls=true``, files from
+    ``?ca=&cert=&key=``. Any other query option is refused, because a stray ``?`` in a namespace
+    lands here and would otherwise cut the namespace short without a word."""
+    query = dict(url.query)
+    unknown = sorted(set(query) - set(TLS_FILE_OPTIONS) - {"tls"})
+    if unknown:
+        raise InvalidCheckpointIdError(
+            f"{url}: unknown URL option(s) {', '.join(map(repr, unknown))}; the options are "
+            f"{', '.join(sorted(TLS_FILE_OPTIONS))}, tls. Percent-encode '?' in a namespace as %3F"
+        )
+    files = {TLS_FILE_OPTIONS[k]: v for k, v in query.items() if k in TLS_FILE_OPTIONS}
+    tls = url.scheme == "rediss" or query.get("tls", "").lower() in _TRUE
+    if (files or tls) and url.scheme == "redis+unix":
+        raise InvalidCheckpointIdError(f"{url}: TLS options do not apply to a unix socket")
+    if files and not tls:
+        raise InvalidCheckpointIdError(
+            f"{url}: ca=/cert=/key= configure TLS; add tls=true to the query"
+            + (" (or use rediss://)" if url.scheme == "redis" else "")
+        )
+    if ("cert" in files) != ("key" in files):
+        raise InvalidCheckpointIdError(f"{url}: a client certificate needs both cert= and key=")
+    return TLSOptions(**files) if tls else None
 
 
 def _host(host: str) -> str:

@@ -46,13 +46,14 @@ import grpc
 
 from kvckpt.errors import (
     CheckpointTooLargeError,
+    InvalidCheckpointIdError,
     KVCheckpointError,
     StoreFullError,
     StoreUnavailableError,
 )
 from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
 from kvckpt.stores import etcd_wire as pb
-from kvckpt.urls import StoreURL
+from kvckpt.urls import StoreURL, TLSOptions, tls_of
 
 MiB = 1 << 20
 #: etcd's default ``--max-request-bytes``.
@@ -149,6 +150,7 @@ class EtcdStore(KVStore):
         username: str | None = None,
         password: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        tls: TLSOptions | None = None,
         description: str = "",
     ) -> None:
         if not endpoints:
@@ -169,6 +171,7 @@ class EtcdStore(KVStore):
         self.username = username
         self._password = password
         self.channel_options = list(channel_options)
+        self.tls = tls
         self.description = description or f"etcd://{','.join(self.targets)}"
         self.capabilities = Capabilities(
             max_value_bytes=max_request_bytes - KEY_AND_FRAMING_BYTES,
@@ -213,6 +216,7 @@ class EtcdStore(KVStore):
             max_total_bytes=max_total_bytes,
             username=url.username,
             password=password or url.password or (os.environ.get(PASSWORD_ENV) if url.username else None),
+            tls=tls_of(url),
             description=str(url.server),
             **options,
         )
@@ -238,11 +242,41 @@ class EtcdStore(KVStore):
             with self._lock:
                 if self._endpoints is None:
                     options = self._channel_options()
+                    credentials = self._credentials()
                     self._endpoints = [
-                        _Endpoint(t, grpc.insecure_channel(t, options=options)) for t in self.targets
+                        _Endpoint(
+                            t,
+                            grpc.secure_channel(t, credentials, options=options)
+                            if credentials
+                            else grpc.insecure_channel(t, options=options),
+                        )
+                        for t in self.targets
                     ]
                 endpoints = self._endpoints
         return endpoints
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials, read from the files when the first channel opens (paths survive pickling)."""
+        if self.tls is None:
+            return None
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                with open(path, "rb") as file:
+                    return file.read()
+            except OSError as exc:
+                raise InvalidCheckpointIdError(
+                    f"{self.description}: cannot read the TLS file {path!r} ({exc.strerror}); "
+                    "check the ca=/cert=/key= paths in the URL"
+                ) from None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.tls.ca),
+            private_key=read(self.tls.key),
+            certificate_chain=read(self.tls.cert),
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -356,9 +390,17 @@ class EtcdStore(KVStore):
                 raise self._translate(exc, action, len(request), write) from None
         raise StoreUnavailableError(
             f"{self.description}: no etcd endpoint answered while {action} within {self.timeout:g}s "
-            f"({'; '.join(failures)}); check that a quorum of members is up, or raise timeout=",
+            f"({'; '.join(failures)}); {self._unavailable_hint(failures)}",
             action=action,
         )
+
+    def _unavailable_hint(self, failures: list[str]) -> str:
+        text = " ".join(failures).lower()
+        if "handshake" in text:
+            return "the TLS handshake failed: check the ca=/cert=/key= files against the server's"
+        if self.tls is None and "socket closed" in text:
+            return "a server that requires TLS closes plain connections: add ?tls=true&ca=&cert=&key="
+        return "check that a quorum of members is up, or raise timeout="
 
     def _pipelined(
         self,

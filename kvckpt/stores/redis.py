@@ -25,7 +25,6 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from kvckpt.errors import (
-    InvalidCheckpointIdError,
     KVCheckpointError,
     ReplicationError,
     StoreFullError,
@@ -35,7 +34,7 @@ from kvckpt.errors import (
 )
 from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
 from kvckpt.stores.resp import Arg, Endpoint, RespPool
-from kvckpt.urls import StoreURL
+from kvckpt.urls import StoreURL, tls_of
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +42,6 @@ REDIS_MAX_VALUE = 512 * 1024 * 1024
 PASSWORD_ENV = "REDISCLI_AUTH"
 #: The only maxmemory-policy under which Redis never drops a key it acknowledged.
 SAFE_MAXMEMORY_POLICY = "noeviction"
-#: URL query parameters that configure TLS, and the redis-py keyword each one sets.
-TLS_QUERY_OPTIONS = {
-    "ca": "ssl_ca_certs",
-    "cert": "ssl_certfile",
-    "key": "ssl_keyfile",
-    "ssl_ca_certs": "ssl_ca_certs",
-    "ssl_certfile": "ssl_certfile",
-    "ssl_keyfile": "ssl_keyfile",
-}
-_TRUE = ("1", "true", "yes", "on")
 #: The least an ACL user needs (``ACL SETUSER name on >password ~NAMESPACE/* -@all`` + these);
 #: ``config|get`` only serves check_server_settings, which skips quietly without it. Commit fencing
 #: after a lost reply also needs ``+client|id +client|kill``; without them commits are sent once, unfenced.
@@ -91,28 +80,12 @@ def _ms(ttl: float) -> int:
 
 
 def tls_options(url: StoreURL) -> dict[str, Any]:
-    """redis-py TLS keywords from the URL: ``rediss://`` (or ``?tls=true``) plus ``?ca=&cert=&key=``.
-
-    Paths only: certificates are files, so no secret ever sits in the URL's query.
-    """
-    query = dict(url.query)
-    unknown = sorted(set(query) - set(TLS_QUERY_OPTIONS) - {"tls"})
-    if unknown:  # a stray "?" in a namespace lands here: say so rather than silently cut the namespace
-        raise InvalidCheckpointIdError(
-            f"{url}: unknown URL option(s) {', '.join(map(repr, unknown))}; the options are "
-            f"{', '.join(sorted(TLS_QUERY_OPTIONS))}, tls. Percent-encode '?' in a namespace as %3F"
-        )
-    options: dict[str, Any] = {TLS_QUERY_OPTIONS[k]: v for k, v in query.items() if k in TLS_QUERY_OPTIONS}
-    tls = url.scheme == "rediss" or query.get("tls", "").lower() in _TRUE
-    if (options or tls) and url.scheme == "redis+unix":
-        raise InvalidCheckpointIdError(f"{url}: TLS options do not apply to a unix socket")
-    if options and not tls:
-        raise InvalidCheckpointIdError(
-            f"{url}: ca=/cert=/key= configure TLS; use rediss:// (or tls=true with redis+cluster://)"
-        )
-    if tls:
-        options["ssl"] = True
-    return options
+    """redis-py's TLS keywords for the URL's TLS settings (see ``urls.tls_of``)."""
+    tls = tls_of(url)
+    if tls is None:
+        return {}
+    files = {"ssl_ca_certs": tls.ca, "ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
+    return {"ssl": True, **{name: path for name, path in files.items() if path}}
 
 
 def password_of(url: StoreURL, password: str | None) -> str | None:

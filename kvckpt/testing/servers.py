@@ -175,13 +175,18 @@ class RedisServer(Throwaway):
 # One contiguous block so other helpers can be appended without merge conflicts.
 
 
-def _etcd_healthy(client_port: int) -> bool:
+def _etcd_healthy(client_port: int, tls: TLSFiles | None = None) -> bool:
     """True once the member answers /health with a leader (it needs a quorum for that)."""
     import json
+    import ssl
     import urllib.request
 
-    url = f"http://127.0.0.1:{client_port}/health"
-    with urllib.request.urlopen(url, timeout=1) as reply:  # loopback only
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(cafile=tls.ca)
+        context.load_cert_chain(tls.client_cert, tls.client_key)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{client_port}/health"
+    with urllib.request.urlopen(url, timeout=1, context=context) as reply:  # loopback only
         return bool(json.load(reply).get("health") == "true")
 
 
@@ -190,7 +195,8 @@ class EtcdServer(Throwaway):
     """One etcd member on free loopback ports with a data dir in a private temp folder.
 
     Alone it is a single-member cluster; ``EtcdCluster`` builds several that share ``initial_cluster``.
-    ``unsafe_no_fsync`` (etcd >= 3.5) trades durability for speed in tests and benchmarks.
+    ``unsafe_no_fsync`` (etcd >= 3.5) trades durability for speed in tests and benchmarks. With
+    ``tls`` clients must speak TLS and present a certificate signed by its CA.
     """
 
     quota_backend_bytes: int | None = None
@@ -204,6 +210,7 @@ class EtcdServer(Throwaway):
     cluster_token: str = "kvckpt"
     binary: str = ""
     tmpdir: str = ""
+    tls: TLSFiles | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -223,7 +230,10 @@ class EtcdServer(Throwaway):
         return os.path.join(self.tmpdir, f"{self.name}.log")
 
     def url(self, namespace: str = "ckpt") -> str:
-        return f"etcd://{self.endpoint}/{namespace}"
+        if self.tls is None:
+            return f"etcd://{self.endpoint}/{namespace}"
+        query = f"tls=true&ca={self.tls.ca}&cert={self.tls.client_cert}&key={self.tls.client_key}"
+        return f"etcd://{self.endpoint}/{namespace}?{query}"
 
     def allocate(self) -> EtcdServer:
         """Pick ports and the temp folder without starting (a cluster needs every peer URL first)."""
@@ -235,7 +245,7 @@ class EtcdServer(Throwaway):
         return self
 
     def command_line(self) -> list[str]:
-        client_url = f"http://{self.endpoint}"
+        client_url = f"{'https' if self.tls else 'http'}://{self.endpoint}"
         args = [self.binary, "--name", self.name, "--data-dir", self.data_dir]
         args += ["--listen-client-urls", client_url, "--advertise-client-urls", client_url]
         args += ["--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url]
@@ -247,6 +257,9 @@ class EtcdServer(Throwaway):
             args += ["--max-request-bytes", str(self.max_request_bytes)]
         if self.unsafe_no_fsync:
             args.append("--unsafe-no-fsync")
+        if self.tls is not None:
+            args += ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key]
+            args += ["--trusted-ca-file", self.tls.ca, "--client-cert-auth"]
         return args + list(self.extra_args)
 
     def launch(self) -> None:
@@ -269,7 +282,7 @@ class EtcdServer(Throwaway):
     def ping(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"etcd {self.name} exited with {self.process.returncode}")
-        return _etcd_healthy(self.client_port)
+        return _etcd_healthy(self.client_port, self.tls)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
