@@ -9,6 +9,12 @@ resets the kernel's peak-RSS mark, and times one ``dcp.save`` / ``dcp.load``. Th
 Markdown table (medians; ratios are kvckpt/FS from the same run) and writes JSON to
 benchmarks/results/.
 
+Two redis-servers run: ``tcp``/``unix`` is emptied with FLUSHALL before every phase pair, which also
+purges jemalloc, so each save faults in fresh memory (a new server's first checkpoint); ``tcp-kept``/
+``unix-kept`` runs with ``REDIS_KEEP_FREED_MEMORY_ENV`` (docs/operations-redis.md), is emptied with
+UNLINK as ``kvckpt.delete``/``keep_last`` do, and has held a checkpoint of the scenario's size before
+the first measured phase: the steady state of a server that keeps the last few checkpoints.
+
 Adding a target is an entry in ``open_stores`` (a checkpoint_id factory, a cleaner, the server's
 pid); adding a scenario is one ``Scenario`` in ``SCENARIOS``. The etcd scenario (64 MiB) runs one
 etcd member with fsync and one with ``--unsafe-no-fsync``, so the table shows what durability costs.
@@ -120,7 +126,7 @@ class Scenario:
     what: str
     build: Callable[..., dict[str, Any]]
     kwargs: dict[str, Any]
-    targets: tuple[str, ...] = ("tcp", "unix", "fs")
+    targets: tuple[str, ...] = ("tcp", "unix", "tcp-kept", "unix-kept", "fs")
     quick_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,6 +165,7 @@ TARGETS = {
     ("small", "unix"): (1.5, 2.0),
     ("small", "tcp"): (1.5, 2.0),
 }
+TARGETS.update({(scenario, f"{target}-kept"): need for (scenario, target), need in TARGETS.items()})
 
 
 # Child: one timed phase ---------------------------------------------------------------------------
@@ -296,26 +303,45 @@ class Stores:
 def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
     import redis
 
-    from kvckpt.testing.servers import EtcdServer, RedisServer
+    from kvckpt.testing.servers import REDIS_KEEP_FREED_MEMORY_ENV, EtcdServer, RedisServer
 
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(RedisServer(binary=redis_binary))
+        kept = stack.enter_context(RedisServer(binary=redis_binary, environment=REDIS_KEEP_FREED_MEMORY_ENV))
         etcd = stack.enter_context(EtcdServer())
         nofsync = stack.enter_context(EtcdServer(unsafe_no_fsync=True))
         client = stack.enter_context(contextlib.closing(redis.Redis(port=server.port)))
-        assert server.process is not None
+        kept_client = stack.enter_context(contextlib.closing(redis.Redis(port=kept.port)))
+        assert server.process is not None and kept.process is not None
         ids: dict[str, Callable[[str], str]] = {
             "tcp": server.url,
             "unix": server.unix_url,
+            "tcp-kept": kept.url,
+            "unix-kept": kept.unix_url,
             "fs": lambda ns: str(scratch / ns),
         }
-        cleaners: list[Callable[[], None]] = [client.flushall, lambda: shutil.rmtree(scratch, True)]
+        cleaners: list[Callable[[], None]] = [
+            client.flushall,  # synchronous FLUSHALL also purges jemalloc: the next save starts cold
+            functools.partial(_unlink_all, kept_client),
+            lambda: shutil.rmtree(scratch, True),
+        ]
         pids = {"tcp": server.process.pid, "unix": server.process.pid}
+        pids |= {"tcp-kept": kept.process.pid, "unix-kept": kept.process.pid}
         for name, member in (("etcd", etcd), ("etcd-nofsync", nofsync)):
             assert member.process is not None
             ids[name], pids[name] = member.url, member.process.pid
             cleaners.append(functools.partial(_empty_etcd, member))
         yield Stores(ids, cleaners, pids)
+
+
+def _unlink_all(client: Any) -> None:
+    """Delete every key the way kvckpt.delete and keep_last do (UNLINK), which leaves jemalloc's pages
+    mapped; then wait until background frees are done."""
+    keys = list(client.scan_iter(count=1000))
+    for start in range(0, len(keys), 1000):
+        client.unlink(*keys[start : start + 1000])
+    while int(client.info("memory").get("lazyfree_pending_objects", 0)):
+        time.sleep(0.01)
 
 
 def _empty_etcd(member: Any) -> None:
@@ -359,6 +385,21 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _job(
+    stores: Stores, scenario: str, kwargs: dict[str, Any], target: str, phase: str, ns: str, verify: bool
+) -> dict[str, Any]:
+    """What a child process runs: one phase of one scenario against one target."""
+    return {
+        "scenario": scenario,
+        "kwargs": kwargs,
+        "target": target,
+        "phase": phase,
+        "checkpoint_id": stores.ids[target](ns),
+        "warmup_id": stores.ids[target](f"{ns}-warmup-{phase}"),
+        "verify": verify,
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Repetitions outermost, targets interleaved: a burst of load elsewhere hits every target alike."""
     scratch = Path(tempfile.mkdtemp(prefix="kvckpt-bench-", dir=args.fs_dir))
@@ -371,22 +412,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 runs: dict[tuple[str, str], list[dict[str, Any]]] = {
                     (target, phase): [] for target in scenario.targets for phase in PHASES
                 }
+                job = functools.partial(_job, stores, name, kwargs)
+                kept = [t for t in scenario.targets if t.endswith("-kept")]
+                if kept:  # the steady state: a checkpoint of this size was saved and deleted before
+                    run_child(job(kept[0], "save", f"bench/{name}/prime", False), args.timeout)
                 for rep in range(args.repeat):
                     for target in scenario.targets:
                         stores.clean()
                         ns = f"bench/{name}/{uuid.uuid4().hex[:8]}"
                         for phase in PHASES:
-                            job = {
-                                "scenario": name,
-                                "kwargs": kwargs,
-                                "target": target,
-                                "phase": phase,
-                                "checkpoint_id": stores.ids[target](ns),
-                                "warmup_id": stores.ids[target](f"{ns}-warmup-{phase}"),
-                                "verify": rep == 0,
-                            }
                             cpu, faults = stores.server_usage(target)
-                            result = run_child(job, args.timeout)
+                            result = run_child(job(target, phase, ns, rep == 0), args.timeout)
                             cpu_after, faults_after = stores.server_usage(target)
                             result["server_cpu_s"] = cpu_after - cpu
                             result["server_page_faults"] = faults_after - faults

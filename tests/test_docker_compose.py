@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from kvckpt.testing.servers import REDIS_CHECKPOINT_SETTINGS, find_binary, free_port_with_bus, wait_until
+from kvckpt.testing.servers import (
+    REDIS_CHECKPOINT_SETTINGS,
+    REDIS_KEEP_FREED_MEMORY_ENV,
+    find_binary,
+    free_port_with_bus,
+    wait_until,
+)
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 COMPOSE_FILES = sorted(DOCKER.glob("*.compose.yml"))
@@ -75,6 +81,23 @@ def test_every_redis_server_uses_the_checkpoint_settings(path: Path) -> None:
             assert got is not None and got.lower() == want.lower(), (
                 f"{path.name} service {service}: --{name} is {got!r}, the test servers use {want!r}"
             )
+
+
+def environment_of(service: dict[str, Any]) -> dict[str, str]:
+    """A compose service's environment, given as a mapping or as KEY=VALUE lines."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(line.split("=", 1) for line in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_redis_server_keeps_freed_memory(path: Path) -> None:
+    services = yaml.safe_load(path.read_text())["services"]
+    for name, _ in redis_server_commands(path):
+        env = environment_of(services[name])
+        for variable, want in REDIS_KEEP_FREED_MEMORY_ENV.items():
+            assert env.get(variable) == want, f"{path.name} service {name}: {variable}={env.get(variable)!r}"
 
 
 def test_cluster_file_runs_six_cluster_nodes_and_joins_them() -> None:

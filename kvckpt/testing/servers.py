@@ -29,6 +29,15 @@ REDIS_CHECKPOINT_SETTINGS: dict[str, str] = {
     "client-output-buffer-limit": "replica 0 0 0",
 }
 
+#: jemalloc options for a dedicated checkpoint server: keep freed pages mapped, so a save that follows
+#: the deletion of an older checkpoint (keep_last) writes into memory the server already faulted in.
+KEEP_FREED_MEMORY = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+#: The environment that carries them: MALLOC_CONF reaches a system libjemalloc (Debian's and Ubuntu's
+#: packages), JE_MALLOC_CONF the jemalloc Redis bundles (source builds, the redis Docker image).
+REDIS_KEEP_FREED_MEMORY_ENV: dict[str, str] = {
+    "MALLOC_CONF": KEEP_FREED_MEMORY,
+    "JE_MALLOC_CONF": KEEP_FREED_MEMORY,
+}
 
 _T = TypeVar("_T", bound="Throwaway")
 
@@ -102,6 +111,7 @@ class RedisServer(Throwaway):
     port: int = 0
     binary: str = ""
     tmpdir: str = ""
+    environment: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -139,7 +149,10 @@ class RedisServer(Throwaway):
         self.tmpdir = self.tmpdir or tempfile.mkdtemp(prefix="kvckpt-redis-")
         self.port = self.port or free_port()
         self.process = subprocess.Popen(
-            self.command_line(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command_line(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **self.environment} if self.environment else None,
         )
         try:
             wait_until(self.ping, 20, f"redis-server on port {self.port}")
