@@ -189,7 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from kvckpt.testing.servers import RedisServer
+    from kvckpt.testing.servers import REDIS_KEEP_FREED_MEMORY_ENV, RedisServer
 
     with socket.socket() as probe:  # redis-server would exit and leave us waiting for it
         try:
@@ -198,7 +198,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             raise KVCheckpointError(
                 f"port {args.port} is in use on 127.0.0.1; pick another with --port"
             ) from None
-    server = RedisServer(port=args.port)
+    server = RedisServer(port=args.port, environment=dict(REDIS_KEEP_FREED_MEMORY_ENV))
     if args.maxmemory is not None:
         server.settings["maxmemory"] = args.maxmemory
     signal.signal(signal.SIGTERM, _interrupt)  # kill / systemd stop the server as Ctrl-C does
@@ -206,6 +206,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         server.start()
         out(f"redis-server ({server.binary}) listening on 127.0.0.1:{server.port} and a unix socket")
         out("settings: maxmemory-policy noeviction, no RDB/AOF persistence (data is lost when it stops)")
+        out("jemalloc keeps freed pages mapped, so saves after deletes reuse them (docs/operations-redis.md)")
         out(f"use: {server.url('NAMESPACE')}")
         out(f" or: {server.unix_url('NAMESPACE')}")
         out("Ctrl-C stops it.")

@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 import kvckpt
 from kvckpt import humanize
-from kvckpt.testing.servers import RedisServer, free_port
+from kvckpt.testing.servers import REDIS_KEEP_FREED_MEMORY_ENV, RedisServer, find_binary, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -194,9 +194,14 @@ def test_demo_against_a_given_store(redis_server: RedisServer, namespace: str) -
     assert kept.namespace.startswith(f"{namespace}/kvckpt-demo-") and kept.namespace.endswith("/step-000004")
 
 
-def test_server_runs_in_the_foreground_until_stopped() -> None:
+def test_server_runs_in_the_foreground_until_stopped(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # A redis-server first on PATH that records its environment (redis-server itself overwrites its
+    # /proc/PID/environ with the process title), then runs the real one.
+    wrapper = tmp_path / "redis-server"
+    wrapper.write_text(f'#!/bin/sh\nenv > "{tmp_path}/env.txt"\nexec "{find_binary("redis-server")}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvckpt", "server", "--port", str(port)],
         cwd=ROOT,
@@ -207,14 +212,16 @@ def test_server_runs_in_the_foreground_until_stopped() -> None:
     )
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(3)]
-        url_line = next(line for line in lines if line.startswith("use: "))
+        url_line = next(line for line in iter(proc.stdout.readline, "") if line.startswith("use: "))
         url = url_line.split("use: ", 1)[1].strip().replace("NAMESPACE", "srv/step1")
         kvckpt.save({"x": torch.ones(3)}, url)
         assert [i.namespace for i in kvckpt.list_checkpoints(url.rsplit("/", 1)[0])] == ["srv/step1"]
         raw = redis.Redis(port=port)
         assert raw.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         assert raw.config_get("appendonly") == {"appendonly": "no"}
+        environ = (tmp_path / "env.txt").read_text().splitlines()
+        for variable, value in REDIS_KEEP_FREED_MEMORY_ENV.items():
+            assert f"{variable}={value}" in environ
         raw.close()
 
         busy = kvckpt_cli("server", "--port", str(port))
