@@ -16,6 +16,7 @@ from kvckpt.registry import open_store
 from kvckpt.store import KVStore
 from kvckpt.testing.conformance import StoreTests
 from kvckpt.testing.servers import EtcdServer, TLSFiles, make_tls_files
+from kvckpt.urls import TLSOptions
 from tests.helpers import bits_equal, random_tensor
 
 
@@ -57,6 +58,15 @@ def test_store_pickles_with_paths_and_reconnects(tls_etcd: EtcdServer, namespace
     copy = pickle.loads(pickle.dumps(store))
     assert copy.get_many([f"{namespace}/k"]) == [b"v"]
     copy.close()
+    store.close()
+
+
+def test_tls_given_as_an_option_to_a_plain_url(tls_etcd: EtcdServer, namespace: str) -> None:
+    files = tls_files(tls_etcd)
+    tls = TLSOptions(ca=files.ca, cert=files.client_cert, key=files.client_key)
+    store = open_store(f"etcd://{tls_etcd.endpoint}/ns", tls=tls)
+    store.put_many([(f"{namespace}/k", b"v")])
+    assert store.get_many([f"{namespace}/k"]) == [b"v"]
     store.close()
 
 

@@ -203,11 +203,12 @@ class EtcdStore(KVStore):
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_total_bytes: int | None = DEFAULT_MAX_TOTAL_BYTES,
         password: str | None = None,
+        tls: TLSOptions | None = None,
         **options: Any,
     ) -> EtcdStore:
         """``timeout`` bounds each call (all endpoint attempts together); ``max_request_bytes`` must
         not exceed the servers' ``--max-request-bytes``. The password may also come from
-        ``$ETCDCTL_PASSWORD``."""
+        ``$ETCDCTL_PASSWORD``; TLS from ``tls=TLSOptions(...)`` when the URL does not turn it on."""
         return cls(
             url.hosts,
             timeout=timeout,
@@ -216,7 +217,7 @@ class EtcdStore(KVStore):
             max_total_bytes=max_total_bytes,
             username=url.username,
             password=password or url.password or (os.environ.get(PASSWORD_ENV) if url.username else None),
-            tls=tls_of(url),
+            tls=tls_of(url) or tls,  # checks the URL's query even when TLS comes as an option
             description=str(url.server),
             **options,
         )
