@@ -399,7 +399,7 @@ class EtcdStore(KVStore):
         text = " ".join(failures).lower()
         if "handshake" in text:
             return "the TLS handshake failed: check the ca=/cert=/key= files against the server's"
-        if self.tls is None and "socket closed" in text:
+        if self.tls is None and ("socket closed" in text or "connection reset" in text):
             return "a server that requires TLS closes plain connections: add ?tls=true&ca=&cert=&key="
         return "check that a quorum of members is up, or raise timeout="
 
