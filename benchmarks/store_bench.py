@@ -3,8 +3,10 @@
     python benchmarks/store_bench.py [--mib 1024] [--chunk-mib 4] [--threads 2] [--redis-server PATH]
 
 Writes ``--mib`` of one tensor in chunks over ``--threads`` connections, reads it back into a second
-tensor, and repeats twice: into fresh server memory (FLUSHALL first, as every new checkpoint is) and
-over the same keys (the server overwrites values in memory it already holds). Reports GiB/s with
+tensor, and repeats twice: into fresh server memory (FLUSHALL first: a server's first checkpoint, or
+any checkpoint on a server whose allocator returned freed pages) and over the same keys (the server
+overwrites values in memory it already holds, as a server keeping freed pages does; see
+docs/operations-redis.md). Reports GiB/s with
 the CPU seconds and minor page faults of this process and of redis-server per pass.
 """
 
