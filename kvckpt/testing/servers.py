@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,6 +85,29 @@ def wait_until(check: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def tail_of(path: str, lines: int) -> str:
+    """The end of a server's log, for a failure message that says what the server saw."""
+    try:
+        with open(path, "rb") as log:
+            return b"".join(log.readlines()[-lines:]).decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, kill: bool = False) -> None:
+    """SIGTERM (or SIGKILL with ``kill``) a server still running, SIGKILL it if it lingers 10 s."""
+    if process is not None and process.poll() is None:
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class Throwaway:
     """A local server (or group of them) used as ``with X() as server``: start on enter, cleanup on exit."""
 
@@ -123,12 +146,7 @@ class RedisServer(Throwaway):
         return os.path.join(self.tmpdir, "redis.log")
 
     def log_tail(self, lines: int = 30) -> str:
-        """The end of the server's log, for a failure message that says what the server saw."""
-        try:
-            with open(self.log_path, errors="replace") as log:
-                return "".join(log.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return tail_of(self.log_path, lines)
 
     def url(self, namespace: str = "ckpt", db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}/{namespace}"
@@ -170,13 +188,7 @@ class RedisServer(Throwaway):
             return reply.startswith((b"+PONG", b"-NOAUTH"))
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def cleanup(self) -> None:
@@ -298,24 +310,11 @@ class EtcdServer(Throwaway):
         return _etcd_healthy(self.client_port, self.tls)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                return b"".join(log.readlines()[-lines:]).decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"
+        return tail_of(self.log_path, lines)
 
     def stop(self, kill: bool = False) -> None:
         """Stop the member (SIGTERM, or SIGKILL with ``kill``); its data dir stays for a restart."""
-        if self.process is not None and self.process.poll() is None:
-            if kill:
-                self.process.kill()
-            else:
-                self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, kill)
         self.process = None
 
     @property
@@ -566,10 +565,7 @@ class RedisCluster(Throwaway):
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Every slot served, every live node agrees, every replica linked to its master."""
-        try:
-            wait_until(self._healthy, timeout, "a healthy Redis Cluster")
-        except TimeoutError as timeout_error:
-            raise TimeoutError(f"{timeout_error}\n{self.diagnostics()}") from None
+        self._wait_until(self._healthy, timeout, "a healthy Redis Cluster")
 
     def kill_master(self, master: RedisServer | None = None) -> tuple[RedisServer, RedisServer]:
         """SIGKILL a master (the first by default); return it and the replica expected to take over.
@@ -594,8 +590,12 @@ class RedisCluster(Throwaway):
             states = [str(redis_call(n.port, "CLUSTER", "INFO")) for n in self.live()]
             return role == "master" and all("cluster_state:ok" in s for s in states)
 
+        self._wait_until(promoted, timeout, f"promotion of the replica on port {replica.port}")
+
+    def _wait_until(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        """wait_until, with what every node saw when it times out."""
         try:
-            wait_until(promoted, timeout, f"promotion of the replica on port {replica.port}")
+            wait_until(check, timeout, what)
         except TimeoutError as timeout_error:
             raise TimeoutError(f"{timeout_error}\n{self.diagnostics()}") from None
 
