@@ -13,7 +13,6 @@ import pytest
 import kvckpt
 from kvckpt.testing.servers import RedisServer, free_port
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
