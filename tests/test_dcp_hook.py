@@ -41,6 +41,20 @@ def test_save_and_load_by_url(url: str) -> None:
     assert torch.equal(loaded["w"], weights) and loaded["step"] == 7
 
 
+class Opaque:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_objects_load_without_unpickling_unless_the_planner_allows(url: str) -> None:
+    dcp.save({"w": torch.ones(2), "thing": Opaque(5)}, checkpoint_id=f"{url}/o")
+    with pytest.raises(CheckpointException, match="not loadable safely"):
+        dcp.load({"w": torch.zeros(2), "thing": None}, checkpoint_id=f"{url}/o")
+    loaded = {"w": torch.zeros(2), "thing": None}
+    dcp.load(loaded, checkpoint_id=f"{url}/o", planner=kvckpt.SafeLoadPlanner(allow_pickle=True))
+    assert isinstance(loaded["thing"], Opaque) and loaded["thing"].value == 5
+
+
 def test_paths_still_go_to_dcp_filesystem(tmp_path: object) -> None:
     kvckpt.install()
     dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path))

@@ -7,6 +7,10 @@ answers for the schemes kvckpt serves and hands anything else to DCP unchanged. 
 DCP's own list, so an fsspec protocol registered for ``redis://`` (see ``install``) can never route
 a save through FsspecWriter's file format.
 
+A reader made here loads non-tensor values with ``weights_only=True`` when DCP's default planner
+would unpickle them, as ``kvckpt.load`` does; a planner that defines its own ``load_bytes`` (such as
+``SafeLoadPlanner(allow_pickle=True)``) is left alone.
+
 ``async_save(..., async_checkpointer_type=PROCESS)`` runs ``save`` in a spawned process that never
 ran ``install``; for it the writer is built here, in the caller, and DCP pickles it across (stores
 pickle without their sockets and reconnect in the child).
@@ -16,14 +20,18 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed.checkpoint._async_process_executor as process_executor
 import torch.distributed.checkpoint._storage_utils as storage_utils
 import torch.distributed.checkpoint.state_dict_loader as loader
 import torch.distributed.checkpoint.state_dict_saver as saver
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
+from torch.futures import Future
 
+from kvckpt.dcp.api import SafeLoadPlanner
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.registry import owns
@@ -35,6 +43,30 @@ _ORIGINAL_EXECUTE = _Executor.execute_save
 _lock = threading.Lock()
 
 
+class _SafeObjects:
+    """DCP's default planner, except that non-tensor values load with ``weights_only=True``."""
+
+    allow_pickle = False
+
+    def __init__(self, planner: LoadPlanner) -> None:
+        self._planner = planner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        SafeLoadPlanner.load_bytes(cast(SafeLoadPlanner, self), read_item, value)
+
+
+class URLStorageReader(KVStorageReader):
+    """The reader ``dcp.load(checkpoint_id=URL)`` gets: objects load safely under DCP's default planner."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if type(planner).load_bytes is DefaultLoadPlanner.load_bytes:
+            planner = cast(LoadPlanner, _SafeObjects(planner))
+        return super().read_data(plan, planner)
+
+
 def _storage_setup(
     storage: StorageReader | StorageWriter | None,
     checkpoint_id: str | os.PathLike[str] | None,
@@ -43,7 +75,7 @@ def _storage_setup(
     """DCP's storage choice, with kvckpt's writer/reader for kvckpt's URL schemes."""
     if storage is None and owns(checkpoint_id):
         assert isinstance(checkpoint_id, str)
-        return KVStorageReader(checkpoint_id) if reader else KVStorageWriter(checkpoint_id)
+        return URLStorageReader(checkpoint_id) if reader else KVStorageWriter(checkpoint_id)
     return _ORIGINAL_SETUP(storage, checkpoint_id, reader=reader)
 
 
