@@ -88,6 +88,25 @@ def test_checkpoint_dict_round_trips_without_pickle(redis_server: RedisServer) -
     assert kvckpt.latest(url) is None
 
 
+def test_last_checkpoint_lookup_keeps_the_url(kvckpt_url: str) -> None:
+    """The stock ModelCheckpoint turns remote last.ckpt names into local paths; ours keeps URLs."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from kvckpt.integrations.lightning import KVModelCheckpoint
+
+    io = KVCheckpointIO()
+    for name in ("last.ckpt", "last-v1.ckpt", "step=4.ckpt", "lastly.ckpt"):
+        io.save_checkpoint({"w": torch.ones(1)}, f"{kvckpt_url}/run1/{name}")
+    found = {}
+    for cls in (ModelCheckpoint, KVModelCheckpoint):
+        callback = cls(dirpath=f"{kvckpt_url}/run1")
+        callback._fs = get_filesystem(callback.dirpath)
+        found[cls] = callback._find_last_checkpoints(None)
+    assert found[KVModelCheckpoint] == {f"{kvckpt_url}/run1/last.ckpt", f"{kvckpt_url}/run1/last-v1.ckpt"}
+    assert not any("://" in path for path in found[ModelCheckpoint])
+
+
 class Opaque:
     def __init__(self, value: int) -> None:
         self.value = value

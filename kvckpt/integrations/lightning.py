@@ -150,9 +150,10 @@ class KVCheckpointIO(CheckpointIO):
 class KVModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose ``ckpt_path="last"`` lookup keeps kvckpt URLs whole.
 
-    Lightning finds ``last.ckpt`` candidates by listing ``dirpath`` and passing each through
-    ``os.path.normpath``, which turns ``redis://host`` into ``redis:/host`` (for any remote URL), so
-    the stock class never finds a remote last checkpoint. Everything else is ModelCheckpoint's.
+    Lightning takes ``last.ckpt`` candidates from fsspec's ``ls`` of ``dirpath``, which names them
+    without protocol and server (as fsspec does for every remote protocol), and passes them through
+    ``os.path.normpath`` (which would turn ``redis://host`` into ``redis:/host`` anyway); the stock
+    class then looks for them on the local disk. Everything else is ModelCheckpoint's.
     """
 
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
