@@ -22,7 +22,7 @@ try:
     from fakeredis._clients._tcp_server import TCPFakeRequestHandler, Writer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError(
-        "fakeredis:// URLs need the fakeredis package: pip install 'kvckpt[fakeredis]'"
+        "fakeredis:// URLs need fakeredis 2.41 or later: pip install 'kvckpt[fakeredis]'"
     ) from exc
 
 _servers: dict[str, Any] = {}

@@ -22,12 +22,15 @@ from typing import Any
 
 import pytest
 
-from kvckpt.testing.fake_server import TcpServer, forget, fresh_url
+# kvckpt.testing.fake_server is imported inside the fixtures: this plugin loads in every pytest run
+# of a project that has kvckpt installed, with or without the fakeredis extra.
 
 
 @pytest.fixture
 def kvckpt_url() -> Iterator[str]:
     """A checkpoint URL prefix on a fresh in-process fakeredis server."""
+    from kvckpt.testing.fake_server import forget, fresh_url
+
     url = fresh_url("checkpoints")
     yield url
     forget(url.split("/")[2])
@@ -36,6 +39,8 @@ def kvckpt_url() -> Iterator[str]:
 @pytest.fixture
 def kvckpt_tcp_url() -> Iterator[str]:
     """A ``redis://`` checkpoint URL prefix any process can reach, served by fakeredis over TCP."""
+    from kvckpt.testing.fake_server import TcpServer, forget
+
     with TcpServer() as server:
         yield server.url("checkpoints")
     forget(server.name)
