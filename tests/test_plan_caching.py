@@ -9,7 +9,6 @@ The cache is class-level, keyed by the planner's class name: one class here, cle
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import kvckpt
-from kvckpt.testing.servers import RedisServer, free_port
+from kvckpt.testing.fake_server import TcpServer
+from kvckpt.testing.servers import RedisServer
 from tests.conftest import Backend
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
@@ -200,17 +200,10 @@ def ranks_scenario(rank: int, world_size: int, url: str, only_async: bool) -> No
 
 
 @pytest.fixture(scope="module")
-def fakeredis_tcp() -> Iterator[str]:
+def fakeredis_tcp() -> Iterator[TcpServer]:
     """fakeredis serving TCP: the ranks are separate processes, so they need one server to share."""
-    from fakeredis import TcpFakeServer
-
-    server = TcpFakeServer(("127.0.0.1", free_port()), server_type="redis")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield f"redis://{host}:{port}/0"
-    server.shutdown()
-    server.server_close()
+    with TcpServer() as server:
+        yield server
 
 
 @pytest.mark.slow
@@ -221,7 +214,7 @@ def test_two_ranks_under_plan_caching(store: str, request: pytest.FixtureRequest
     elif store == "etcd":
         url = request.getfixturevalue("etcd_server").url(namespace)
     else:
-        url = f"{request.getfixturevalue('fakeredis_tcp')}/{namespace}"
+        url = request.getfixturevalue("fakeredis_tcp").url(namespace)
     run_ranks(ranks_scenario, 2, url, False)
 
 
