@@ -32,6 +32,24 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def providers() -> dict[str, set[str]]:
+    """Top-level module name -> installed distributions that provide it.
+
+    Built from each distribution's file list: Python 3.10's ``packages_distributions`` only reads
+    ``top_level.txt``, which many wheels no longer ship.
+    """
+    found: dict[str, set[str]] = {}
+    for dist in importlib.metadata.distributions():
+        tops = set((dist.read_text("top_level.txt") or "").split())
+        for file in dist.files or []:
+            first = file.parts[0] if file.parts else ""
+            if first and first != ".." and not first.endswith((".dist-info", ".egg-info", ".pth")):
+                tops.add(first.split(".")[0])
+        for top in tops:
+            found.setdefault(top, set()).add(normalize(dist.metadata["Name"]))
+    return found
+
+
 def imported_top_level_names() -> dict[str, str]:
     """Every module imported anywhere in the project's Python files -> one file that imports it."""
     found: dict[str, str] = {}
@@ -53,15 +71,15 @@ def test_every_imported_package_is_declared() -> None:
     local = {"kvckpt", "tests", "__future__"} | {
         path.stem for folder in SOURCES for path in (ROOT / folder).glob("*.py")
     }  # scripts in benchmarks/ and examples/ import their neighbours
-    distributions = importlib.metadata.packages_distributions()
+    installed = providers()
     wanted = declared()
     undeclared = {}
     for name, where in imported_top_level_names().items():
         if name in local or name in sys.stdlib_module_names:
             continue
-        providers = {normalize(d) for d in distributions.get(name, [])}
-        if not providers & wanted:
-            undeclared[name] = (where, sorted(providers) or "not installed")
+        provided_by = installed.get(name, set())
+        if not provided_by & wanted:
+            undeclared[name] = (where, sorted(provided_by) or "not installed")
     assert not undeclared, f"imported but not in pyproject.toml's dependencies or extras: {undeclared}"
 
 
