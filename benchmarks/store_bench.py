@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--redis-server", default="", help="redis-server binary (default: from PATH)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # this checkout's kvckpt, whatever is installed
+    from kvckpt.dcp.tensor_bytes import byte_view
     from kvckpt.registry import open_store
     from kvckpt.store import RangeRead
     from kvckpt.testing.servers import RedisServer
@@ -72,7 +73,7 @@ def main() -> None:
     chunk, per_batch = args.chunk_mib * MIB, max(1, args.batch_mib // args.chunk_mib)
     source = torch.arange(args.mib * MIB // 4, dtype=torch.float32)
     target = torch.zeros_like(source)
-    src, dst = memoryview(source.numpy()).cast("B"), memoryview(target.numpy()).cast("B")
+    src, dst = byte_view(source), byte_view(target, writable=True)
     keys = [f"bench/{i}" for i in range(args.mib // args.chunk_mib)]
     batches = [range(i, min(i + per_batch, len(keys))) for i in range(0, len(keys), per_batch)]
     with RedisServer(binary=args.redis_server) as server:

