@@ -1,0 +1,35 @@
+"""Bitwise comparison of nested state dicts (tensors, DTensors, containers, plain values, BytesIO)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from tests.helpers import bits_equal
+
+
+def assert_same(actual: Any, expected: Any, path: str = "state") -> None:
+    """``actual`` equals ``expected`` bit for bit, recursively; the failure names the path."""
+    if isinstance(expected, DTensor):
+        assert isinstance(actual, DTensor), f"{path}: {type(actual).__name__}, not a DTensor"
+        assert actual.placements == expected.placements, f"{path}: placements differ"
+        assert bits_equal(actual.to_local(), expected.to_local()), f"{path}: local shards differ"
+    elif isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{path}: {type(actual).__name__}, not a tensor"
+        assert bits_equal(actual, expected), f"{path}: tensors differ"
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+        for key, value in expected.items():
+            assert_same(actual[key], value, f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is type(expected) and len(actual) == len(expected), f"{path}: {actual!r}"
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(a, e, f"{path}[{i}]")
+    elif isinstance(expected, io.BytesIO):
+        assert isinstance(actual, io.BytesIO), f"{path}: {type(actual).__name__}, not BytesIO"
+        assert actual.getvalue() == expected.getvalue(), f"{path}: bytes differ"
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"

@@ -1,0 +1,199 @@
+"""State dict shapes, as PyTorch's own DCP tests use them, on a DCP folder and on kvckpt.
+
+Mirrors upstream ``test_file_system_checkpoint_cpu.py`` (a module's state dict saved and loaded
+without a process group; "blob" values of a Stateful object; ``[1]`` and ``"string"`` stored as
+bytes; a float32 checkpoint loaded into a bfloat16 template), ``test_nested_dict.py`` (nested dicts
+and lists), ``e2e/test_e2e_save_and_load.py`` (Stateful objects loaded in place while plain values are
+replaced; a BytesIO train state; an empty state dict) and ``test_list_stored_state_dict.py`` (the
+stored keys and their tensor/bytes metadata).
+
+Not mirrored, because they test FileSystemWriter itself: the ``_extensions`` stream transforms
+(Rot13, ZStandard) wrap file streams, and kvckpt stores raw bytes with checksums instead; the
+``allow_unsafe_types`` load planner option is newer than torch 2.13.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict_loader import load
+from torch.distributed.checkpoint.state_dict_saver import save
+from torch.distributed.checkpoint.stateful import Stateful
+
+from tests.dcp_semantics.compare import assert_same
+from tests.dcp_semantics.places import Place
+from tests.helpers import bits_equal, random_tensor
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+class SmallModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(5, 5)
+        self.linear_2 = nn.Linear(5, 1)
+        self.emb = nn.EmbeddingBag(5, 10)
+
+
+def test_module_state_dict_without_a_process_group(places: list[Place]) -> None:
+    for place in places:
+        saved = SmallModule().state_dict()
+        save(saved, storage_writer=place.writer("module"), no_dist=True)
+        target = SmallModule().state_dict()
+        assert not bits_equal(target["emb.weight"], saved["emb.weight"])
+        load(target, storage_reader=place.reader("module"), no_dist=True)
+        assert_same(target, saved, place.name)
+
+
+def nested(fill: bool) -> dict[str, Any]:
+    """Tensors at every depth of dicts and lists, next to plain values DCP stores as bytes."""
+
+    def t(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        value = random_tensor(shape, dtype, seed)
+        return value if fill else torch.zeros_like(value)
+
+    return {
+        "model": {
+            "encoder": {"weight": t((4, 3), 1), "bias": t((3,), 2, torch.bfloat16)},
+            "layers": [t((2, 2), 3), {"gate": t((5,), 4, torch.int64)}, [t((1,), 5), t((3, 1), 6)]],
+        },
+        "scalar": t((), 7, torch.float64),
+        "empty": t((0, 3), 8),
+        "mask": t((6,), 9, torch.uint8) % 2 == 1,  # random bits are not all valid bools
+        "ints": [1, 2, 3] if fill else [0],
+        "name": "run-ü" if fill else "",
+        "step": 7 if fill else 0,
+        "lr": 0.25 if fill else 0.0,
+        "nothing": None,
+        "raw": b"\x00\xffraw" if fill else b"",
+        "options": {"betas": (0.9, 0.99) if fill else (0.0, 0.0), "nesterov": fill},
+    }
+
+
+def test_nested_dicts_lists_and_plain_values(places: list[Place]) -> None:
+    for place in places:
+        save(nested(fill=True), storage_writer=place.writer("nested"), no_dist=True)
+        target = nested(fill=False)
+        load(target, storage_reader=place.reader("nested"), no_dist=True)
+        assert_same(target, nested(fill=True), place.name)
+
+
+def test_byte_values_load_over_other_values(places: list[Place]) -> None:
+    """Upstream's test_save_load_bytes: ``[1]`` and ``"string"`` replace what the template held."""
+    for place in places:
+        save({"bytes0": [1], "bytes1": "string"}, storage_writer=place.writer("bytes"), no_dist=True)
+        target: dict[str, Any] = {"bytes0": [2], "bytes1": "other"}
+        load(target, storage_reader=place.reader("bytes"), no_dist=True)
+        assert target == {"bytes0": [1], "bytes1": "string"}, place.name
+
+
+class BlobState(Stateful):
+    """A Stateful object whose state is a bytes value (upstream's BlobState)."""
+
+    def __init__(self, value: bytes) -> None:
+        self.state = {"blob": value}
+        self.loads = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = dict(state_dict)
+        self.loads += 1
+
+
+class TrainState(Stateful):
+    """Upstream's TestTrainState: tensors for step and loss, the loss history as a BytesIO."""
+
+    def __init__(self, step: int = 0, losses: list[float] | None = None) -> None:
+        self.step, self.losses = step, losses or []
+
+    def state_dict(self) -> dict[str, Any]:
+        history = io.BytesIO()
+        torch.save(self.losses, history)
+        return {"step": torch.tensor(self.step, dtype=torch.int32), "losses": history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"].item())
+        state_dict["losses"].seek(0)
+        self.losses = torch.load(state_dict["losses"])
+
+
+class RecordingDict(dict[str, Any]):
+    """Notices when DCP replaces a top-level value instead of loading into it."""
+
+    replaced = False
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.replaced = True
+        super().__setitem__(key, value)
+
+
+def test_stateful_objects_load_in_place_and_plain_values_are_replaced(places: list[Place]) -> None:
+    for place in places:
+        saved = {"blob": BlobState(b"SomeBlobForTesting"), "train": TrainState(4, [0.5, 0.25, -1.0])}
+        save(saved, storage_writer=place.writer("stateful"), no_dist=True)
+
+        blob, train = BlobState(b""), TrainState()
+        target = RecordingDict(blob=blob, train=train)
+        target.replaced = False
+        load(target, storage_reader=place.reader("stateful"), no_dist=True)
+        assert target["blob"] is blob and target["train"] is train and not target.replaced, place.name
+        assert blob.loads == 1 and blob.state == {"blob": b"SomeBlobForTesting"}, place.name
+        assert (train.step, train.losses) == (4, [0.5, 0.25, -1.0]), place.name
+
+        plain = RecordingDict(foo={"replicated": torch.zeros(3, 3), "bytes": [0]})
+        plain.replaced = False
+        expected = {"replicated": random_tensor((3, 3), torch.float32, 3), "bytes": [1, 2, 3, 4]}
+        save({"foo": expected}, storage_writer=place.writer("plain"), no_dist=True)
+        load(plain, storage_reader=place.reader("plain"), no_dist=True)
+        assert plain.replaced, place.name
+        assert_same(plain["foo"], expected, place.name)
+
+
+def test_bytesio_value_round_trips_as_bytesio(places: list[Place]) -> None:
+    for place in places:
+        save({"epoch": io.BytesIO(b"TrainingEpoch:4")}, storage_writer=place.writer("bio"), no_dist=True)
+        target: dict[str, Any] = {"epoch": io.BytesIO()}
+        load(target, storage_reader=place.reader("bio"), no_dist=True)
+        assert_same(target, {"epoch": io.BytesIO(b"TrainingEpoch:4")}, place.name)
+
+
+def test_empty_state_dict(places: list[Place]) -> None:
+    for place in places:
+        metadata = save({}, storage_writer=place.writer("empty"), no_dist=True)
+        assert metadata.state_dict_metadata == {}, place.name
+        load({}, storage_reader=place.reader("empty"), no_dist=True)
+        assert place.reader("empty").read_metadata().state_dict_metadata == {}, place.name
+
+
+def test_float32_checkpoint_loads_into_a_bfloat16_template(places: list[Place]) -> None:
+    """DCP casts on load when the template's dtype differs (upstream keeps this for compatibility)."""
+    saved = random_tensor((4, 3), torch.float32, 5).clamp(-1e30, 1e30).nan_to_num()
+    for place in places:
+        save({"w": saved}, storage_writer=place.writer("cast"), no_dist=True)
+        target = {"w": torch.zeros(4, 3, dtype=torch.bfloat16)}
+        load(target, storage_reader=place.reader("cast"), no_dist=True)
+        assert bits_equal(target["w"], saved.to(torch.bfloat16)), place.name
+
+
+def test_listing_the_stored_state_dict(places: list[Place]) -> None:
+    """Upstream's ``list_stored_state_dict`` (newer than torch 2.13) returns the reader's
+    ``read_metadata().state_dict_metadata``; that is what is listed here, keys flattened."""
+    for place in places:
+        save(nested(fill=True) | {"bytes_data": io.BytesIO(b"x")}, storage_writer=place.writer("ls"))
+        listed = place.reader("ls").read_metadata().state_dict_metadata
+        weight = listed["model.encoder.weight"]
+        assert isinstance(weight, TensorStorageMetadata), place.name
+        assert (weight.size, weight.properties.dtype) == (torch.Size([4, 3]), torch.float32), place.name
+        assert listed["model.encoder.bias"].properties.dtype == torch.bfloat16, place.name  # type: ignore[union-attr]
+        assert isinstance(listed["bytes_data"], BytesStorageMetadata), place.name
+        assert isinstance(listed["name"], BytesStorageMetadata), place.name
+        assert "model.layers.1.gate" in listed and "model.layers.2.1" in listed, sorted(listed)
+    folder_keys, store_keys = (set(p.reader("ls").read_metadata().state_dict_metadata) for p in places)
+    assert folder_keys == store_keys
