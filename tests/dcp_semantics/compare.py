@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from tests.helpers import bits_equal
@@ -33,3 +34,10 @@ def assert_same(actual: Any, expected: Any, path: str = "state") -> None:
         assert actual.getvalue() == expected.getvalue(), f"{path}: bytes differ"
     else:
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def rank_failure(exc: BaseException, rank: int = 0) -> BaseException:
+    """The exception a rank raised, out of DCP's CheckpointException (rank -> (exception, trace))."""
+    assert isinstance(exc, CheckpointException), repr(exc)
+    failure = exc.failures[rank]
+    return failure[0] if isinstance(failure, tuple) else failure

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys, load
 from torch.distributed.checkpoint.state_dict_saver import save
 
-from tests.dcp_semantics.compare import assert_same
+from tests.dcp_semantics.compare import assert_same, rank_failure
 from tests.dcp_semantics.places import Place
 from tests.helpers import random_tensor
 
@@ -82,7 +82,7 @@ def test_key_missing_from_the_checkpoint(places: list[Place]) -> None:
         with pytest.raises(CheckpointException) as refused:
             target = {"w": torch.zeros(4, 4), "absent": torch.zeros(2)}
             load(target, storage_reader=place.reader("missing"), no_dist=True)
-        errors.append(refused.value.failures[0])
+        errors.append(rank_failure(refused.value))
 
         kept = torch.full((2,), 7.0)
         target = {"w": torch.zeros(4, 4), "absent": kept}
@@ -101,7 +101,7 @@ def test_tensor_size_mismatch(places: list[Place]) -> None:
         save({"w": torch.ones(4, 4)}, storage_writer=place.writer("size"), no_dist=True)
         with pytest.raises(CheckpointException) as refused:
             load({"w": torch.zeros(3, 4)}, storage_reader=place.reader("size"), no_dist=True)
-        errors.append(refused.value.failures[0])
+        errors.append(rank_failure(refused.value))
     folder_error, store_error = errors
     assert type(store_error) is type(folder_error) and str(store_error) == str(folder_error)
     assert "Size mismatch" in str(store_error)
