@@ -105,9 +105,7 @@ def test_deprecated_entry_points_reset_without_an_id(places: list[Place]) -> Non
         assert bits_equal(target["w"], state["w"]), place.name
 
 
-def test_a_url_alone_is_not_detected_as_a_storage(
-    url_backend: Backend, namespace: str, tmp_path: Path
-) -> None:
+def test_a_url_alone_is_not_detected_as_a_storage(url_backend: Backend, namespace: str) -> None:
     url = url_backend.id(namespace)
     with pytest.raises(RuntimeError, match="Cannot detect"):
         save({"w": torch.ones(2)}, checkpoint_id=url, no_dist=True)
