@@ -1,12 +1,14 @@
-"""Bitwise comparison of nested state dicts (tensors, DTensors, containers, plain values, BytesIO)."""
+"""Outcomes the scenarios compare: nested state dicts bit for bit, a rank's failure, an upload."""
 
 from __future__ import annotations
 
 import io
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.tensor import DTensor
 
 from tests.helpers import bits_equal
@@ -41,3 +43,13 @@ def rank_failure(exc: BaseException, rank: int = 0) -> BaseException:
     assert isinstance(exc, CheckpointException), repr(exc)
     failure = exc.failures[rank]
     return failure[0] if isinstance(failure, tuple) else failure
+
+
+def upload_of(response: Any) -> Future[Any]:
+    """The upload's future from what ``async_save`` returned (a Future, or an AsyncSaveResponse
+    when the stager stages in the background), once staging is done."""
+    if isinstance(response, AsyncSaveResponse):
+        response.staging_completion.result()
+        return response.upload_completion
+    assert isinstance(response, Future), type(response)
+    return response

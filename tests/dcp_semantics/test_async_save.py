@@ -12,7 +12,6 @@ FileSystemWriter's own stager; any writer gets the same effect from ``DefaultSta
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
-from tests.dcp_semantics.compare import assert_same
+from tests.dcp_semantics.compare import assert_same, upload_of
 from tests.dcp_semantics.places import Place
 from tests.helpers import random_tensor
 
@@ -35,14 +34,6 @@ STAGERS = {
         use_pinned_memory=False, use_shared_memory=True, use_async_staging=True, use_non_blocking_copy=False
     ),
 }
-
-
-def upload_of(response: Any) -> Future[Any]:
-    if isinstance(response, AsyncSaveResponse):
-        response.staging_completion.result()
-        return response.upload_completion
-    assert isinstance(response, Future), type(response)
-    return response
 
 
 @pytest.mark.parametrize("staging", list(STAGERS))
