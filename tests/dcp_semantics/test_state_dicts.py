@@ -15,6 +15,7 @@ Not mirrored, because they test FileSystemWriter itself: the ``_extensions`` str
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import save
 from torch.distributed.checkpoint.stateful import Stateful
 
+import kvckpt
 from tests.dcp_semantics.compare import assert_same
 from tests.dcp_semantics.places import Place
 from tests.helpers import bits_equal, random_tensor
@@ -162,6 +164,54 @@ def test_bytesio_value_round_trips_as_bytesio(places: list[Place]) -> None:
         target: dict[str, Any] = {"epoch": io.BytesIO()}
         load(target, storage_reader=place.reader("bio"), no_dist=True)
         assert_same(target, {"epoch": io.BytesIO(b"TrainingEpoch:4")}, place.name)
+
+
+def test_kvckpt_load_takes_the_values_dcp_load_takes(places: list[Place]) -> None:
+    """``kvckpt.load`` refuses to unpickle code, but every kind of value DCP stores as bytes is data
+    and must load as ``dcp.load`` loads it from a folder: BytesIO (upstream's train state), lists,
+    strings, tuples and bytes."""
+    results = []
+    for place in places:
+        saved = {
+            "epoch": io.BytesIO(b"TrainingEpoch:4"),
+            "train": TrainState(4, [0.5, 0.25]),
+            "bytes0": [1],
+            "bytes1": "string",
+            "options": {"betas": (0.9, 0.99), "raw": b"\x00"},
+        }
+        train = TrainState()
+        target: dict[str, Any] = {
+            "epoch": io.BytesIO(),
+            "train": train,
+            "bytes0": [],
+            "bytes1": "",
+            "options": {},
+        }
+        if place.is_folder:
+            save(saved, storage_writer=place.writer("api"), no_dist=True)
+            load(target, storage_reader=place.reader("api"), no_dist=True)
+        else:
+            kvckpt.save(saved, place.id("api"), no_dist=True, **place.options)
+            kvckpt.load(target, place.id("api"), no_dist=True, **place.options)
+        assert (train.step, train.losses) == (4, [0.5, 0.25]), place.name
+        target.pop("train")
+        results.append(target)
+    assert_same(results[1], results[0])
+    assert_same(results[1]["epoch"], io.BytesIO(b"TrainingEpoch:4"))
+
+    store = places[1]  # a BytesIO is allowed as data; what is placed inside it still is not
+    smuggled = io.BytesIO(b"x")
+    smuggled.payload = Smuggled()  # type: ignore[attr-defined]
+    kvckpt.save({"epoch": smuggled}, store.id("smuggled"), no_dist=True, **store.options)
+    with pytest.raises(kvckpt.KVCheckpointError, match="not loadable safely"):
+        kvckpt.load({"epoch": io.BytesIO()}, store.id("smuggled"), no_dist=True, **store.options)
+
+
+class Smuggled:
+    """Unpickling this calls a function: harmless here, but no allow-list admits it."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (os.getpid, ())
 
 
 def test_empty_state_dict(places: list[Place]) -> None:
