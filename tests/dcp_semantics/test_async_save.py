@@ -82,3 +82,19 @@ def test_failed_async_save_surfaces_and_the_next_one_succeeds(places: list[Place
         target = {"w": torch.zeros(3)}
         load(target, storage_reader=place.reader("taken"), no_dist=True)
         assert_same(target, {"w": torch.full((3,), 2.0)}, place.name)
+
+
+def test_async_save_points_an_unaddressed_writer_at_its_checkpoint_id(places: list[Place]) -> None:
+    """``async_save(checkpoint_id=..., storage_writer=writer)``: DCP resets the writer to the id in
+    the upload thread, as ``save`` does; one writer serves successive async saves."""
+    for place in places:
+        writer = place.writer()
+        for step in range(3):
+            state = {"w": torch.full((4,), float(step))}
+            upload_of(
+                async_save(state, checkpoint_id=place.id(f"a{step}"), storage_writer=writer, no_dist=True)
+            ).result(60)
+        for step in range(3):
+            target = {"w": torch.zeros(4)}
+            load(target, storage_reader=place.reader(f"a{step}"), no_dist=True)
+            assert_same(target, {"w": torch.full((4,), float(step))}, f"{place.name}: a{step}")

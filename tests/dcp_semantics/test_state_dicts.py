@@ -85,6 +85,29 @@ def test_nested_dicts_lists_and_plain_values(places: list[Place]) -> None:
         assert_same(target, nested(fill=True), place.name)
 
 
+def test_views_tied_and_non_contiguous_tensors(places: list[Place]) -> None:
+    """What a module's state dict really holds: tied weights (one tensor under two keys), slices of
+    a larger storage, transposed and strided views. Only each view's own elements are stored."""
+    base = random_tensor((8, 6), torch.float32, 11)
+    tied = random_tensor((5, 3), torch.float32, 12)
+    saved = {"embed": tied, "head": tied, "rows": base[2:5], "cols": base[:, 1::2], "t": base.t()}
+    for place in places:
+        save(saved, storage_writer=place.writer("views"), no_dist=True)
+        shared = torch.zeros(5, 3)
+        target = {"embed": shared, "head": shared} | {
+            k: torch.zeros_like(v) for k, v in saved.items() if k not in ("embed", "head")
+        }
+        load(target, storage_reader=place.reader("views"), no_dist=True)
+        assert_same(
+            {k: v.contiguous() for k, v in target.items()},
+            {k: v.contiguous() for k, v in saved.items()},
+            place.name,
+        )
+        assert target["embed"] is shared and target["head"] is shared, place.name
+        listed = place.reader("views").read_metadata().state_dict_metadata
+        assert listed["rows"].size == torch.Size([3, 6]), place.name  # type: ignore[union-attr]
+
+
 def test_byte_values_load_over_other_values(places: list[Place]) -> None:
     """Upstream's test_save_load_bytes: ``[1]`` and ``"string"`` replace what the template held."""
     for place in places:
