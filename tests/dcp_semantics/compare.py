@@ -7,6 +7,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.tensor import DTensor
@@ -16,7 +17,13 @@ from tests.helpers import bits_equal
 
 def assert_same(actual: Any, expected: Any, path: str = "state") -> None:
     """``actual`` equals ``expected`` bit for bit, recursively; the failure names the path."""
-    if isinstance(expected, DTensor):
+    if isinstance(expected, ShardedTensor):
+        assert isinstance(actual, ShardedTensor), f"{path}: {type(actual).__name__}, not a ShardedTensor"
+        mine, theirs = actual.local_shards(), expected.local_shards()
+        assert [s.metadata for s in mine] == [s.metadata for s in theirs], f"{path}: shards differ"
+        for a, e in zip(mine, theirs, strict=True):
+            assert bits_equal(a.tensor, e.tensor), f"{path}: shard at {e.metadata.shard_offsets} differs"
+    elif isinstance(expected, DTensor):
         assert isinstance(actual, DTensor), f"{path}: {type(actual).__name__}, not a DTensor"
         assert actual.placements == expected.placements, f"{path}: placements differ"
         assert bits_equal(actual.to_local(), expected.to_local()), f"{path}: local shards differ"

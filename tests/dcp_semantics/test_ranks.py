@@ -1,5 +1,6 @@
-"""DCP entry points and options on 2 real gloo ranks: ShardedTensor, coordinator rank,
-``use_collectives=False``, ``no_dist``, ``async_save`` on both executors, reused writers/readers.
+"""DCP entry points and options on 2 real gloo ranks: ShardedTensor, FSDP1's sharded optimizer state,
+coordinator rank, ``use_collectives=False``, ``no_dist``, ``async_save`` on both executors, reused
+writers/readers.
 
 Mirrors upstream ``test_file_system_checkpoint_cpu.py`` (ShardedTensor with chunk and enumerable
 sharding specs saved under one spec and loaded under another, rows to columns, sharded to plain and
@@ -8,7 +9,9 @@ the deprecated ``save_state_dict``/``load_state_dict``), ``e2e/test_e2e_save_and
 (``async_save`` with ``AsyncCheckpointerType.THREAD`` and ``PROCESS`` and a ``DefaultStager`` in
 shared memory; state dict keys in a different order on each rank; the overwrite refusal seen by
 every rank), ``test_async_process_executor.py`` (a failed save in the upload process surfaces and
-the process serves the next one), and DCP's ``use_collectives=False`` (every rank its own record)
+the process serves the next one), ``test_fsdp_optim_state.py`` and ``test_fsspec.py::test_fsspec``
+(FSDP1 ``SHARDED_STATE_DICT`` model and optimizer; ``load_sharded_optimizer_state_dict`` with and
+without a planner), and DCP's ``use_collectives=False`` (every rank its own record)
 and ``no_dist`` with a process group present. One spawn runs everything on a DCP folder, then on a
 real redis-server.
 
@@ -24,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed._shard import sharded_tensor
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed._shard.sharding_spec import (
@@ -33,6 +37,8 @@ from torch.distributed._shard.sharding_spec import (
     ShardMetadata,
 )
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_loader import load, load_state_dict
 from torch.distributed.checkpoint.state_dict_saver import (
@@ -42,10 +48,12 @@ from torch.distributed.checkpoint.state_dict_saver import (
     save_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import StateDictType
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from kvckpt.testing.servers import RedisServer
-from tests.dcp_semantics.compare import rank_failure, upload_of
+from tests.dcp_semantics.compare import assert_same, rank_failure, upload_of
 from tests.dcp_semantics.places import Place, folder, store
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
@@ -254,12 +262,47 @@ def async_checks(rank: int, place: Place) -> None:
     assert bits_equal(target["w"], torch.ones(2)), place.name
 
 
+def fsdp1_optimizer_checks(rank: int, place: Place) -> None:
+    """FSDP1's sharded state dicts (ShardedTensors) and ``load_sharded_optimizer_state_dict``, which
+    reads the checkpoint's metadata from the storage reader itself before loading through it."""
+
+    def build(seed: int) -> tuple[FSDP, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = FSDP(
+            nn.Sequential(nn.Linear(8, 2), nn.ReLU(), nn.Linear(2, 6)), device_id=torch.device("cpu")
+        )
+        FSDP.set_state_dict_type(model, StateDictType.SHARDED_STATE_DICT)
+        return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+    model, optim = build(seed=0)
+    model(torch.rand(8, 8)).sum().backward()
+    optim.step()
+    before = FSDP.optim_state_dict(model, optim)
+    save({"model": model.state_dict(), "optim": before}, storage_writer=place.writer("fsdp1"))
+
+    for planner in (None, DefaultLoadPlanner()):
+        fresh, fresh_optim = build(seed=1)
+        assert len(fresh_optim.state) == 0  # Adam creates its state lazily
+        state = {"model": fresh.state_dict()}  # the optimizer cannot load together with the model
+        load(state, storage_reader=place.reader("fsdp1"))
+        fresh.load_state_dict(state["model"])
+        loaded = load_sharded_optimizer_state_dict(
+            model_state_dict=state["model"],
+            optimizer_key="optim",
+            storage_reader=place.reader("fsdp1"),
+            planner=planner,
+        )
+        fresh_optim.load_state_dict(FSDP.optim_state_dict_to_load(fresh, fresh_optim, loaded["optim"]))
+        assert_same(FSDP.optim_state_dict(fresh, fresh_optim)["state"], before["state"], place.name)
+
+
 def ranks_scenario(rank: int, world_size: int, places: list[Place]) -> None:
     for place in places:
         sharded_tensor_checks(rank, place)
         coordination_checks(rank, place)
         order_and_reuse_checks(rank, place)
         async_checks(rank, place)
+        fsdp1_optimizer_checks(rank, place)
         dist.barrier()
 
 
