@@ -237,6 +237,19 @@ class Smuggled:
         return (os.getpid, ())
 
 
+def test_rank_local_record_without_a_process_group(places: list[Place]) -> None:
+    """``use_collectives=False`` writes rank 0's own record (FileSystemWriter: ``__0_.metadata``);
+    ``load`` finds no global record and falls back to it."""
+    saved = {"w": random_tensor((3, 5), torch.float32, 21), "step": 2}
+    for place in places:
+        save(saved, storage_writer=place.writer("local"), no_dist=True, use_collectives=False)
+        with pytest.raises(FileNotFoundError if place.is_folder else kvckpt.CheckpointNotFoundError):
+            place.reader("local").read_metadata()  # no global record
+        target: dict[str, Any] = {"w": torch.zeros(3, 5), "step": 0}
+        load(target, storage_reader=place.reader("local"), no_dist=True)
+        assert_same(target, saved, place.name)
+
+
 def test_empty_state_dict(places: list[Place]) -> None:
     for place in places:
         metadata = save({}, storage_writer=place.writer("empty"), no_dist=True)
