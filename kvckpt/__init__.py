@@ -41,6 +41,7 @@ from kvckpt.store import Capabilities, KVStore, RangeRead
 if TYPE_CHECKING:
     from kvckpt.dcp.api import SafeLoadPlanner, load, save
     from kvckpt.dcp.copy import CopyResult, copy
+    from kvckpt.dcp.hook import install
     from kvckpt.dcp.reader import KVStorageReader
     from kvckpt.dcp.writer import KVStorageWriter
 
@@ -54,6 +55,7 @@ _LAZY = {
     "load": "kvckpt.dcp.api",
     "copy": "kvckpt.dcp.copy",
     "CopyResult": "kvckpt.dcp.copy",
+    "install": "kvckpt.dcp.hook",
 }
 
 __all__ = [
@@ -81,6 +83,7 @@ __all__ = [
     "copy",
     "delete",
     "info",
+    "install",
     "keep_last",
     "latest",
     "list_checkpoints",

@@ -21,6 +21,7 @@ BACKENDS: dict[str, tuple[str, str | None]] = {
     "redis+unix": ("kvckpt.stores.redis:RedisStore", None),
     "redis+cluster": ("kvckpt.stores.redis_cluster:RedisClusterStore", None),
     "etcd": ("kvckpt.stores.etcd:EtcdStore", "etcd"),
+    "fakeredis": ("kvckpt.testing.fake_server:FakeRedisStore", "fakeredis"),
 }
 
 

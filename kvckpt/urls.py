@@ -5,6 +5,7 @@ Forms (a public contract, see the README's URL table):
   redis+unix://[user[:password]@]/path/to.sock?db=0&namespace=NAMESPACE
   redis+cluster://[user[:password]@]host:port[,host:port...]/NAMESPACE
   etcd://[user[:password]@]host:port[,host:port...]/NAMESPACE
+  fakeredis://NAME/NAMESPACE                               an in-process fakeredis server called NAME
 TCP forms take ?tls=true&ca=PATH&cert=PATH&key=PATH (rediss:// implies tls=true).
 """
 
@@ -17,7 +18,7 @@ from urllib.parse import parse_qs, quote, unquote
 from kvckpt.errors import InvalidCheckpointIdError
 
 DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "redis+cluster": 6379, "etcd": 2379}
-KNOWN_SCHEMES = ("redis", "rediss", "redis+unix", "redis+cluster", "etcd")
+KNOWN_SCHEMES = ("redis", "rediss", "redis+unix", "redis+cluster", "etcd", "fakeredis")
 
 _URL = re.compile(
     r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<netloc>[^/?#]*)(?P<path>[^?#]*)(\?(?P<query>[^#]*))?$"
@@ -25,7 +26,8 @@ _URL = re.compile(
 _USAGE = (
     "use redis://[user[:password]@]host[:port]/DB/NAMESPACE, rediss://…, "
     "redis+unix:///path/to.sock?db=0&namespace=NAMESPACE, "
-    "redis+cluster://host:port[,host:port]/NAMESPACE or etcd://host:port[,host:port]/NAMESPACE"
+    "redis+cluster://host:port[,host:port]/NAMESPACE, etcd://host:port[,host:port]/NAMESPACE "
+    "or fakeredis://NAME/NAMESPACE"
 )
 
 
@@ -62,7 +64,7 @@ class StoreURL:
             params = [("db", str(self.db)), ("namespace", self.namespace), *self.query]
             qs = "&".join(f"{k}={quote(v, safe='/')}" for k, v in params)
             return f"{self.scheme}://{auth}{quote(self.socket_path or '', safe='/')}?{qs}"
-        hosts = ",".join(f"{_host(h)}:{p}" for h, p in self.hosts)
+        hosts = ",".join(f"{_host(h)}:{p}" if p else h for h, p in self.hosts)
         path = f"/{self.db}/{ns}" if self.scheme in ("redis", "rediss") else f"/{ns}"
         qs = "&".join(f"{k}={quote(v, safe='/')}" for k, v in self.query)
         return f"{self.scheme}://{auth}{hosts}{path}" + (f"?{qs}" if qs else "")
@@ -161,7 +163,15 @@ def parse_url(url: str) -> StoreURL:
             query=extra,
         )
 
-    hosts = _hosts(netloc, DEFAULT_PORTS[scheme], url)
+    if scheme == "fakeredis":
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", netloc):
+            raise InvalidCheckpointIdError(
+                f"{redact(url)!r}: a fakeredis server NAME is letters, digits, '_', '.' or '-', as in "
+                "fakeredis://tests/NAMESPACE"
+            )
+        hosts: tuple[tuple[str, int], ...] = ((netloc, 0),)
+    else:
+        hosts = _hosts(netloc, DEFAULT_PORTS[scheme], url)
     segments = path.split("/")[1:] if path.startswith("/") else []
     db = 0
     if scheme in ("redis", "rediss"):

@@ -155,6 +155,13 @@ def test_overwrite_refused_before_any_data_is_written(backend: Backend, namespac
     assert torch.equal(loaded["x"], torch.ones(3))
 
 
+def test_refusal_keeps_dcps_words_for_code_that_matches_them(backend: Backend, namespace: str) -> None:
+    """FileSystemWriter says "Checkpoint already exists"; callers match on it, so kvckpt says it too."""
+    kvckpt.save({"x": torch.ones(3)}, backend.id(namespace), **backend.options)
+    with pytest.raises(kvckpt.CheckpointExistsError, match=r"^Checkpoint already exists"):
+        kvckpt.save({"x": torch.ones(3)}, backend.id(namespace), **backend.options)
+
+
 def test_overwrite_replaces_and_removes_old_generation(backend: Backend, namespace: str) -> None:
     kvckpt.save({"x": torch.ones(3), "old": torch.ones(2)}, backend.id(namespace), **backend.options)
     kvckpt.save({"x": torch.full((3,), 2.0)}, backend.id(namespace), overwrite=True, **backend.options)

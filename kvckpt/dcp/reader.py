@@ -73,7 +73,7 @@ class KVStorageReader(Addressed, StorageReader):
         self.group_bytes = group_bytes
         self.verify = verify
         self._init_target(client, store_options)
-        self._records: dict[str, tuple[dict[str, Any], Metadata]] = {}
+        self._records: dict[str, tuple[bytes, dict[str, Any], Metadata]] = {}
         self._body: dict[str, Any] = {}
         self._record_key = ""
         self._items: dict[MetadataIndex, layout.StoredItem] = {}
@@ -90,19 +90,26 @@ class KVStorageReader(Addressed, StorageReader):
 
     @paused_gc()
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        """Fetch and decode the record once per reader, however many times DCP asks."""
+        """Fetch the record every time DCP asks; decode it again only when it changed.
+
+        A reader reused for another load of the same checkpoint_id must see an overwrite that
+        happened in between, so only the decoding (the expensive part) is cached, keyed by the
+        record's bytes.
+        """
         key = layout.record_key(self.target.namespace, kwargs.get("rank"))
-        if key not in self._records:
-            raw = self.target.store.get(key)
-            if raw is None:
-                raise CheckpointNotFoundError(
-                    f"{self.target.display}: no committed checkpoint here (no record at {key!r}); "
-                    "check the checkpoint_id, or list what exists with kvckpt.list_checkpoints",
-                    checkpoint_id=self.target.display,
-                )
+        raw = self.target.store.get(key)
+        if raw is None:
+            self._records.pop(key, None)
+            raise CheckpointNotFoundError(
+                f"{self.target.display}: no committed checkpoint here (no record at {key!r}); "
+                "check the checkpoint_id, or list what exists with kvckpt.list_checkpoints",
+                checkpoint_id=self.target.display,
+            )
+        cached = self._records.get(key)
+        if cached is None or cached[0] != raw:
             body = record.decode_record(raw, key)
-            self._records[key] = (body, decode_metadata(body, key))
-        self._body, metadata = self._records[key]
+            cached = self._records[key] = (raw, body, decode_metadata(body, key))
+        _, self._body, metadata = cached
         self._record_key = key
         return metadata
 
@@ -160,7 +167,7 @@ class KVStorageReader(Addressed, StorageReader):
                 self._run(group, finishers)
                 group, finishers, size = [], [], 0
         self._run(group, finishers)
-        self._records.clear()  # the next load with this reader fetches the record afresh
+        self._records.clear()  # a reader kept between loads does not hold a decoded record
         future: Future[None] = Future()
         future.set_result(None)
         return future

@@ -45,13 +45,6 @@ DEFAULT_PENDING_TTL = 6 * 3600.0
 TTL_MARGIN = 60.0
 
 
-@dataclasses.dataclass(frozen=True)
-class _SaveTarget:
-    """Sent from the coordinator to every rank in the global plan."""
-
-    save_id: str
-
-
 class KVStorageWriter(Addressed, StorageWriter):
     """Write a DCP checkpoint into Redis, Redis Cluster or etcd.
 
@@ -100,6 +93,8 @@ class KVStorageWriter(Addressed, StorageWriter):
         self.allow_eviction = allow_eviction
         self._init_target(client, store_options)
         self._save_id = layout.new_save_id()
+        #: This save's generation, drawn by prepare_global_plan on the rank that ran it, else None.
+        self._generation: str | None = None
         self._rank: int | None = None
         self._use_collectives = True
         if checkpoint_id is not None:
@@ -125,6 +120,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         self.is_coordinator = is_coordinator
         self._rank = kwargs.get("rank")
         self._use_collectives = kwargs.get("use_collectives", True)
+        self._generation = None  # a reused writer starts every save without one
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -136,22 +132,29 @@ class KVStorageWriter(Addressed, StorageWriter):
             self._wait_for_replicas(self.target.store)
         if not self.overwrite and self.target.store.exists(self.record_key):
             raise CheckpointExistsError(
-                f"{self.target.display} already holds a committed checkpoint; pass overwrite=True "
-                "to replace it or choose another checkpoint_id",
+                f"Checkpoint already exists: {self.target.display} holds a committed checkpoint; pass "
+                "overwrite=True to replace it or choose another checkpoint_id",
                 checkpoint_id=self.target.display,
             )
         self.target.store.check_total_bytes(
             sum(item.tensor_storage_size() or 0 for plan in plans for item in plan.items)
         )
-        self._save_id = layout.new_save_id()  # per save: a reused writer must never reuse a generation
-        save_target = _SaveTarget(save_id=self._save_id)
-        return [dataclasses.replace(plan, storage_data=save_target) for plan in plans]
+        self._save_id = self._generation = layout.new_save_id()
+        return plans
 
     # Data -------------------------------------------------------------------------------------
 
     @paused_gc()
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        save_id = plan.storage_data.save_id if plan.storage_data else self._save_id
+        """Write this rank's items under a generation that is fresh for this save.
+
+        The generation never comes from ``plan``: with DCP's plan caching the plan is a previous
+        save's final plan, ``storage_data`` included, and on ranks other than the coordinator
+        ``prepare_global_plan`` does not run at all. So the rank that drew a generation in
+        ``prepare_global_plan`` during this save uses it; every other rank draws its own. The
+        record lists every key, so ranks need not share one.
+        """
+        save_id, self._generation = self._generation or layout.new_save_id(), None
         store, namespace = self.target.store, self.target.namespace
         chunk_bytes = min(self.chunk_bytes, store.capabilities.max_value_bytes)
         max_ops = store.capabilities.max_batch_ops
@@ -263,7 +266,8 @@ class KVStorageWriter(Addressed, StorageWriter):
         if not written and store.get(self.record_key) != data:
             self._discard(store, keys)
             raise CheckpointExistsError(
-                f"{target.display}: another save committed first; this save's data was removed",
+                f"Checkpoint already exists: another save committed {target.display} first; this "
+                "save's data was removed",
                 checkpoint_id=target.display,
             )
 

@@ -1,0 +1,107 @@
+"""Let DCP resolve kvckpt URLs itself: ``dcp.save(sd, checkpoint_id="redis://…")`` after ``install()``.
+
+DCP picks a storage for a bare ``checkpoint_id`` in ``_storage_utils._storage_setup``, trying only
+FileSystemWriter/Reader and FsspecWriter/Reader; there is no registry for third parties. ``install``
+puts a wrapper in front of that function (in every DCP module that imported it by name) which
+answers for the schemes kvckpt serves and hands anything else to DCP unchanged. It runs before
+DCP's own list, so an fsspec protocol registered for ``redis://`` (see ``install``) can never route
+a save through FsspecWriter's file format.
+
+A reader made here loads non-tensor values with ``weights_only=True`` when DCP's default planner
+would unpickle them, as ``kvckpt.load`` does; a planner that defines its own ``load_bytes`` (such as
+``SafeLoadPlanner(allow_pickle=True)``) is left alone.
+
+``async_save(..., async_checkpointer_type=PROCESS)`` runs ``save`` in a spawned process that never
+ran ``install``; for it the writer is built here, in the caller, and DCP pickles it across (stores
+pickle without their sockets and reconnect in the child).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, cast
+
+import torch.distributed.checkpoint._async_process_executor as process_executor
+import torch.distributed.checkpoint._storage_utils as storage_utils
+import torch.distributed.checkpoint.state_dict_loader as loader
+import torch.distributed.checkpoint.state_dict_saver as saver
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
+from torch.futures import Future
+
+from kvckpt.dcp.api import SafeLoadPlanner
+from kvckpt.dcp.reader import KVStorageReader
+from kvckpt.dcp.writer import KVStorageWriter
+from kvckpt.registry import owns
+
+_MODULES = (storage_utils, saver, loader)
+_ORIGINAL_SETUP = storage_utils._storage_setup
+_Executor = process_executor._ProcessBasedAsyncCheckpointExecutor
+_ORIGINAL_EXECUTE = _Executor.execute_save
+_lock = threading.Lock()
+
+
+class _SafeObjects:
+    """DCP's default planner, except that non-tensor values load with ``weights_only=True``."""
+
+    allow_pickle = False
+
+    def __init__(self, planner: LoadPlanner) -> None:
+        self._planner = planner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
+
+    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
+        SafeLoadPlanner.load_bytes(cast(SafeLoadPlanner, self), read_item, value)
+
+
+class URLStorageReader(KVStorageReader):
+    """The reader ``dcp.load(checkpoint_id=URL)`` gets: objects load safely under DCP's default planner."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if type(planner).load_bytes is DefaultLoadPlanner.load_bytes:
+            planner = cast(LoadPlanner, _SafeObjects(planner))
+        return super().read_data(plan, planner)
+
+
+def _storage_setup(
+    storage: StorageReader | StorageWriter | None,
+    checkpoint_id: str | os.PathLike[str] | None,
+    reader: bool = False,
+) -> StorageReader | StorageWriter | None:
+    """DCP's storage choice, with kvckpt's writer/reader for kvckpt's URL schemes."""
+    if storage is None and owns(checkpoint_id):
+        assert isinstance(checkpoint_id, str)
+        return URLStorageReader(checkpoint_id) if reader else KVStorageWriter(checkpoint_id)
+    return _ORIGINAL_SETUP(storage, checkpoint_id, reader=reader)
+
+
+def _execute_save(self: Any, staged: Any, *args: Any, **kwargs: Any) -> Any:
+    """Build the writer in the caller, so the checkpoint process needs no hook of its own."""
+    checkpoint_id = kwargs.get("checkpoint_id")
+    if kwargs.get("storage_writer") is None and owns(checkpoint_id):
+        kwargs["storage_writer"] = KVStorageWriter(checkpoint_id)
+    return _ORIGINAL_EXECUTE(self, staged, *args, **kwargs)
+
+
+def installed() -> bool:
+    return all(module._storage_setup is _storage_setup for module in _MODULES)
+
+
+def install() -> None:
+    """Make ``dcp.save/load/async_save`` take kvckpt URLs as ``checkpoint_id``; idempotent.
+
+    Also registers kvckpt's directory view with fsspec for the same schemes, so frameworks that list,
+    probe and delete checkpoint folders through fsspec (Lightning's ModelCheckpoint, torchtitan's
+    CheckpointManager) see committed checkpoints. Call it once per process, before the first save.
+    """
+    from kvckpt.integrations.fs import register_fsspec
+
+    with _lock:
+        for module in _MODULES:
+            module._storage_setup = _storage_setup  # type: ignore[attr-defined]
+        _Executor.execute_save = _execute_save  # type: ignore[method-assign,assignment]
+    register_fsspec()

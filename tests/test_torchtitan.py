@@ -1,0 +1,57 @@
+"""torchtitan's CheckpointManager saves to, prunes and resumes from a kvckpt URL folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+import kvckpt
+from kvckpt.testing.servers import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def job(folder: str, losses: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "tests.jobs.torchtitan_job", folder, str(losses), "8"]
+    command += ["--port", str(free_port()), *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen[bytes]) -> int:
+    output, _ = process.communicate(timeout=240)
+    if process.returncode not in (0, -9):
+        pytest.fail(f"training job failed ({process.returncode}):\n{output.decode()[-3000:]}")
+    return process.returncode
+
+
+def steps_in(url: str) -> list[str]:
+    return sorted(info.namespace.rsplit("/", 1)[-1] for info in kvckpt.list_checkpoints(url))
+
+
+def losses_of(path: Path) -> list[tuple[int, float]]:
+    rows = (line.split() for line in path.read_text().splitlines())
+    return [(int(step), float(loss)) for step, loss in rows]
+
+
+@pytest.mark.slow
+def test_killed_save_is_skipped_and_resume_matches(redis_server: RedisServer, tmp_path: Path) -> None:
+    run = f"titan-{uuid.uuid4().hex[:8]}"
+    straight_url, killed_url = redis_server.url(f"{run}/straight"), redis_server.url(f"{run}/killed")
+    straight = job(straight_url, tmp_path / "straight.txt")
+    killed = job(killed_url, tmp_path / "killed.txt", "--die-in-save-at", "6")
+    assert finish(straight) == 0
+    assert finish(killed) == -9  # SIGKILLed while the step-6 save wrote its data
+
+    assert steps_in(straight_url) == ["step-6", "step-8"]  # keep_latest_k=2 pruned through fsspec
+    assert steps_in(killed_url) == ["step-2", "step-4"]  # step-6 has data keys but no record
+
+    assert finish(job(killed_url, tmp_path / "resumed.txt")) == 0
+    expected = dict(losses_of(tmp_path / "straight.txt"))
+    resumed = losses_of(tmp_path / "resumed.txt")
+    assert resumed == [(step, expected[step]) for step in range(5, 9)]  # resumed from step-4
