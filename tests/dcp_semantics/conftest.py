@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kvckpt.registry import open_store
 from tests.conftest import Backend, _open_backend
 from tests.dcp_semantics.places import Place, folder, store
 
@@ -17,10 +19,16 @@ def places(backend: Backend, namespace: str, tmp_path: Path) -> list[Place]:
     return [folder(tmp_path / "dcp"), store(backend.name, backend.id(namespace), backend.options)]
 
 
-@pytest.fixture(params=["redis", "redis-unix", "etcd"])
+@pytest.fixture(params=["redis", "redis-unix", "fakeredis", "etcd"])
 def url_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    """The backends addressed by URL: ``kvckpt.copy`` opens both ends from their ids, and an
-    injected client (fakeredis) has none to give it."""
-    opened = _open_backend(request, request.param)
+    """Every backend addressed by URL (fakeredis as ``fakeredis://NAME/…``, an in-process server):
+    ``kvckpt.copy`` and DCP's storage detection open stores from checkpoint ids alone."""
+    if request.param == "fakeredis":
+        name = f"semantics-{uuid.uuid4().hex[:8]}"
+        opened = Backend(
+            "fakeredis", lambda ns: f"fakeredis://{name}/{ns}", {}, open_store(f"fakeredis://{name}/inspect")
+        )
+    else:
+        opened = _open_backend(request, request.param)
     yield opened
     opened.store.close()

@@ -7,8 +7,7 @@ checkpoint that ``dcp_to_torch_save`` turns into the original state dict, and a 
 ``torch_save_to_dcp`` must load from the store with ``dcp.load``.
 
 Not mirrored: upstream's ``BroadcastingTorchSaveReader`` + ``DynamicMetaLoadPlanner`` read a
-``torch.save`` file directly, with no checkpoint storage in between. fakeredis is absent here
-because ``kvckpt.copy`` opens both ends from their ids, and an injected client has none.
+``torch.save`` file directly, with no checkpoint storage in between.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Mirrors upstream ``test_fsspec.py::test_overwrite`` and ``e2e/test_e2e_save_and_
 checkpoint; one with ``overwrite=False`` is refused and changes nothing), the deprecated
 ``save_state_dict``/``load_state_dict`` entry points ``test_checkpoint.py`` still drives (they call
 ``reset()`` with no id), and ``test_save_load_api.py::test_auto_detect``: given only a
-``checkpoint_id``, DCP picks FileSystemWriter or FsspecWriter, and refuses anything else with
-"Cannot detect", so a kvckpt URL always travels with a kvckpt writer or reader, which DCP then
-points at each ``checkpoint_id`` through ``reset`` -- the reuse the training loops do.
+``checkpoint_id``, DCP picks FileSystemWriter or FsspecWriter and refuses anything else with
+"Cannot detect"; after ``kvckpt.install()`` it also picks kvckpt for kvckpt's URLs. Given a writer
+or reader, DCP points it at each ``checkpoint_id`` through ``reset``: the reuse training loops do.
 
 One default differs on purpose: FileSystemWriter overwrites unless told not to, a KVStorageWriter
 refuses unless told to (a committed checkpoint is never replaced by accident), so every save here
@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_loader import load, load_state_dict
 from torch.distributed.checkpoint.state_dict_saver import save, save_state_dict
 
+import kvckpt
 from kvckpt.errors import CheckpointExistsError
 from tests.conftest import Backend
 from tests.dcp_semantics.compare import rank_failure
@@ -57,7 +58,6 @@ def test_overwrite_replaces_and_a_refused_save_changes_nothing(places: list[Plac
         assert bits_equal(loaded(place, "over"), t2), place.name
 
 
-@pytest.mark.xfail(strict=True, reason="CheckpointExistsError's message lacks DCP's words")
 def test_refusal_says_checkpoint_already_exists(places: list[Place]) -> None:
     """Code written for DCP matches the refusal on "Checkpoint already exists" (upstream asserts
     ``assertRaisesRegex(CheckpointException, ".*Checkpoint already exists.*")``)."""
@@ -105,10 +105,16 @@ def test_deprecated_entry_points_reset_without_an_id(places: list[Place]) -> Non
         assert bits_equal(target["w"], state["w"]), place.name
 
 
-def test_a_url_alone_is_not_detected_as_a_storage(url_backend: Backend, namespace: str) -> None:
-    url = url_backend.id(namespace)
-    with pytest.raises(RuntimeError, match="Cannot detect"):
-        save({"w": torch.ones(2)}, checkpoint_id=url, no_dist=True)
-    with pytest.raises(RuntimeError, match="Cannot detect"):
-        load({"w": torch.ones(2)}, checkpoint_id=url, no_dist=True)
-    assert url_backend.keys(namespace) == []
+def test_storage_detected_from_a_url_after_install(url_backend: Backend, namespace: str) -> None:
+    """DCP alone detects only folders and fsspec URLs; ``kvckpt.install()`` adds kvckpt's schemes.
+    Any other scheme is still DCP's "Cannot detect"."""
+    kvckpt.install()
+    url = url_backend.id(f"{namespace}/detected")
+    state = {"w": random_tensor((5,), torch.float32, 4), "step": 3}
+    save(state, checkpoint_id=url, no_dist=True)
+    target = {"w": torch.zeros(5), "step": 0}
+    load(target, checkpoint_id=url, no_dist=True)
+    assert bits_equal(target["w"], state["w"]) and target["step"] == 3
+    for call in (save, load):
+        with pytest.raises(RuntimeError, match="Cannot detect"):
+            call({"w": torch.ones(2)}, checkpoint_id="abc://abc.abc", no_dist=True)
