@@ -16,10 +16,12 @@ says which it wants.
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict_loader import load, load_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys, load, load_state_dict
 from torch.distributed.checkpoint.state_dict_saver import save, save_state_dict
 
 import kvckpt
@@ -110,11 +112,13 @@ def test_storage_detected_from_a_url_after_install(url_backend: Backend, namespa
     Any other scheme is still DCP's "Cannot detect"."""
     kvckpt.install()
     url = url_backend.id(f"{namespace}/detected")
-    state = {"w": random_tensor((5,), torch.float32, 4), "step": 3}
+    state = {"w": random_tensor((5,), torch.float32, 4), "step": 3, "epoch": io.BytesIO(b"epoch:4")}
     save(state, checkpoint_id=url, no_dist=True)
-    target = {"w": torch.zeros(5), "step": 0}
+    target = {"w": torch.zeros(5), "step": 0, "epoch": io.BytesIO()}
     load(target, checkpoint_id=url, no_dist=True)
     assert bits_equal(target["w"], state["w"]) and target["step"] == 3
+    assert target["epoch"].getvalue() == b"epoch:4"
+    assert bits_equal(_load_state_dict_from_keys("w", checkpoint_id=url)["w"], state["w"])
     for call in (save, load):
         with pytest.raises(RuntimeError, match="Cannot detect"):
             call({"w": torch.ones(2)}, checkpoint_id="abc://abc.abc", no_dist=True)
