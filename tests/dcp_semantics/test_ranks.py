@@ -162,7 +162,7 @@ def coordination_checks(rank: int, place: Place) -> None:
 
     with pytest.raises(CheckpointException) as refused:  # every rank learns of the refusal
         save(mine, storage_writer=place.writer("coordinator1"))
-    assert rank_failure(refused.value) is not None
+    assert "Checkpoint already exists" in str(rank_failure(refused.value)), place.name
 
 
 class Gathering:
@@ -250,7 +250,7 @@ def async_checks(rank: int, place: Place) -> None:
     )
     with pytest.raises(BaseException) as failed:
         refused.result(timeout=120)
-    assert not isinstance(failed.value, (KeyboardInterrupt, SystemExit)), repr(failed.value)
+    assert "Checkpoint already exists" in str(failed.value), (place.name, repr(failed.value))
     writer = place.writer("process", overwrite=True)
     upload_of(
         async_save(
