@@ -1,7 +1,7 @@
 """State dict shapes, as PyTorch's own DCP tests use them, on a DCP folder and on kvckpt.
 
 Mirrors upstream ``test_file_system_checkpoint_cpu.py`` (a module's state dict saved and loaded
-without a process group; "blob" values of a Stateful object; ``[1]`` and ``"string"`` stored as
+without a process group, here with ``test_dtensor_checkpoint.py``'s module extra state; "blob" values of a Stateful object; ``[1]`` and ``"string"`` stored as
 bytes; a float32 checkpoint loaded into a bfloat16 template), ``test_nested_dict.py`` (nested dicts
 and lists), ``e2e/test_e2e_save_and_load.py`` (Stateful objects loaded in place while plain values are
 replaced; a BytesIO train state; an empty state dict) and ``test_list_stored_state_dict.py`` (the
@@ -35,21 +35,34 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 
 class SmallModule(nn.Module):
-    def __init__(self) -> None:
+    """Upstream's MyTestModule, plus ``get_extra_state`` (test_dtensor_checkpoint.py's extra state:
+    an int and a tensor under ``_extra_state``)."""
+
+    def __init__(self, extra: int = 0) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(5, 5)
         self.linear_2 = nn.Linear(5, 1)
         self.emb = nn.EmbeddingBag(5, 10)
+        self.extra = {"count": extra, "tensor": torch.full((2,), float(extra))}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.extra
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.extra = state
 
 
 def test_module_state_dict_without_a_process_group(places: list[Place]) -> None:
     for place in places:
-        saved = SmallModule().state_dict()
+        saved = SmallModule(extra=3).state_dict()
         save(saved, storage_writer=place.writer("module"), no_dist=True)
-        target = SmallModule().state_dict()
+        module = SmallModule()
+        target = module.state_dict()
         assert not bits_equal(target["emb.weight"], saved["emb.weight"])
         load(target, storage_reader=place.reader("module"), no_dist=True)
         assert_same(target, saved, place.name)
+        module.load_state_dict(target)
+        assert_same(module.extra, {"count": 3, "tensor": torch.full((2,), 3.0)}, place.name)
 
 
 def nested(fill: bool) -> dict[str, Any]:
