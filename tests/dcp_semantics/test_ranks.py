@@ -9,11 +9,12 @@ the deprecated ``save_state_dict``/``load_state_dict``), ``e2e/test_e2e_save_and
 (``async_save`` with ``AsyncCheckpointerType.THREAD`` and ``PROCESS`` and a ``DefaultStager`` in
 shared memory; state dict keys in a different order on each rank; the overwrite refusal seen by
 every rank), ``test_async_process_executor.py`` (a failed save in the upload process surfaces and
-the process serves the next one), ``test_fsdp_optim_state.py`` and ``test_fsspec.py::test_fsspec``
-(FSDP1 ``SHARDED_STATE_DICT`` model and optimizer; ``load_sharded_optimizer_state_dict`` with and
-without a planner), and DCP's ``use_collectives=False`` (every rank its own record)
-and ``no_dist`` with a process group present. One spawn runs everything on a DCP folder, then on a
-real redis-server.
+the process serves the next one), ``e2e/test_pipeline.py`` (pipeline stages saving disjoint keys
+into one checkpoint, loaded by an FSDP model), ``test_fsdp_optim_state.py`` and
+``test_fsspec.py::test_fsspec`` (FSDP1 ``SHARDED_STATE_DICT`` model and optimizer;
+``load_sharded_optimizer_state_dict`` with and without a planner), and DCP's
+``use_collectives=False`` (every rank its own record) and ``no_dist`` with a process group present.
+One spawn runs everything on a DCP folder, then on a real redis-server.
 
 ShardedTensor is deprecated in favour of DTensor but still checkpointable in torch 2.13, so it is
 tested; ``sharded_tensor`` needs ``init_rrefs=False`` without RPC.
@@ -40,6 +41,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.state_dict_loader import load, load_state_dict
 from torch.distributed.checkpoint.state_dict_saver import (
     AsyncCheckpointerType,
@@ -49,7 +56,7 @@ from torch.distributed.checkpoint.state_dict_saver import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp import StateDictType
+from torch.distributed.fsdp import StateDictType, fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from kvckpt.testing.servers import RedisServer
@@ -296,6 +303,44 @@ def fsdp1_optimizer_checks(rank: int, place: Place) -> None:
         assert_same(FSDP.optim_state_dict(fresh, fresh_optim)["state"], before["state"], place.name)
 
 
+class PipelineModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1, self.layer2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+
+def stage_weights(stage: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(stage)
+    layer = nn.Linear(6, 6)
+    return {f"layer{stage + 1}.{name}": value.detach() for name, value in layer.named_parameters()}
+
+
+def pipeline_checks(rank: int, place: Place) -> None:
+    """Upstream's e2e/test_pipeline.py: each rank holds one stage (the rest on the meta device) and
+    saves only its own keys into one checkpoint, which an FSDP model on every rank then loads."""
+    with torch.device("meta"):
+        model = PipelineModel()
+    stage = (model.layer1, model.layer2)[rank]
+    stage.to_empty(device="cpu")
+    torch.manual_seed(rank)
+    stage.reset_parameters()
+    optim = torch.optim.Adam(stage.parameters(), lr=1e-3)
+    model_state, optim_state = get_state_dict(model, optimizers=optim)
+    # torch 2.13 keeps the other stages' meta tensors, which no storage can write; newer torch drops them
+    model_state = {k: v for k, v in model_state.items() if v.device.type != "meta"}
+    save({"model": model_state, "optim": optim_state}, storage_writer=place.writer("pipeline"))
+
+    whole = PipelineModel()
+    fully_shard(whole, mesh=init_device_mesh("cpu", (2,)))
+    whole_optim = torch.optim.Adam(whole.parameters(), lr=1e-3)
+    msd, osd = get_state_dict(whole, optimizers=whole_optim)
+    load({"model": msd, "optim": osd}, storage_reader=place.reader("pipeline"))
+    set_state_dict(whole, optimizers=whole_optim, model_state_dict=msd, optim_state_dict=osd)
+    full = get_model_state_dict(whole, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        assert_same(full, stage_weights(0) | stage_weights(1), place.name)
+
+
 def ranks_scenario(rank: int, world_size: int, places: list[Place]) -> None:
     for place in places:
         sharded_tensor_checks(rank, place)
@@ -303,6 +348,7 @@ def ranks_scenario(rank: int, world_size: int, places: list[Place]) -> None:
         order_and_reuse_checks(rank, place)
         async_checks(rank, place)
         fsdp1_optimizer_checks(rank, place)
+        pipeline_checks(rank, place)
         dist.barrier()
 
 

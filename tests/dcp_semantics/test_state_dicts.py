@@ -1,11 +1,12 @@
 """State dict shapes, as PyTorch's own DCP tests use them, on a DCP folder and on kvckpt.
 
 Mirrors upstream ``test_file_system_checkpoint_cpu.py`` (a module's state dict saved and loaded
-without a process group, here with ``test_dtensor_checkpoint.py``'s module extra state; "blob" values of a Stateful object; ``[1]`` and ``"string"`` stored as
-bytes; a float32 checkpoint loaded into a bfloat16 template), ``test_nested_dict.py`` (nested dicts
-and lists), ``e2e/test_e2e_save_and_load.py`` (Stateful objects loaded in place while plain values are
-replaced; a BytesIO train state; an empty state dict) and ``test_list_stored_state_dict.py`` (the
-stored keys and their tensor/bytes metadata).
+without a process group, here with ``test_dtensor_checkpoint.py``'s module extra state; "blob"
+values of a Stateful object; ``[1]`` and ``"string"`` stored as bytes; a float32 checkpoint loaded
+into a bfloat16 template), ``test_nested_dict.py`` (nested dicts and lists),
+``e2e/test_e2e_save_and_load.py`` (Stateful objects loaded in place while plain values are replaced;
+a BytesIO train state; an empty state dict) and ``test_list_stored_state_dict.py`` (the stored keys
+and their tensor/bytes metadata).
 
 Not mirrored, because they test FileSystemWriter itself: the ``_extensions`` stream transforms
 (Rot13, ZStandard) wrap file streams, and kvckpt stores raw bytes with checksums instead; the
@@ -21,13 +22,14 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import save
 from torch.distributed.checkpoint.stateful import Stateful
 
 import kvckpt
-from tests.dcp_semantics.compare import assert_same
+from tests.dcp_semantics.compare import assert_same, rank_failure
 from tests.dcp_semantics.places import Place
 from tests.helpers import bits_equal, random_tensor
 
@@ -261,6 +263,19 @@ def test_rank_local_record_without_a_process_group(places: list[Place]) -> None:
         target: dict[str, Any] = {"w": torch.zeros(3, 5), "step": 0}
         load(target, storage_reader=place.reader("local"), no_dist=True)
         assert_same(target, saved, place.name)
+
+
+def test_meta_tensor_is_refused(places: list[Place]) -> None:
+    """A tensor with no data (torch 2.13's pipeline-stage state dicts keep other stages' meta
+    tensors) fails the save everywhere; kvckpt says why, and commits nothing."""
+    for place in places:
+        with pytest.raises(CheckpointException) as refused:
+            save({"w": torch.empty(3, device="meta")}, storage_writer=place.writer("meta"), no_dist=True)
+        if not place.is_folder:
+            failure = rank_failure(refused.value)
+            assert isinstance(failure, kvckpt.KVCheckpointError) and "meta device" in str(failure)
+            with pytest.raises(kvckpt.CheckpointNotFoundError):
+                place.reader("meta").read_metadata()
 
 
 def test_empty_state_dict(places: list[Place]) -> None:
