@@ -27,7 +27,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner whose BYTE_IO items load with ``torch.load(weights_only=True)``.
 
     DCP's own planner unpickles arbitrary objects; a store shared between jobs must not be a way to
-    run code in the loading process. ``allow_pickle=True`` restores DCP's behaviour.
+    run code in the loading process. ``allow_pickle=True`` restores DCP's behaviour. A ``BytesIO``
+    value (DCP stores it pickled) is data, not code, so it is allowed: state like a train loop's
+    loss history travels that way.
     """
 
     def __init__(self, *args: Any, allow_pickle: bool = False, **kwargs: Any) -> None:
@@ -37,7 +39,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
         try:
-            obj = torch.load(value, weights_only=not self.allow_pickle)
+            with torch.serialization.safe_globals([io.BytesIO]):
+                obj = torch.load(value, weights_only=not self.allow_pickle)
         except pickle.UnpicklingError as exc:
             raise KVCheckpointError(
                 f"{fqn!r}: the stored object is not loadable safely (weights_only=True refused it: "
