@@ -332,6 +332,15 @@ class RedisStore(KVStore):
                 pipe.get(key)
             return list(pipe.execute())
 
+    def value_sizes(self, keys: Sequence[str]) -> list[int]:
+        if not keys:
+            return []
+        with self._errors("reading sizes"):
+            pipe = self._pipeline()
+            for key in keys:
+                pipe.strlen(key)
+            return [int(n) for n in pipe.execute()]
+
     def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
         copied = [0] * len(reads)
         todo = [i for i, r in enumerate(reads) if len(r.into)]
