@@ -68,7 +68,7 @@ def test_ls_info_verify_human_and_json(run_prefix: str) -> None:
     infos = kvckpt.list_checkpoints(run_prefix)
     assert "CHECKPOINT" in listed.stdout and humanize.size(infos[0].total_bytes) in listed.stdout
     total = humanize.size(sum(i.total_bytes for i in infos))
-    assert f"3 checkpoint(s), {total}; latest: {infos[-1].checkpoint_id}" in listed.stdout
+    assert f"3 checkpoint(s), {total}; latest: {infos[-1].display_id}" in listed.stdout
     rows = json.loads(kvckpt_cli("ls", run_prefix, "--json").stdout)
     assert [r["namespace"].rsplit("/", 1)[1] for r in rows] == ["step1", "step2", "step3"]
     assert rows[0]["num_tensors"] == 2 and rows[0]["world_size"] == 1 and rows[0]["expires_at"] is None
@@ -265,7 +265,9 @@ def run_on_terminal(*args: str) -> bytes:
 def test_progress_bar_only_on_a_terminal(redis_server: RedisServer, namespace: str) -> None:
     kvckpt.save({"w": torch.zeros(1 << 20)}, redis_server.url(namespace), chunk_bytes=1 << 20)
     drawn = run_on_terminal("verify", redis_server.url(namespace))
-    assert b"verify:" in drawn and b"/4.00M" in drawn and b"ok: " in drawn
+    # A total, an ETA, and the units of the summary line (binary sizes, decimal rates)
+    assert b"verify: " in drawn and b" / 4.0 MiB " in drawn and b", ETA " in drawn and b" MB/s" in drawn
+    assert b"4.0 MiB verified" in drawn
     assert b"verify:" not in run_on_terminal("verify", "--json", redis_server.url(namespace))
     assert "verify:" not in kvckpt_cli("verify", redis_server.url(namespace)).stderr
 

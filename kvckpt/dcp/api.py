@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.stateful import Stateful
 from kvckpt import humanize, orphans
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.safe_load import SafeLoadPlanner as SafeLoadPlanner  # re-exported: kvckpt.SafeLoadPlanner
-from kvckpt.dcp.safe_load import printable
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.errors import (
     CheckpointNotFoundError,
@@ -36,6 +35,7 @@ from kvckpt.errors import (
     StoreFullError,
     UnpicklableValueError,
 )
+from kvckpt.humanize import printable
 from kvckpt.urls import parse_url
 
 Diagnosis = Callable[[], KVCheckpointError | None]

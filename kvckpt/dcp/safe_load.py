@@ -22,15 +22,10 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
 
 from kvckpt.errors import PickleLoadWarning, UnsafeObjectError
+from kvckpt.humanize import printable
 
 _GLOBAL = re.compile(r"GLOBAL (\S+)")
 _warned = threading.Event()
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """``text`` with control characters (terminal escapes included) shown as escapes, and capped."""
-    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-    return shown if len(shown) <= limit else shown[:limit] + "…"
 
 
 def load_safely(fqn: str, data: io.BytesIO) -> Any:
