@@ -11,7 +11,7 @@ from typing import Any
 from kvckpt.errors import InvalidCheckpointIdError, InvalidStoreOptionError, KVCheckpointError
 from kvckpt.registry import backend_for, open_store, owns
 from kvckpt.store import KVStore
-from kvckpt.urls import StoreURL, parse_url
+from kvckpt.urls import StoreURL, parse_url, redact, scheme_of
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,12 @@ class Resolver:
                 raise InvalidCheckpointIdError(
                     f"with client= the checkpoint_id is the bare namespace (e.g. 'run1/step100'), "
                     f"got {checkpoint_id!r}"
+                )
+            if scheme_of(checkpoint_id) is not None:
+                raise InvalidCheckpointIdError(
+                    f"with client= the checkpoint_id is the bare namespace (e.g. 'run1/step100'), not "
+                    f"a URL like {redact(checkpoint_id)!r}: the client already says which server; "
+                    "pass only the namespace, or drop client= to connect by URL"
                 )
             return Target(self._store, checkpoint_id, checkpoint_id)
         if not isinstance(checkpoint_id, str):

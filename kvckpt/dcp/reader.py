@@ -111,6 +111,11 @@ class KVStorageReader(Addressed, StorageReader):
         self._record_key = key
         return metadata
 
+    @property
+    def record_body(self) -> dict[str, Any]:
+        """The decoded record last read (its commit time, step, generation, …)."""
+        return self._body
+
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
