@@ -278,3 +278,50 @@ def test_management_commands_do_not_import_torch() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_version() -> None:
+    result = kvckpt_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"kvckpt {kvckpt.__version__}"
+
+
+def test_info_into_head_exits_quietly(redis_server: RedisServer, namespace: str) -> None:
+    """More output than a pipe holds, read by `head -1`: no BrokenPipeError traceback."""
+    url = redis_server.url(namespace)
+    kvckpt.save({f"layer{n:04d}.weight": torch.zeros(1) for n in range(3000)}, url)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        f"{sys.executable} -m kvckpt info '{url}' | head -1; echo \"status ${{PIPESTATUS[0]}}\"",
+        shell=True,
+        executable="/bin/bash",
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [f"checkpoint  {url}", "status 141"]
+
+
+def test_unicode_namespaces_print_decoded(redis_server: RedisServer, namespace: str) -> None:
+    from urllib.parse import quote
+
+    url = redis_server.url(quote(f"{namespace}/étape-ü/步", safe="/"))
+    kvckpt.save({"w": torch.ones(2)}, url)
+    listed = kvckpt_cli("ls", redis_server.url(namespace))
+    assert f"{namespace}/étape-ü/步" in listed.stdout and "%C3" not in listed.stdout
+    info = kvckpt_cli("info", url)
+    assert info.returncode == 0 and f"checkpoint  {redis_server.url(namespace)}/étape-ü/步" in info.stdout
+
+
+def test_cp_to_a_folder_follows_the_umask(redis_server: RedisServer, namespace: str, tmp_path: Path) -> None:
+    url = redis_server.url(namespace)
+    kvckpt.save({"w": torch.ones(2)}, url)
+    previous = os.umask(0o027)
+    try:
+        kvckpt.copy(url, tmp_path / "out" / "step1")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out" / "step1").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750

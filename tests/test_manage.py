@@ -455,3 +455,78 @@ def test_copy_between_redis_etcd_and_a_folder(
     assert [c.checkpoint_id for c in kvckpt.list_checkpoints(etcd_server.url(namespace))] == [
         etcd_server.url(namespace)
     ]
+
+
+# Order: step, copies, the newest that verifies ------------------------------------------------------
+
+
+def test_a_copy_keeps_its_sources_commit_time_so_it_is_not_the_latest(
+    redis_server: RedisServer, namespace: str, tmp_path: Path
+) -> None:
+    url = redis_server.url
+    kvckpt.save(small_state(1), url(f"{namespace}/step1"))
+    kvckpt.save(small_state(2), url(f"{namespace}/step2"))
+    kvckpt.copy(url(f"{namespace}/step1"), url(f"{namespace}/step1-backup"))
+    kvckpt.copy(url(f"{namespace}/step1"), tmp_path / "step1")
+    kvckpt.copy(tmp_path / "step1", url(f"{namespace}/step1-roundtrip"))
+
+    infos = {i.namespace.rsplit("/", 1)[1]: i for i in kvckpt.list_checkpoints(url(namespace))}
+    assert infos["step1-backup"].created == infos["step1"].created
+    assert kvckpt.latest(url(namespace)) == url(f"{namespace}/step2")
+    assert [d.namespace.rsplit("/", 1)[1] for d in kvckpt.keep_last(url(namespace), 1, dry_run=True)] == [
+        "step1",
+        "step1-backup",
+        "step1-roundtrip",
+    ]
+    assert infos["step1-roundtrip"].created == pytest.approx(infos["step1"].created, abs=1e-3)
+
+
+def test_step_orders_latest_and_keep_last_and_copies_keep_it(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    url = redis_server.url
+    kvckpt.save(small_state(20), url(f"{namespace}/b"), step=20)
+    kvckpt.save(small_state(3), url(f"{namespace}/a"), step=3)  # committed later, an earlier step
+    kvckpt.copy(url(f"{namespace}/a"), url(f"{namespace}/c"))
+    assert kvckpt.info(url(f"{namespace}/c")).step == 3
+    assert [(i.namespace.rsplit("/", 1)[1], i.step) for i in kvckpt.list_checkpoints(url(namespace))] == [
+        ("a", 3),
+        ("c", 3),
+        ("b", 20),
+    ]
+    assert kvckpt.latest(url(namespace)) == url(f"{namespace}/b")
+    kept = kvckpt.keep_last(url(namespace), 1)
+    assert sorted(d.step for d in kept) == [3, 3]
+    with pytest.raises(kvckpt.KVCheckpointError, match="step"):
+        kvckpt.save(small_state(), url(f"{namespace}/bad"), step=-1)
+
+
+def test_a_record_without_a_step_stays_loadable_and_sorts_first(
+    redis_server: RedisServer, raw: redis.Redis, namespace: str
+) -> None:
+    url = redis_server.url
+    kvckpt.save(small_state(4), url(f"{namespace}/old"))
+    kvckpt.save(small_state(1), url(f"{namespace}/new"), step=1)
+    key = layout.record_key(f"{namespace}/old")
+    body = record.decode_record(raw.get(key), key)  # type: ignore[arg-type]
+    del body["step"], body["format"], body["version"]  # as a kvckpt without steps wrote it
+    raw.set(key, record.encode_record(body))
+    assert [i.step for i in kvckpt.list_checkpoints(url(namespace))] == [None, 1]
+    state = small_state(0)
+    kvckpt.load(state, url(f"{namespace}/old"))
+    assert state["step"] == 4
+
+
+def test_latest_verified_skips_a_damaged_newest_checkpoint(
+    redis_server: RedisServer, raw: redis.Redis, namespace: str
+) -> None:
+    url = redis_server.url
+    for step in (1, 2, 3):
+        kvckpt.save(small_state(step), url(f"{namespace}/step{step}"), step=step)
+    newest = sorted(keys_under(raw, f"{namespace}/step3") - {layout.record_key(f"{namespace}/step3")})
+    raw.delete(newest[0])
+    assert kvckpt.latest(url(namespace)) == url(f"{namespace}/step3")
+    assert kvckpt.latest(url(namespace), verify=True) == url(f"{namespace}/step2")
+    for step in (1, 2):
+        raw.setrange(sorted(keys_under(raw, f"{namespace}/step{step}"))[0], 0, b"\xff\xff")
+    assert kvckpt.latest(url(namespace), verify=True) is None

@@ -265,6 +265,7 @@ def copy(
         destination = str(path)
         with _folder_destination(path, overwrite) as staging:
             _write(_StagedFolderWriter(staging, path), plan, feed, copied)
+            _stamp(staging / METADATA_FILE, _source_order(reader, src)[0])
     return CopyResult(source, destination, len(items), sum(item.nbytes for item in items))
 
 
@@ -284,6 +285,12 @@ def _source_order(reader: StorageReader, src: str | os.PathLike[str]) -> tuple[f
             step if isinstance(step, int) and not isinstance(step, bool) else None,
         )
     return (Path(src) / METADATA_FILE).stat().st_mtime, None
+
+
+def _stamp(metadata_file: Path, commit_time: float | None) -> None:
+    """A folder keeps its source's commit time as its .metadata's modification time."""
+    if commit_time is not None:
+        os.utime(metadata_file, (commit_time, commit_time))
 
 
 class _StagedFolderWriter(FileSystemWriter):
