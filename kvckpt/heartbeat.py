@@ -36,17 +36,21 @@ class Heartbeat:
         self.store, self.save_id, self.ttl = store, save_id, ttl
         self.key = layout.live_key(namespace, save_id)
         self._stop = threading.Event()
+        self._abandoned = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         who = f"{socket.gethostname()} pid {os.getpid()}".encode()
         self.store.put(self.key, who, ttl=self.ttl)
-        stop, key, store, ttl = self._stop, self.key, self.store, self.ttl
+        stop, abandoned = self._stop, self._abandoned
         self._thread = threading.Thread(
-            target=_beat, args=(store, key, ttl, stop), name="kvckpt-heartbeat", daemon=True
+            target=_beat,
+            args=(self.store, self.key, self.ttl, stop, abandoned),
+            name="kvckpt-heartbeat",
+            daemon=True,
         )
         self._thread.start()
-        weakref.finalize(self, stop.set)  # a writer dropped after a failed save stops beating
+        weakref.finalize(self, _abandon, stop, abandoned)  # a writer dropped after a failed save
 
     def confirm(self) -> bool:
         """Refresh once more, right before the commit: False when the marker has lapsed."""
@@ -67,7 +71,12 @@ class Heartbeat:
             log.warning("%s: could not remove this save's heartbeat: %s", self.key, exc)
 
 
-def _beat(store: KVStore, key: str, ttl: float, stop: threading.Event) -> None:
+def _abandon(stop: threading.Event, abandoned: threading.Event) -> None:
+    abandoned.set()
+    stop.set()
+
+
+def _beat(store: KVStore, key: str, ttl: float, stop: threading.Event, abandoned: threading.Event) -> None:
     while not stop.wait(ttl / 4):
         try:
             if not store.expire_many([key], ttl)[0]:
@@ -75,3 +84,8 @@ def _beat(store: KVStore, key: str, ttl: float, stop: threading.Event) -> None:
                 return
         except KVCheckpointError as exc:  # a blip: the next beat, or the commit's check, decides
             log.warning("%s: could not refresh this save's heartbeat: %s", key, exc)
+    if abandoned.is_set():  # nobody will stop this save any more: it is dead, say so now
+        try:
+            store.delete_many([key])
+        except KVCheckpointError as exc:
+            log.warning("%s: could not remove an abandoned save's heartbeat: %s", key, exc)

@@ -204,6 +204,7 @@ class KVStorageWriter(Addressed, StorageWriter):
                 flush()
         except BaseException:
             self._discard(store, submitted)
+            self._end_live()  # the coordinator's own failure: this save will not commit
             raise
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
