@@ -1,6 +1,6 @@
 """How a save in progress proves it is alive, so garbage collection never removes its data.
 
-The coordinator of a save writes ``NAMESPACE/SAVE_ID/.live`` with a short expiry (``live_ttl``, 60 s by
+The coordinator of a save writes ``NAMESPACE/.live/SAVE_ID`` with a short expiry (``live_ttl``, 60 s by
 default) before any data of that generation is written, and a daemon thread refreshes the expiry
 every quarter of it. Once the marker has expired it never comes back: refreshing only changes the
 expiry of a key that still exists. So a save whose marker lapsed (its process died, or stalled for

@@ -3,7 +3,7 @@
     NAMESPACE/.metadata                          the commit record (collective saves)
     NAMESPACE/__R.metadata                       rank R's record (use_collectives=False)
     NAMESPACE/SAVE_ID/FQN/OFFSETS/N              chunk N of one stored item
-    NAMESPACE/SAVE_ID/.live                      a save in progress proves it is alive (short expiry)
+    NAMESPACE/.live/SAVE_ID                      a save in progress proves it is alive (short expiry)
 
 Keys in the record are relative to the namespace, so a checkpoint can be copied to another one.
 """
@@ -26,8 +26,9 @@ def record_key(namespace: str, rank: int | None = None) -> str:
 
 
 def live_key(namespace: str, save_id: str) -> str:
-    """The marker a save in progress keeps refreshing; no data key has a single segment after SAVE_ID."""
-    return f"{namespace}/{save_id}/{LIVE_NAME}"
+    """The marker a save in progress keeps refreshing, beside (not inside) its generation, so the
+    generation's directory holds data keys only."""
+    return f"{namespace}/{LIVE_NAME}/{save_id}"
 
 
 def new_save_id() -> str:

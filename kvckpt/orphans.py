@@ -3,7 +3,7 @@
 A generation ``NAMESPACE/SAVE_ID/…`` is
 
 - *committed* when a record in its namespace (``.metadata`` or a rank's ``__R.metadata``) names it;
-- *in progress* while its save's marker ``NAMESPACE/SAVE_ID/.live`` exists (kvckpt.heartbeat);
+- *in progress* while its save's marker ``NAMESPACE/.live/SAVE_ID`` exists (kvckpt.heartbeat);
 - an *orphan* otherwise: the save died before committing, or lost its commit race.
 
 Only orphans are ever removed. A namespace whose record cannot be decoded keeps every generation (it
@@ -79,14 +79,13 @@ def survey(store: KVStore, prefix: str, *, only_namespace: bool = False) -> Surv
             if at is not None:  # a checkpoint nested inside a generation-like directory
                 protected.add((_join(prefix, segments[:at]), segments[at]))
             continue
+        if len(segments) >= 2 and segments[-2] == layout.LIVE_NAME:  # NAMESPACE/.live/SAVE_ID
+            live.add((_join(prefix, segments[:-2]), segments[-1]))
+            continue
         if at is None:
             continue
         generation = (_join(prefix, segments[:at]), segments[at])
-        if only_namespace and generation[0] != prefix:
-            continue
-        if segments[at + 1 :] == [layout.LIVE_NAME]:
-            live.add(generation)
-        else:
+        if not only_namespace or generation[0] == prefix:
             data[generation].append(key)
     candidates = {g for g in data if g not in live and g not in protected}
     committed = _committed(store, {ns for ns, _ in candidates}, records)

@@ -85,7 +85,10 @@ def crashed_save(backend: Backend, namespace: str, tmp_path: Path, overwrite: bo
     saver = Saver(backend.id(namespace), 0.5, tmp_path / f"go-{namespace.replace('/', '_')}", overwrite)
 
     def written() -> bool:
-        return any(len(keys) >= DATA_KEYS + 1 for keys in generations(backend, namespace).values())
+        return any(
+            len(keys) >= DATA_KEYS and backend.store.exists(layout.live_key(namespace, save_id))
+            for save_id, keys in generations(backend, namespace).items()
+        )
 
     wait_for(written, "the stalled save's data and marker")
     saver.kill()
@@ -111,8 +114,10 @@ def test_a_killed_save_is_listed_as_an_orphan_and_gc_removes_it_but_not_a_live_s
     dead = crashed_save(backend, f"{namespace}/crashed", tmp_path)
     live = Saver(backend.id(f"{namespace}/live"), 0.5, tmp_path / "go-live")
     time.sleep(1.5)  # three times its live_ttl: only its refreshed marker keeps it alive
+    (live_id,) = generations(backend, f"{namespace}/live")
     live_keys = [k for keys in generations(backend, f"{namespace}/live").values() for k in keys]
-    assert len(live_keys) == DATA_KEYS + 1  # its data and its marker
+    assert len(live_keys) == DATA_KEYS
+    assert backend.store.exists(layout.live_key(f"{namespace}/live", live_id))  # refreshed, alive
 
     (orphan,) = kvckpt.list_orphans(backend.id(namespace))
     assert (orphan.namespace, orphan.save_id, orphan.num_keys) == (f"{namespace}/crashed", dead, DATA_KEYS)
