@@ -47,7 +47,7 @@ SAFE_MAXMEMORY_POLICY = "noeviction"
 #: after a lost reply also needs ``+client|id +client|kill``; without them commits are sent once, unfenced.
 ACL_RULES = (
     "+get", "+set", "+getrange", "+getdel", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping",
-    "+wait",
+    "+wait", "+strlen",
     "+config|get",
 )  # fmt: skip
 
