@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import kvckpt
 from kvckpt.dcp import safe_load
@@ -72,20 +72,20 @@ def test_plain_dcp_load_warns_once_pointing_to_the_safe_way(
     url, marker = hostile
     monkeypatch.setattr(safe_load, "_warned", threading.Event())
     with pytest.warns(PickleLoadWarning, match=r"kvckpt\.load\(state_dict, checkpoint_id\)"):
-        dcp.load(fresh(), storage_reader=kvckpt.KVStorageReader(url))
+        dcp_load(fresh(), storage_reader=kvckpt.KVStorageReader(url))
     assert marker.exists()  # DCP's own behaviour, now after a warning
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", PickleLoadWarning)
-        dcp.load(fresh(), storage_reader=kvckpt.KVStorageReader(url))  # once per process
+        dcp_load(fresh(), storage_reader=kvckpt.KVStorageReader(url))  # once per process
     marker.unlink()
     for reader, planner in [
         (kvckpt.KVStorageReader(url), kvckpt.SafeLoadPlanner()),
         (kvckpt.KVStorageReader(url, allow_pickle=False), None),
     ]:
         with pytest.raises(CheckpointException) as raised:  # plain dcp.load wraps every failure
-            dcp.load(fresh(), storage_reader=reader, planner=planner)
+            dcp_load(fresh(), storage_reader=reader, planner=planner)
         (failure,) = raised.value.failures.values()
         assert isinstance(failure[0] if isinstance(failure, tuple) else failure, UnsafeObjectError)
     assert not marker.exists()

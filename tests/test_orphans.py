@@ -229,11 +229,11 @@ def test_a_full_store_says_how_much_orphans_hold(small_server: RedisServer, tmp_
 def test_rank_local_checkpoints_are_listed_verified_and_kept(
     redis_server: RedisServer, namespace: str
 ) -> None:
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     for step in (1, 2):
         writer = kvckpt.KVStorageWriter(redis_server.url(f"{namespace}/step{step}"), step=step)
-        dcp.save({"w": torch.full((4,), float(step))}, storage_writer=writer, use_collectives=False)
+        dcp_save({"w": torch.full((4,), float(step))}, storage_writer=writer, use_collectives=False)
     infos = kvckpt.list_checkpoints(redis_server.url(namespace))
     assert [(i.step, i.rank_local, i.world_size) for i in infos] == [(1, True, 1), (2, True, 1)]
     assert kvckpt.verify(infos[-1].checkpoint_id).num_keys == 1

@@ -11,6 +11,8 @@ from pathlib import Path
 import fakeredis
 import pytest
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import LoadPlan
 
 import kvckpt
 from kvckpt.errors import (
@@ -68,8 +70,8 @@ def test_other_dcp_failures_are_a_kvckpt_error_with_each_ranks_reason(
     url = redis_server.url(namespace)
     kvckpt.save({"w": torch.ones(4)}, url)
 
-    class Broken(torch.distributed.checkpoint.DefaultLoadPlanner):
-        def create_local_plan(self) -> torch.distributed.checkpoint.LoadPlan:
+    class Broken(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
             raise RuntimeError("planner broke")
 
     with pytest.raises(KVCheckpointError, match=r"load failed: rank 0: RuntimeError: planner broke"):
