@@ -211,7 +211,7 @@ def cmd_keep_last(args: argparse.Namespace) -> int:
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for old in doomed:
-        out(f"{verb} {old.checkpoint_id} ({humanize.size(old.total_bytes)}, {humanize.age(old.created)})")
+        out(f"{verb} {old.display_id} ({humanize.size(old.total_bytes)}, {humanize.age(old.created)})")
     freed = humanize.size(sum(d.total_bytes for d in doomed))
     out(f"{verb} {len(doomed)} checkpoint(s), {freed}; kept the newest {args.n}")
     return 0
