@@ -6,6 +6,7 @@ redis-server and a real etcd.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -166,6 +167,11 @@ def test_ls_info_verify_show_orphans_and_the_gc_command_removes_them(
         missing.stderr
     )
 
+    dry = kvckpt_cli("gc", "--dry-run", "--json", redis_server.url(namespace))
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert report["dry_run"] and sorted(r["nbytes"] for r in report["removed"]) == [2 << 20, 2 << 20]
+    assert len(kvckpt.list_orphans(redis_server.url(namespace))) == 2
     removed = kvckpt_cli("gc", redis_server.url(namespace))
     assert removed.returncode == 0, removed.stderr
     assert "removed 2 orphaned generation(s), 4.0 MiB" in removed.stdout

@@ -90,6 +90,8 @@ class KVStorageWriter(Addressed, StorageWriter):
         super().__init__()
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise KVCheckpointError(f"step must be a whole number >= 0, got {step!r}")
+        if live_ttl <= 0:
+            raise KVCheckpointError(f"live_ttl must be a positive number of seconds, got {live_ttl!r}")
         self.step = step
         self.live_ttl = live_ttl
         #: The commit time to record instead of now: a copy keeps its source's.
