@@ -113,8 +113,8 @@ def test_a_killed_save_is_listed_as_an_orphan_and_gc_removes_it_but_not_a_live_s
     backend = real_backend
     kvckpt.save({"w": torch.ones(3)}, backend.id(f"{namespace}/done"))
     dead = crashed_save(backend, f"{namespace}/crashed", tmp_path)
-    live = Saver(backend.id(f"{namespace}/live"), 0.5, tmp_path / "go-live")
-    time.sleep(1.5)  # three times its live_ttl: only its refreshed marker keeps it alive
+    live = Saver(backend.id(f"{namespace}/live"), 2.0, tmp_path / "go-live")
+    time.sleep(5.0)  # well past its live_ttl: only its refreshed marker keeps it alive
     (live_id,) = generations(backend, f"{namespace}/live")
     live_keys = [k for keys in generations(backend, f"{namespace}/live").values() for k in keys]
     assert len(live_keys) == DATA_KEYS
