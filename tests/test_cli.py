@@ -325,3 +325,30 @@ def test_cp_to_a_folder_follows_the_umask(redis_server: RedisServer, namespace: 
         os.umask(previous)
     assert (tmp_path / "out" / "step1").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+
+
+def test_ctrl_c_during_cp_exits_130_and_commits_nothing(redis_server: RedisServer, namespace: str) -> None:
+    """The copy's reads are held by a proxy; Ctrl-C arrives meanwhile, then the reads are let go."""
+    from kvckpt.testing.proxy import FaultProxy
+
+    kvckpt.save({"w": torch.ones(1 << 16)}, redis_server.url(f"{namespace}/src"), chunk_bytes=1 << 14)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    with FaultProxy(redis_server.port) as proxy:
+        src = f"redis://127.0.0.1:{proxy.port}/0/{namespace}/src"
+        proxy.hold_on(f"{namespace}/src/g".encode(), times=1)  # the first read of the data
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kvckpt", "cp", src, redis_server.url(f"{namespace}/dst")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        proxy.wait_for(lambda: proxy.held() == 1, what="a held read")
+        process.send_signal(signal.SIGINT)
+        proxy.release()
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip() == "kvckpt: interrupted" and out == ""
+    assert kvckpt.list_checkpoints(redis_server.url(f"{namespace}/dst")) == []
+    assert kvckpt.list_orphans(redis_server.url(namespace)) == []
