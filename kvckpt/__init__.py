@@ -18,10 +18,15 @@ from kvckpt.errors import (
     CheckpointTooLargeError,
     CorruptCheckpointError,
     InvalidCheckpointIdError,
+    InvalidStoreOptionError,
     KVCheckpointError,
     MissingDependencyError,
+    PickleLoadWarning,
+    StateDictMismatchError,
     StoreFullError,
     StoreUnavailableError,
+    UnpicklableValueError,
+    UnsafeObjectError,
     UnsafeStoreConfigError,
 )
 from kvckpt.manage import (
@@ -29,20 +34,24 @@ from kvckpt.manage import (
     Entry,
     VerifyResult,
     delete,
+    gc,
     info,
     keep_last,
     latest,
     list_checkpoints,
+    list_orphans,
     verify,
 )
+from kvckpt.orphans import Orphan
 from kvckpt.registry import open_store
 from kvckpt.store import Capabilities, KVStore, RangeRead
 
 if TYPE_CHECKING:
-    from kvckpt.dcp.api import SafeLoadPlanner, load, save
+    from kvckpt.dcp.api import load, save
     from kvckpt.dcp.copy import CopyResult, copy
     from kvckpt.dcp.hook import install
     from kvckpt.dcp.reader import KVStorageReader
+    from kvckpt.dcp.safe_load import SafeLoadPlanner
     from kvckpt.dcp.writer import KVStorageWriter
 
 __version__ = "0.1.0"
@@ -50,7 +59,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "KVStorageWriter": "kvckpt.dcp.writer",
     "KVStorageReader": "kvckpt.dcp.reader",
-    "SafeLoadPlanner": "kvckpt.dcp.api",
+    "SafeLoadPlanner": "kvckpt.dcp.safe_load",
     "save": "kvckpt.dcp.api",
     "load": "kvckpt.dcp.api",
     "copy": "kvckpt.dcp.copy",
@@ -69,24 +78,32 @@ __all__ = [
     "CorruptCheckpointError",
     "Entry",
     "InvalidCheckpointIdError",
+    "InvalidStoreOptionError",
     "KVCheckpointError",
     "KVStorageReader",
     "KVStorageWriter",
     "KVStore",
     "MissingDependencyError",
+    "Orphan",
+    "PickleLoadWarning",
     "RangeRead",
     "SafeLoadPlanner",
+    "StateDictMismatchError",
     "StoreFullError",
     "StoreUnavailableError",
+    "UnpicklableValueError",
+    "UnsafeObjectError",
     "UnsafeStoreConfigError",
     "VerifyResult",
     "copy",
     "delete",
+    "gc",
     "info",
     "install",
     "keep_last",
     "latest",
     "list_checkpoints",
+    "list_orphans",
     "load",
     "open_store",
     "save",

@@ -1,6 +1,7 @@
 """The ``kvckpt`` command (also ``python -m kvckpt``): list, inspect, verify, remove and copy checkpoints.
 
-Exit status: 0 ok, 1 failure, 2 usage. A failure prints one line (``--debug`` adds the traceback);
+Exit status: 0 ok, 1 failure, 2 usage, 130 interrupted, 141 stdout closed early (``| head``). A
+failure prints one line (``--debug`` adds the traceback);
 every line printed passes through URL redaction, so passwords never reach a terminal or a log.
 Only ``cp`` and ``demo`` import torch.
 """
@@ -9,44 +10,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import signal
 import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import unquote
 
+import kvckpt
 from kvckpt import humanize, manage
 from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
-from kvckpt.urls import redact
+from kvckpt.humanize import printable
+from kvckpt.orphans import Orphan
+from kvckpt.progress import progress_bar
+from kvckpt.urls import parse_url, redact
 
 #: How many verify problems a terminal gets; --json gets them all.
 SHOWN_PROBLEMS = 20
+_ESCAPED_UTF8 = re.compile(r"(?:%[C-Fc-f][0-9A-Fa-f](?:%[89ABab][0-9A-Fa-f])+)+")
 
 
 def out(text: str = "") -> None:
-    print(redact(text), flush=True)
+    print(printable_lines(readable(redact(text))), flush=True)
+
+
+def printable_lines(text: str) -> str:
+    """No terminal escape (or other control character) from a store reaches the terminal."""
+    return "\n".join(printable(line, limit=100_000) for line in text.split("\n"))
 
 
 def emit_json(value: Any) -> None:
-    out(json.dumps(value, indent=2))
+    out(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-@contextmanager
-def progress_bar(total: int | None, label: str, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A tqdm bar on stderr when it is a terminal; a no-op callback otherwise."""
-    if not enabled or not sys.stderr.isatty():
-        yield lambda n: None
-        return
-    from tqdm import tqdm
+def readable(text: str) -> str:
+    """Percent-escaped UTF-8 (a non-ASCII namespace in a URL) shown as the characters it spells."""
+    return _ESCAPED_UTF8.sub(_decoded, text) if "%" in text else text
 
-    with tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
-        yield bar.update
+
+def _decoded(match: re.Match[str]) -> str:
+    try:
+        return unquote(match.group(), errors="strict")
+    except UnicodeDecodeError:
+        return match.group()
 
 
 # Commands --------------------------------------------------------------------------------------
+
+
+def orphan_line(found: list[Orphan], where: str) -> str:
+    held = humanize.size(sum(o.nbytes for o in found))
+    return (
+        f"orphans: {len(found)} generation(s) of saves that died hold {held} under {where}; "
+        f"`kvckpt gc {where}` removes them"
+    )
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -54,27 +75,28 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         emit_json([{**i.to_dict(), "created_at": humanize.timestamp(i.created)} for i in infos])
         return 0
+    found = manage.list_orphans(args.prefix)
     if not infos:
         out(f"no committed checkpoints under {args.prefix}")
-        return 0
-    rows = [
-        [
-            i.checkpoint_id,
-            f"{humanize.timestamp(i.created)} ({humanize.age(i.created)})",
-            humanize.size(i.total_bytes),
-            str(i.num_tensors),
-            str(i.world_size),
-            "-" if i.expires_at is None else humanize.age(i.expires_at),
+    else:
+        rows = [
+            [
+                i.display_id + (" (rank-local)" if i.rank_local else ""),
+                "-" if i.step is None else str(i.step),
+                f"{humanize.timestamp(i.created)} ({humanize.age(i.created)})",
+                humanize.size(i.total_bytes),
+                str(i.num_tensors),
+                str(i.world_size),
+                "-" if i.expires_at is None else humanize.age(i.expires_at),
+            ]
+            for i in infos
         ]
-        for i in infos
-    ]
-    out(
-        humanize.table(
-            ["CHECKPOINT", "COMMITTED", "SIZE", "TENSORS", "RANKS", "EXPIRES"], rows, right=(2, 3, 4)
-        )
-    )
-    total = sum(i.total_bytes for i in infos)
-    out(f"{len(infos)} checkpoint(s), {humanize.size(total)}; latest: {infos[-1].checkpoint_id}")
+        headers = ["CHECKPOINT", "STEP", "COMMITTED", "SIZE", "TENSORS", "RANKS", "EXPIRES"]
+        out(humanize.table(headers, rows, right=(1, 3, 4, 5)))
+        total = sum(i.total_bytes for i in infos)
+        out(f"{len(infos)} checkpoint(s), {humanize.size(total)}; latest: {infos[-1].display_id}")
+    if found:
+        out(orphan_line(found, args.prefix))
     return 0
 
 
@@ -84,7 +106,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         emit_json({**found.to_dict(), "created_at": humanize.timestamp(found.created)})
         return 0
     expires = "never" if found.expires_at is None else humanize.age(found.expires_at)
-    out(f"checkpoint  {found.checkpoint_id}")
+    out(f"checkpoint  {found.display_id}" + (" (rank-local records)" if found.rank_local else ""))
     when = f"{humanize.timestamp(found.created)} ({humanize.age(found.created)})"
     out(f"committed   {when} by {found.world_size} rank(s)")
     out(f"generation  {found.save_id}, {found.num_keys} key(s), expires {expires}")
@@ -107,6 +129,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         humanize.size(found.total_bytes),
     ]
     out(humanize.table(["FQN", "DTYPE", "SHAPE", "CHUNKS", "BYTES"], [*rows, total], right=(3, 4)))
+    if found.step is not None:
+        out(f"step        {found.step}")
+    here = [o for o in manage.list_orphans(args.checkpoint_id) if o.namespace == found.namespace]
+    if here:
+        out(orphan_line(here, args.checkpoint_id))
     return 0
 
 
@@ -135,6 +162,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"ok: {result.checkpoint_id}: {result.num_keys} chunk(s), {humanize.size(result.nbytes)} verified "
         f"({what}) in {humanize.duration(seconds)} ({humanize.rate(result.nbytes, seconds)})"
     )
+    here = [o for o in manage.list_orphans(args.checkpoint_id) if o.namespace == scope_namespace(args)]
+    if here:
+        out(orphan_line(here, args.checkpoint_id))
+    return 0
+
+
+def scope_namespace(args: argparse.Namespace) -> str:
+    return parse_url(args.checkpoint_id).namespace
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    found = manage.gc(args.prefix, dry_run=args.dry_run)
+    url = parse_url(args.prefix)
+
+    def shown(orphan: Orphan) -> str:
+        return url.with_namespace(orphan.namespace).to_url(redact=True) + "/" + orphan.save_id
+
+    if args.json:
+        rows = [{"generation": shown(o), "num_keys": o.num_keys, "nbytes": o.nbytes} for o in found]
+        emit_json({"dry_run": args.dry_run, "removed": rows})
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for orphan in found:
+        out(f"{verb} {shown(orphan)}: {orphan.num_keys} key(s), {humanize.size(orphan.nbytes)}")
+    held = humanize.size(sum(o.nbytes for o in found))
+    out(f"{verb} {len(found)} orphaned generation(s), {held}")
     return 0
 
 
@@ -158,7 +211,7 @@ def cmd_keep_last(args: argparse.Namespace) -> int:
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for old in doomed:
-        out(f"{verb} {old.checkpoint_id} ({humanize.size(old.total_bytes)}, {humanize.age(old.created)})")
+        out(f"{verb} {old.display_id} ({humanize.size(old.total_bytes)}, {humanize.age(old.created)})")
     freed = humanize.size(sum(d.total_bytes for d in doomed))
     out(f"{verb} {len(doomed)} checkpoint(s), {freed}; kept the newest {args.n}")
     return 0
@@ -166,9 +219,11 @@ def cmd_keep_last(args: argparse.Namespace) -> int:
 
 def cmd_cp(args: argparse.Namespace) -> int:
     from kvckpt.dcp.copy import copy
+    from kvckpt.registry import owns
 
     started = time.perf_counter()
-    with progress_bar(None, "copy", not args.json) as advance:
+    total = manage.info(args.src).total_bytes if owns(args.src) else folder_bytes(args.src)
+    with progress_bar(total, "copy", not args.json) as advance:
         result = copy(args.src, args.dst, overwrite=args.overwrite, ttl=args.ttl, progress=advance)
     seconds = time.perf_counter() - started
     if args.json:
@@ -180,6 +235,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
         f"({humanize.rate(result.nbytes, seconds)})"
     )
     return 0
+
+
+def folder_bytes(path: str) -> int | None:
+    """About what a DCP folder holds (its files); None when it is not a folder."""
+    try:
+        return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+    except OSError:
+        return None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -240,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from REDISCLI_AUTH. See docs/cli.md.",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    parser.add_argument("--version", action="version", version=f"kvckpt {kvckpt.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str, json: bool = True) -> Any:
@@ -260,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix")
     p.add_argument("n", type=non_negative, metavar="N")
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p = command("gc", cmd_gc, "remove what saves that died left under a prefix (never a live save)")
+    p.add_argument("prefix")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p = command("cp", cmd_cp, "copy a checkpoint between kvckpt URLs and DCP folders (either way)")
     p.add_argument("src")
     p.add_argument("dst")
@@ -318,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvckpt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kvckpt info … | head`: the reader has all it wanted
+        quiet_stdout()
+        return 141
     except Exception as exc:
         if args.debug:
             print(redact(traceback.format_exc()), file=sys.stderr, end="")
@@ -325,4 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(redact(f"kvckpt: error: {describe(exc)}{hint}"), file=sys.stderr)
         return 1
     finally:
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            quiet_stdout()
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's own last flush does not complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

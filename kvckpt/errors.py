@@ -73,3 +73,23 @@ class UnsafeStoreConfigWarning(UserWarning):
 
 class CheckpointChangedError(KVCheckpointError):
     """The checkpoint was overwritten or deleted while it was being loaded; load it again."""
+
+
+class StateDictMismatchError(KVCheckpointError, ValueError):
+    """The state_dict to load into does not match the checkpoint: a key it lacks, or another shape."""
+
+
+class UnpicklableValueError(KVCheckpointError, TypeError):
+    """A non-tensor value of the state_dict cannot be serialised (DCP stores such values with pickle)."""
+
+
+class UnsafeObjectError(KVCheckpointError):
+    """A stored non-tensor value needs classes a safe load refuses to construct (allow_pickle=False)."""
+
+
+class InvalidStoreOptionError(KVCheckpointError, TypeError):
+    """A store option the backend does not know (usually a typo)."""
+
+
+class PickleLoadWarning(UserWarning):
+    """A load unpickles non-tensor values from the store without restriction (it can run code)."""

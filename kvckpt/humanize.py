@@ -63,3 +63,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
         return "  ".join(padded).rstrip()
 
     return "\n".join([line(headers), *(line(row) for row in rows)])
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` with control characters (terminal escapes included) shown as escapes, and capped:
+    for text that comes from a store or a pickle and is put in a message."""
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return shown if len(shown) <= limit else shown[:limit] + "…"

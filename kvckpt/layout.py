@@ -3,21 +3,32 @@
     NAMESPACE/.metadata                          the commit record (collective saves)
     NAMESPACE/__R.metadata                       rank R's record (use_collectives=False)
     NAMESPACE/SAVE_ID/FQN/OFFSETS/N              chunk N of one stored item
+    NAMESPACE/.live/SAVE_ID                      a save in progress proves it is alive (short expiry)
 
 Keys in the record are relative to the namespace, so a checkpoint can be copied to another one.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
 
 RECORD_NAME = ".metadata"
+LIVE_NAME = ".live"
+#: A generation directory (new_save_id): every data key of one save lives under one.
+GENERATION = re.compile(r"g\d{8}T\d{6}-[0-9a-f]{8}")
 
 
 def record_key(namespace: str, rank: int | None = None) -> str:
     return f"{namespace}/{RECORD_NAME}" if rank is None else f"{namespace}/__{rank}{RECORD_NAME}"
+
+
+def live_key(namespace: str, save_id: str) -> str:
+    """The marker a save in progress keeps refreshing, beside (not inside) its generation, so the
+    generation's directory holds data keys only."""
+    return f"{namespace}/{LIVE_NAME}/{save_id}"
 
 
 def new_save_id() -> str:

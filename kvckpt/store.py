@@ -127,6 +127,12 @@ class KVStore(abc.ABC):
     def delete(self, key: str) -> None:
         self.delete_many([key])
 
+    def value_sizes(self, keys: Sequence[str]) -> list[int]:
+        """Each value's length in bytes (0 where a key is missing), to say how much keys hold.
+
+        This default reads the values; backends that can ask for a length alone override it."""
+        return [0 if value is None else len(value) for value in self.get_many(keys)]
+
     def delete_prefix(self, prefix: str, batch: int = 1000) -> int:
         """Delete every key under ``prefix`` in batches; returns how many were found."""
         found = 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from kvckpt.errors import InvalidCheckpointIdError, KVCheckpointError
-from kvckpt.registry import open_store, owns
+from kvckpt.errors import InvalidCheckpointIdError, InvalidStoreOptionError, KVCheckpointError
+from kvckpt.registry import backend_for, open_store, owns
 from kvckpt.store import KVStore
-from kvckpt.urls import StoreURL, parse_url
+from kvckpt.urls import StoreURL, parse_url, redact, scheme_of
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,12 @@ class Resolver:
                     f"with client= the checkpoint_id is the bare namespace (e.g. 'run1/step100'), "
                     f"got {checkpoint_id!r}"
                 )
+            if scheme_of(checkpoint_id) is not None:
+                raise InvalidCheckpointIdError(
+                    f"with client= the checkpoint_id is the bare namespace (e.g. 'run1/step100'), not "
+                    f"a URL like {redact(checkpoint_id)!r}: the client already says which server; "
+                    "pass only the namespace, or drop client= to connect by URL"
+                )
             return Target(self._store, checkpoint_id, checkpoint_id)
         if not isinstance(checkpoint_id, str):
             raise InvalidCheckpointIdError(
@@ -50,6 +58,7 @@ class Resolver:
             )
         url = parse_url(checkpoint_id)
         if self._store is None or self._server != url.server:
+            check_store_options(url.scheme, self._options)
             self.close()
             self._store = open_store(url, **self._options)
             self._server = url.server
@@ -99,3 +108,40 @@ def wrap_client(client: Any) -> KVStore:
     from kvckpt.stores.redis import RedisStore
 
     return RedisStore(client=client)
+
+
+def _named(func: Any) -> tuple[set[str], bool]:
+    """The keyword names ``func`` takes, and whether it also takes any other (``**kwargs``)."""
+    params = inspect.signature(func).parameters.values()
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names - {"self", "cls", "url"}, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def check_store_options(scheme: str, options: dict[str, Any]) -> None:
+    """Refuse an option the backend would only trip over when it first connects (a typo, usually).
+
+    A backend's ``from_url`` names its own options; what else it takes goes to the client it makes
+    (redis-py's ``Redis`` for the standalone schemes), whose constructor names the rest.
+    """
+    if not options:
+        return
+    factory = backend_for(scheme)
+    known, open_ended = _named(factory.from_url)
+    own = sorted(known)
+    if open_ended:
+        if scheme.startswith("redis") and scheme != "redis+cluster":
+            import redis
+
+            extra, open_ended = _named(redis.Redis.__init__)
+        else:
+            extra, open_ended = _named(factory)
+        known |= extra
+    unknown = sorted(set(options) - known)
+    if unknown and not open_ended:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InvalidStoreOptionError(
+            f"unknown store option(s) {', '.join(map(repr, unknown))} for {scheme}:// URLs{hint} "
+            f"(the backend's own: {', '.join(own)})",
+            options=unknown,
+        )

@@ -68,7 +68,7 @@ def test_ls_info_verify_human_and_json(run_prefix: str) -> None:
     infos = kvckpt.list_checkpoints(run_prefix)
     assert "CHECKPOINT" in listed.stdout and humanize.size(infos[0].total_bytes) in listed.stdout
     total = humanize.size(sum(i.total_bytes for i in infos))
-    assert f"3 checkpoint(s), {total}; latest: {infos[-1].checkpoint_id}" in listed.stdout
+    assert f"3 checkpoint(s), {total}; latest: {infos[-1].display_id}" in listed.stdout
     rows = json.loads(kvckpt_cli("ls", run_prefix, "--json").stdout)
     assert [r["namespace"].rsplit("/", 1)[1] for r in rows] == ["step1", "step2", "step3"]
     assert rows[0]["num_tensors"] == 2 and rows[0]["world_size"] == 1 and rows[0]["expires_at"] is None
@@ -265,7 +265,9 @@ def run_on_terminal(*args: str) -> bytes:
 def test_progress_bar_only_on_a_terminal(redis_server: RedisServer, namespace: str) -> None:
     kvckpt.save({"w": torch.zeros(1 << 20)}, redis_server.url(namespace), chunk_bytes=1 << 20)
     drawn = run_on_terminal("verify", redis_server.url(namespace))
-    assert b"verify:" in drawn and b"/4.00M" in drawn and b"ok: " in drawn
+    # A total, an ETA, and the units of the summary line (binary sizes, decimal rates)
+    assert b"verify: " in drawn and b" / 4.0 MiB " in drawn and b", ETA " in drawn and b" MB/s" in drawn
+    assert b"4.0 MiB verified" in drawn
     assert b"verify:" not in run_on_terminal("verify", "--json", redis_server.url(namespace))
     assert "verify:" not in kvckpt_cli("verify", redis_server.url(namespace)).stderr
 
@@ -276,3 +278,77 @@ def test_management_commands_do_not_import_torch() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_version() -> None:
+    result = kvckpt_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"kvckpt {kvckpt.__version__}"
+
+
+def test_info_into_head_exits_quietly(redis_server: RedisServer, namespace: str) -> None:
+    """More output than a pipe holds, read by `head -1`: no BrokenPipeError traceback."""
+    url = redis_server.url(namespace)
+    kvckpt.save({f"layer{n:04d}.weight": torch.zeros(1) for n in range(3000)}, url)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        f"{sys.executable} -m kvckpt info '{url}' | head -1; echo \"status ${{PIPESTATUS[0]}}\"",
+        shell=True,
+        executable="/bin/bash",
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [f"checkpoint  {url}", "status 141"]
+
+
+def test_unicode_namespaces_print_decoded(redis_server: RedisServer, namespace: str) -> None:
+    from urllib.parse import quote
+
+    url = redis_server.url(quote(f"{namespace}/étape-ü/步", safe="/"))
+    kvckpt.save({"w": torch.ones(2)}, url)
+    listed = kvckpt_cli("ls", redis_server.url(namespace))
+    assert f"{namespace}/étape-ü/步" in listed.stdout and "%C3" not in listed.stdout
+    info = kvckpt_cli("info", url)
+    assert info.returncode == 0 and f"checkpoint  {redis_server.url(namespace)}/étape-ü/步" in info.stdout
+
+
+def test_cp_to_a_folder_follows_the_umask(redis_server: RedisServer, namespace: str, tmp_path: Path) -> None:
+    url = redis_server.url(namespace)
+    kvckpt.save({"w": torch.ones(2)}, url)
+    previous = os.umask(0o027)
+    try:
+        kvckpt.copy(url, tmp_path / "out" / "step1")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out" / "step1").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+
+
+def test_ctrl_c_during_cp_exits_130_and_commits_nothing(redis_server: RedisServer, namespace: str) -> None:
+    """The copy's reads are held by a proxy; Ctrl-C arrives meanwhile, then the reads are let go."""
+    from kvckpt.testing.proxy import FaultProxy
+
+    kvckpt.save({"w": torch.ones(1 << 16)}, redis_server.url(f"{namespace}/src"), chunk_bytes=1 << 14)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    with FaultProxy(redis_server.port) as proxy:
+        src = f"redis://127.0.0.1:{proxy.port}/0/{namespace}/src"
+        proxy.hold_on(f"{namespace}/src/g".encode(), times=1)  # the first read of the data
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kvckpt", "cp", src, redis_server.url(f"{namespace}/dst")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        proxy.wait_for(lambda: proxy.held() == 1, what="a held read")
+        process.send_signal(signal.SIGINT)
+        proxy.release()
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip() == "kvckpt: interrupted" and out == ""
+    assert kvckpt.list_checkpoints(redis_server.url(f"{namespace}/dst")) == []
+    assert kvckpt.list_orphans(redis_server.url(namespace)) == []

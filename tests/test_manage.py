@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,7 +57,7 @@ def keys_under(raw: redis.Redis, namespace: str) -> set[str]:
 # Listing ---------------------------------------------------------------------------------------
 
 
-def test_list_shows_only_committed_checkpoints_under_the_prefix(
+def test_list_shows_committed_and_rank_local_checkpoints_under_the_prefix(
     redis_server: RedisServer, raw: redis.Redis, namespace: str
 ) -> None:
     url = redis_server.url
@@ -65,7 +66,7 @@ def test_list_shows_only_committed_checkpoints_under_the_prefix(
     kvckpt.save(small_state(), url(f"{namespace}/run1/step9"), ttl=600)
     kvckpt.save(small_state(), url(f"{namespace}/run10/step1"))  # a sibling run, not under run1
     raw.set(f"{namespace}/run1/step4/g20260101T000000-0badcafe/w/0,0/0", b"x")  # a save that died
-    dcp.save(  # a rank-local record only (use_collectives=False): not a committed global checkpoint
+    dcp.save(  # rank-local records only (use_collectives=False): listed, as one checkpoint
         small_state(),
         storage_writer=kvckpt.KVStorageWriter(url(f"{namespace}/run1/local")),
         use_collectives=False,
@@ -73,16 +74,19 @@ def test_list_shows_only_committed_checkpoints_under_the_prefix(
 
     infos = kvckpt.list_checkpoints(url(f"{namespace}/run1"))
 
-    assert [i.namespace for i in infos] == [f"{namespace}/run1/step{s}" for s in (1, 2, 3, 9)]
+    assert [i.namespace for i in infos] == [
+        f"{namespace}/run1/{s}" for s in ("step1", "step2", "step3", "step9", "local")
+    ]
+    assert [i.rank_local for i in infos] == [False] * 4 + [True]
     first = infos[0]
     assert first.checkpoint_id == url(f"{namespace}/run1/step1")
     assert (first.num_tensors, first.world_size, first.expires_at) == (2, 1, None)
     assert first.total_bytes > 64 * 8 * 4 + 5 * 8  # the tensors plus the pickled int
     assert first.num_keys == 3 and first.save_id.startswith("g")
     assert abs(first.created - time.time()) < 60
-    assert infos[-1].expires_at is not None and 500 < infos[-1].expires_at - time.time() <= 600
+    assert infos[-2].expires_at is not None and 500 < infos[-2].expires_at - time.time() <= 600
     assert [i.created for i in infos] == sorted(i.created for i in infos)
-    assert kvckpt.latest(url(f"{namespace}/run1")) == url(f"{namespace}/run1/step9")
+    assert kvckpt.latest(url(f"{namespace}/run1")) == url(f"{namespace}/run1/local")
 
 
 def test_prefix_that_is_itself_a_checkpoint_and_glob_characters(
@@ -116,11 +120,15 @@ def test_damaged_record_is_skipped_not_fatal(
     ]
 
 
-def test_ids_are_redacted_but_latest_is_loadable(auth_server: RedisServer, namespace: str) -> None:
+def test_listed_ids_are_usable_and_display_ids_redacted(auth_server: RedisServer, namespace: str) -> None:
     prefix = f"redis://:{PASSWORD}@127.0.0.1:{auth_server.port}/0/{namespace}"
     kvckpt.save(small_state(7), f"{prefix}/step7")
     (found,) = kvckpt.list_checkpoints(prefix)
-    assert PASSWORD not in repr(found) and ":***@" in found.checkpoint_id
+    assert PASSWORD not in repr(found) and PASSWORD not in json.dumps(found.to_dict())
+    assert ":***@" in found.display_id and found.to_dict()["checkpoint_id"] == found.display_id
+    assert found.checkpoint_id == f"{prefix}/step7"  # the caller's own credentials, usable again
+    assert kvckpt.verify(found.checkpoint_id).num_keys == 3
+    assert kvckpt.info(found.checkpoint_id).total_bytes == found.total_bytes
     latest = kvckpt.latest(prefix)
     assert latest == f"{prefix}/step7"
     state = small_state(0)
@@ -447,3 +455,78 @@ def test_copy_between_redis_etcd_and_a_folder(
     assert [c.checkpoint_id for c in kvckpt.list_checkpoints(etcd_server.url(namespace))] == [
         etcd_server.url(namespace)
     ]
+
+
+# Order: step, copies, the newest that verifies ------------------------------------------------------
+
+
+def test_a_copy_keeps_its_sources_commit_time_so_it_is_not_the_latest(
+    redis_server: RedisServer, namespace: str, tmp_path: Path
+) -> None:
+    url = redis_server.url
+    kvckpt.save(small_state(1), url(f"{namespace}/step1"))
+    kvckpt.save(small_state(2), url(f"{namespace}/step2"))
+    kvckpt.copy(url(f"{namespace}/step1"), url(f"{namespace}/step1-backup"))
+    kvckpt.copy(url(f"{namespace}/step1"), tmp_path / "step1")
+    kvckpt.copy(tmp_path / "step1", url(f"{namespace}/step1-roundtrip"))
+
+    infos = {i.namespace.rsplit("/", 1)[1]: i for i in kvckpt.list_checkpoints(url(namespace))}
+    assert infos["step1-backup"].created == infos["step1"].created
+    assert kvckpt.latest(url(namespace)) == url(f"{namespace}/step2")
+    assert [d.namespace.rsplit("/", 1)[1] for d in kvckpt.keep_last(url(namespace), 1, dry_run=True)] == [
+        "step1",
+        "step1-backup",
+        "step1-roundtrip",
+    ]
+    assert infos["step1-roundtrip"].created == pytest.approx(infos["step1"].created, abs=1e-3)
+
+
+def test_step_orders_latest_and_keep_last_and_copies_keep_it(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    url = redis_server.url
+    kvckpt.save(small_state(20), url(f"{namespace}/b"), step=20)
+    kvckpt.save(small_state(3), url(f"{namespace}/a"), step=3)  # committed later, an earlier step
+    kvckpt.copy(url(f"{namespace}/a"), url(f"{namespace}/c"))
+    assert kvckpt.info(url(f"{namespace}/c")).step == 3
+    assert [(i.namespace.rsplit("/", 1)[1], i.step) for i in kvckpt.list_checkpoints(url(namespace))] == [
+        ("a", 3),
+        ("c", 3),
+        ("b", 20),
+    ]
+    assert kvckpt.latest(url(namespace)) == url(f"{namespace}/b")
+    kept = kvckpt.keep_last(url(namespace), 1)
+    assert [d.step for d in kept] == [3, 3]
+    with pytest.raises(kvckpt.KVCheckpointError, match="step"):
+        kvckpt.save(small_state(), url(f"{namespace}/bad"), step=-1)
+
+
+def test_a_record_without_a_step_stays_loadable_and_sorts_first(
+    redis_server: RedisServer, raw: redis.Redis, namespace: str
+) -> None:
+    url = redis_server.url
+    kvckpt.save(small_state(4), url(f"{namespace}/old"))
+    kvckpt.save(small_state(1), url(f"{namespace}/new"), step=1)
+    key = layout.record_key(f"{namespace}/old")
+    body = record.decode_record(raw.get(key), key)  # type: ignore[arg-type]
+    del body["step"], body["format"], body["version"]  # as a kvckpt without steps wrote it
+    raw.set(key, record.encode_record(body))
+    assert [i.step for i in kvckpt.list_checkpoints(url(namespace))] == [None, 1]
+    state = small_state(0)
+    kvckpt.load(state, url(f"{namespace}/old"))
+    assert state["step"] == 4
+
+
+def test_latest_verified_skips_a_damaged_newest_checkpoint(
+    redis_server: RedisServer, raw: redis.Redis, namespace: str
+) -> None:
+    url = redis_server.url
+    for step in (1, 2, 3):
+        kvckpt.save(small_state(step), url(f"{namespace}/step{step}"), step=step)
+    newest = sorted(keys_under(raw, f"{namespace}/step3") - {layout.record_key(f"{namespace}/step3")})
+    raw.delete(newest[0])
+    assert kvckpt.latest(url(namespace)) == url(f"{namespace}/step3")
+    assert kvckpt.latest(url(namespace), verify=True) == url(f"{namespace}/step2")
+    for step in (1, 2):
+        raw.setrange(sorted(keys_under(raw, f"{namespace}/step{step}"))[0], 0, b"\xff\xff")
+    assert kvckpt.latest(url(namespace), verify=True) is None

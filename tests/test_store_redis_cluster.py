@@ -91,6 +91,7 @@ def test_injected_cluster_client_is_routed_to_cluster_store(
         items = [(f"{namespace}/i/{i}", b"x" * i) for i in range(100)]
         store.put_many(items)
         assert store.get_many([k for k, _ in items]) == [v for _, v in items]
+        assert store.value_sizes([k for k, _ in items]) == [len(v) for _, v in items]
         assert sorted(store.scan_prefix(namespace + "/")) == sorted(k for k, _ in items)
         store.close()  # an injected client is the caller's to close
         assert client.get(items[5][0]) == items[5][1]

@@ -147,6 +147,7 @@ def test_least_privilege_acl_user_can_do_everything_the_store_needs(tls_server: 
     store = open_store(tls_server.url("least", user="ckpt-min:min-pw"))
     store.put_many([("least/a", b"12345")], ttl=30)
     assert store.get_many(["least/a", "least/b"]) == [b"12345", None]
+    assert store.value_sizes(["least/a", "least/b"]) == [5, 0]
     into = bytearray(2)
     assert store.read_into_many([RangeRead("least/a", 1, memoryview(into))]) == [2] and into == b"23"
     assert store.expire_many(["least/a"], None) == [True] and store.expire_many(["least/a"], 30) == [True]

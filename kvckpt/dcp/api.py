@@ -1,70 +1,74 @@
-"""One-call save/load, and the load planner that refuses to run pickles from the store."""
+"""One-call save/load: safe loading under any planner, and DCP's failures as typed kvckpt errors.
+
+DCP wraps every rank's failure in ``CheckpointException``, a ``BaseException`` that ``except
+Exception`` misses and whose text is a list of tracebacks. ``kvckpt.save``/``kvckpt.load`` raise
+kvckpt's own error instead: the one a rank raised, or, for a mistake in the state_dict, one naming the
+entry (StateDictMismatchError, UnpicklableValueError), or a KVCheckpointError summing up each rank's
+failure. Ctrl-C stays a plain KeyboardInterrupt.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem, SavePlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.stateful import Stateful
 
+from kvckpt import humanize, orphans
 from kvckpt.dcp.reader import KVStorageReader
+from kvckpt.dcp.safe_load import SafeLoadPlanner as SafeLoadPlanner  # re-exported: kvckpt.SafeLoadPlanner
 from kvckpt.dcp.writer import KVStorageWriter
-from kvckpt.errors import CheckpointNotFoundError, KVCheckpointError
+from kvckpt.errors import (
+    CheckpointNotFoundError,
+    KVCheckpointError,
+    StateDictMismatchError,
+    StoreFullError,
+    UnpicklableValueError,
+)
+from kvckpt.humanize import printable
+from kvckpt.urls import parse_url
 
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner whose BYTE_IO items load with ``torch.load(weights_only=True)``.
-
-    DCP's own planner unpickles arbitrary objects; a store shared between jobs must not be a way to
-    run code in the loading process. ``allow_pickle=True`` restores DCP's behaviour. A ``BytesIO``
-    value (DCP stores it pickled) is data, not code, so it is allowed: state like a train loop's
-    loss history travels that way.
-    """
-
-    def __init__(self, *args: Any, allow_pickle: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.allow_pickle = allow_pickle
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        fqn = read_item.dest_index.fqn
-        try:
-            with torch.serialization.safe_globals([io.BytesIO]):
-                obj = torch.load(value, weights_only=not self.allow_pickle)
-        except pickle.UnpicklingError as exc:
-            raise KVCheckpointError(
-                f"{fqn!r}: the stored object is not loadable safely (weights_only=True refused it: "
-                f"{str(exc).splitlines()[0]}); pass allow_pickle=True only if you trust whoever wrote "
-                "this store",
-                fqn=fqn,
-            ) from exc
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
-        else:
-            self.state_dict[fqn] = obj
+Diagnosis = Callable[[], KVCheckpointError | None]
 
 
 @contextlib.contextmanager
-def unwrapped_errors() -> Iterator[None]:
-    """DCP wraps every rank's failure in CheckpointException; surface kvckpt's own typed error."""
+def unwrapped_errors(what: str = "checkpoint", diagnose: Diagnosis | None = None) -> Iterator[None]:
+    """DCP's CheckpointException as kvckpt's typed error (see the module's docstring)."""
     try:
         yield
     except CheckpointException as exc:
         errors = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+        for error in errors:
+            if isinstance(error, KeyboardInterrupt):
+                raise error.with_traceback(None) from None
         ours = [e for e in errors if isinstance(e, KVCheckpointError)]
         if ours:
             raise ours[0] from exc
-        raise
+        found = diagnose() if diagnose is not None else None
+        if found is not None:
+            raise found from exc
+        summary = "; ".join(
+            f"rank {rank}: {type(error).__name__}: {printable(_first_line(error))}"
+            for rank, error in zip(exc.failures, errors, strict=True)
+        )
+        raise KVCheckpointError(
+            f"{what} failed: {summary}", failures=dict(zip(exc.failures, errors, strict=True))
+        ) from exc
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def save(
@@ -76,23 +80,30 @@ def save(
     process_group: Any = None,
     no_dist: bool = False,
     use_collectives: bool = True,
+    step: int | None = None,
     **writer_options: Any,
 ) -> Metadata:
     """``dcp.save`` into kvckpt; works with or without an initialised process group.
 
     ``no_dist`` saves this process's state alone; ``use_collectives=False`` gives every rank its own
-    record (``NAMESPACE/__R.metadata``), as DCP defines both.
+    record (``NAMESPACE/__R.metadata``), as DCP defines both. ``step`` is recorded, and orders
+    ``kvckpt.latest``/``keep_last`` (a copy keeps it).
     """
-    writer = KVStorageWriter(checkpoint_id, client=client, **writer_options)
-    with unwrapped_errors():
-        metadata: Metadata = dcp_save(
-            state_dict,
-            storage_writer=writer,
-            planner=planner,
-            process_group=process_group,
-            no_dist=no_dist,
-            use_collectives=use_collectives,
-        )
+    writer = KVStorageWriter(checkpoint_id, client=client, step=step, **writer_options)
+    try:
+        with unwrapped_errors("save", lambda: _unsavable(state_dict)):
+            metadata: Metadata = dcp_save(
+                state_dict,
+                storage_writer=writer,
+                planner=planner,
+                process_group=process_group,
+                no_dist=no_dist,
+                use_collectives=use_collectives,
+            )
+    except StoreFullError as full:
+        raise _with_orphans(writer, full) from full
+    finally:
+        writer._end_live()  # a rank that failed elsewhere never let this one reach finish
     return metadata
 
 
@@ -107,28 +118,120 @@ def load(
     no_dist: bool = False,
     **reader_options: Any,
 ) -> None:
-    """``dcp.load`` from kvckpt in place; non-tensor values load with weights_only unless allowed.
+    """``dcp.load`` from kvckpt in place; non-tensor values load safely unless ``allow_pickle``.
 
-    Like DCP, it falls back to this rank's own record when the checkpoint has no global one.
+    Whatever ``planner`` is given, a stored non-tensor value whose unpickling would construct a class
+    outside torch's weights_only allow-list is refused (UnsafeObjectError) unless
+    ``allow_pickle=True``. Like DCP, it falls back to this rank's own record when the checkpoint has
+    no global one.
     """
-    reader = KVStorageReader(checkpoint_id, client=client, **reader_options)
-    with unwrapped_errors():
-        _check_committed(reader, 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group))
+    reader = KVStorageReader(checkpoint_id, client=client, allow_pickle=allow_pickle, **reader_options)
+    chosen = planner or SafeLoadPlanner(allow_pickle=allow_pickle)
+    rank = 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group)
+    with unwrapped_errors("load"):
+        metadata = _check_committed(reader, rank)
+    with unwrapped_errors("load", lambda: _mismatch(state_dict, metadata, chosen)):
         dcp_load(
             state_dict,
             storage_reader=reader,
-            planner=planner or SafeLoadPlanner(allow_pickle=allow_pickle),
+            planner=chosen,
             process_group=process_group,
             no_dist=no_dist,
         )
 
 
-def _check_committed(reader: KVStorageReader, rank: int) -> None:
+def _check_committed(reader: KVStorageReader, rank: int) -> Metadata:
     """A missing checkpoint is CheckpointNotFoundError here, not DCP's AssertionError later."""
     try:
-        reader.read_metadata()
+        return reader.read_metadata()
     except CheckpointNotFoundError as missing:
         try:
-            reader.read_metadata(rank=rank)
+            return reader.read_metadata(rank=rank)
         except CheckpointNotFoundError:
             raise missing from None
+
+
+# Saying which entry was wrong -----------------------------------------------------------------
+
+
+def _flat(state_dict: dict[str, Any], flatten: bool) -> dict[str, Any]:
+    plain = {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
+    return dict(flatten_state_dict(plain)[0]) if flatten else plain
+
+
+def _describe(shape: Any, dtype: Any) -> str:
+    return f"shape {tuple(shape)}, dtype {str(dtype).removeprefix('torch.')}"
+
+
+def _mismatch(
+    state_dict: dict[str, Any], metadata: Metadata, planner: LoadPlanner
+) -> KVCheckpointError | None:
+    """The first entry of ``state_dict`` the checkpoint cannot fill, as DCP's planner checks it."""
+    saved = metadata.state_dict_metadata
+    partial = bool(getattr(planner, "allow_partial_load", False))
+    for fqn, value in _flat(state_dict, bool(getattr(planner, "flatten_state_dict", True))).items():
+        meta = saved.get(fqn)
+        size = value.size() if callable(getattr(value, "size", None)) else None
+        if meta is None:
+            if partial:
+                continue
+            return StateDictMismatchError(
+                f"{printable(fqn)!r} is in the state_dict but not in the checkpoint (it holds "
+                f"{len(saved)} entries); remove it from the state_dict, or load with "
+                "planner=DefaultLoadPlanner(allow_partial_load=True) to leave it as it is",
+                fqn=fqn,
+            )
+        if isinstance(meta, TensorStorageMetadata) and size is not None and tuple(size) != tuple(meta.size):
+            wanted = _describe(size, getattr(value, "dtype", "?"))
+            return StateDictMismatchError(
+                f"{printable(fqn)!r}: the checkpoint holds {_describe(meta.size, meta.properties.dtype)}"
+                f", the state_dict wants {wanted}; load into a tensor of the saved shape (or reshard "
+                "with a DTensor of that global shape)",
+                fqn=fqn,
+                saved=tuple(meta.size),
+                wanted=tuple(size),
+            )
+        if isinstance(meta, BytesStorageMetadata) and isinstance(value, torch.Tensor):
+            return StateDictMismatchError(
+                f"{printable(fqn)!r}: the checkpoint holds a non-tensor value there, the state_dict "
+                f"a tensor ({_describe(value.shape, value.dtype)})",
+                fqn=fqn,
+            )
+    return None
+
+
+def _unsavable(state_dict: dict[str, Any]) -> KVCheckpointError | None:
+    """The first non-tensor value that torch.save (pickle) refuses, as DCP serialises them."""
+    for fqn, value in _flat(state_dict, True).items():
+        if isinstance(value, torch.Tensor) or value is None:
+            continue
+        try:
+            torch.save(value, io.BytesIO())
+        except Exception as exc:  # pickle raises many types: each means "cannot store this value"
+            return UnpicklableValueError(
+                f"{printable(fqn)!r}: a {type(value).__qualname__} cannot be saved: DCP stores "
+                f"non-tensor values with torch.save (pickle), which refused it ({type(exc).__name__}: "
+                f"{printable(_first_line(exc))}); make it picklable or plain data, or leave it out",
+                fqn=fqn,
+            )
+    return None
+
+
+def _with_orphans(writer: KVStorageWriter, full: StoreFullError) -> StoreFullError:
+    """Say how much of the full store saves that died still hold, and how to free it."""
+    target = writer.target
+    root = target.namespace.split("/", 1)[0]
+    try:
+        left = orphans.survey(target.store, root)
+    except KVCheckpointError:
+        return full
+    if not left.orphans:
+        return full
+    prefix = root
+    if target.display != target.namespace:  # a URL (not an injected client's bare namespace)
+        prefix = parse_url(target.display).with_namespace(root).to_url(redact=True)
+    return StoreFullError(
+        f"{full} ({len(left.orphans)} orphaned generation(s) of saves that died hold "
+        f"{humanize.size(left.nbytes)} under {prefix}: `kvckpt gc {prefix}` or kvckpt.gc() frees them)",
+        orphan_bytes=left.nbytes,
+    )

@@ -211,6 +211,7 @@ def _folder_destination(path: Path, overwrite: bool) -> Iterator[Path]:
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.kvckpt-", dir=path.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the copy is the user's folder
     try:
         yield staging
         if path.exists():
@@ -256,6 +257,7 @@ def copy(
     plan = SavePlan([item.write for item in items])
     if owns(dst):
         writer = KVStorageWriter(dst, overwrite=overwrite, ttl=ttl, store_options=store_options)
+        writer.commit_time, writer.step = _source_order(reader, src)
         destination = str(writer.checkpoint_id)
         _write(writer, plan, feed, copied)
     else:
@@ -263,7 +265,32 @@ def copy(
         destination = str(path)
         with _folder_destination(path, overwrite) as staging:
             _write(_StagedFolderWriter(staging, path), plan, feed, copied)
+            _stamp(staging / METADATA_FILE, _source_order(reader, src)[0])
     return CopyResult(source, destination, len(items), sum(item.nbytes for item in items))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _source_order(reader: StorageReader, src: str | os.PathLike[str]) -> tuple[float | None, int | None]:
+    """The source's commit time and step: a copy keeps them, so latest() and keep_last order it as
+    its source (a folder's commit time is its .metadata file's modification time)."""
+    if isinstance(reader, KVStorageReader):
+        created, step = reader.record_body.get("created"), reader.record_body.get("step")
+        return (
+            float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else None,
+            step if isinstance(step, int) and not isinstance(step, bool) else None,
+        )
+    return (Path(src) / METADATA_FILE).stat().st_mtime, None
+
+
+def _stamp(metadata_file: Path, commit_time: float | None) -> None:
+    """A folder keeps its source's commit time as its .metadata's modification time."""
+    if commit_time is not None:
+        os.utime(metadata_file, (commit_time, commit_time))
 
 
 class _StagedFolderWriter(FileSystemWriter):

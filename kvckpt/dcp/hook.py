@@ -7,9 +7,8 @@ answers for the schemes kvckpt serves and hands anything else to DCP unchanged. 
 DCP's own list, so an fsspec protocol registered for ``redis://`` (see ``install``) can never route
 a save through FsspecWriter's file format.
 
-A reader made here loads non-tensor values with ``weights_only=True`` when DCP's default planner
-would unpickle them, as ``kvckpt.load`` does; a planner that defines its own ``load_bytes`` (such as
-``SafeLoadPlanner(allow_pickle=True)``) is left alone.
+A reader made here loads non-tensor values with ``weights_only=True`` whatever the planner, as
+``kvckpt.load`` does, unless the planner is ``SafeLoadPlanner(allow_pickle=True)``.
 
 ``async_save(..., async_checkpointer_type=PROCESS)`` runs ``save`` in a spawned process that never
 ran ``install``; for it the writer is built here, in the caller, and DCP pickles it across (stores
@@ -20,19 +19,18 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, cast
+from typing import Any
 
 import torch.distributed.checkpoint._async_process_executor as process_executor
 import torch.distributed.checkpoint._storage_utils as storage_utils
 import torch.distributed.checkpoint.state_dict_loader as loader
 import torch.distributed.checkpoint.state_dict_saver as saver
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 from torch.futures import Future
 
-from kvckpt.dcp.api import SafeLoadPlanner
 from kvckpt.dcp.reader import KVStorageReader
+from kvckpt.dcp.safe_load import SafeLoadPlanner
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.registry import owns
 
@@ -43,27 +41,13 @@ _ORIGINAL_EXECUTE = _Executor.execute_save
 _lock = threading.Lock()
 
 
-class _SafeObjects:
-    """DCP's default planner, except that non-tensor values load with ``weights_only=True``."""
-
-    allow_pickle = False
-
-    def __init__(self, planner: LoadPlanner) -> None:
-        self._planner = planner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._planner, name)
-
-    def load_bytes(self, read_item: ReadItem, value: Any) -> None:
-        SafeLoadPlanner.load_bytes(cast(SafeLoadPlanner, self), read_item, value)
-
-
 class URLStorageReader(KVStorageReader):
-    """The reader ``dcp.load(checkpoint_id=URL)`` gets: objects load safely under DCP's default planner."""
+    """The reader ``dcp.load(checkpoint_id=URL)`` gets: non-tensor values load safely, as with
+    ``kvckpt.load``, unless the planner is ``SafeLoadPlanner(allow_pickle=True)``: the caller's own
+    statement that it trusts the store."""
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        if type(planner).load_bytes is DefaultLoadPlanner.load_bytes:
-            planner = cast(LoadPlanner, _SafeObjects(planner))
+        self.allow_pickle = isinstance(planner, SafeLoadPlanner) and planner.allow_pickle
         return super().read_data(plan, planner)
 
 

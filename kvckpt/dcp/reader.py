@@ -10,7 +10,6 @@ overlap or touch are fetched once (kvckpt.coalesce).
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from kvckpt import layout, record
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
 from kvckpt.coalesce import read_coalesced
 from kvckpt.dcp.codec import DTYPES, decode_metadata
+from kvckpt.dcp.safe_load import hand_over
 from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, row_slab, writable_byte_view
 from kvckpt.errors import (
     CheckpointChangedError,
@@ -54,6 +54,9 @@ class KVStorageReader(Addressed, StorageReader):
     """Read a DCP checkpoint written by KVStorageWriter; works with any number of ranks.
 
     ``verify`` checks every fetched block against the record's checksums (on by default).
+    ``allow_pickle=False`` refuses, whatever the planner, a non-tensor value whose unpickling would
+    construct a class outside torch's weights_only allow-list; True trusts the store; None (the
+    default, for plain ``dcp.load``) keeps DCP's unrestricted unpickling and warns once.
     """
 
     def __init__(
@@ -65,9 +68,11 @@ class KVStorageReader(Addressed, StorageReader):
         batch_bytes: int = 4 << 20,  # vs 16 MiB: the server's reply buffers stay in cache, 18% faster
         group_bytes: int = 64 << 20,
         verify: bool = True,
+        allow_pickle: bool | None = None,
         store_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.allow_pickle = allow_pickle
         self.io_threads = io_threads
         self.batch_bytes = batch_bytes
         self.group_bytes = group_bytes
@@ -112,6 +117,11 @@ class KVStorageReader(Addressed, StorageReader):
         _, self._body, metadata = cached
         self._record_key = key
         return metadata
+
+    @property
+    def record_body(self) -> dict[str, Any]:
+        """The decoded record last read (its commit time, step, generation, …)."""
+        return self._body
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -252,7 +262,7 @@ class KVStorageReader(Addressed, StorageReader):
                 data = memoryview(value or b"")
                 self._check(key, item.storage_index.fqn, 0, data, len(data), chunk.nbytes, chunk.sums)
                 parts.append(data)
-            planner.load_bytes(item, io.BytesIO(b"".join(parts)))
+            hand_over(planner, item, b"".join(parts), self.allow_pickle)
 
     def _span_reads(
         self, stored: layout.StoredItem, start: int, stop: int, dest: memoryview, fqn: str

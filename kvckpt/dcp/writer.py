@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from kvckpt import layout, record
+from kvckpt import layout, orphans, record
 from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
 from kvckpt.dcp.codec import chunk_keys, dtype_name, encode_metadata
 from kvckpt.dcp.tensor_bytes import byte_view, host_contiguous
@@ -32,6 +32,7 @@ from kvckpt.errors import (
     StoreUnavailableError,
 )
 from kvckpt.gcpause import paused_gc
+from kvckpt.heartbeat import DEFAULT_LIVE_TTL, Heartbeat
 from kvckpt.store import Buffer, KVStore
 from kvckpt.target import Addressed
 from kvckpt.transfer import Transfer
@@ -54,7 +55,9 @@ class KVStorageWriter(Addressed, StorageWriter):
     them in parallel. ``min_replicas`` waits (Redis WAIT, ``replica_timeout`` s) until that many
     replicas hold the data before the commit, and the commit after it. A server whose
     maxmemory-policy may evict keys is refused unless ``allow_eviction`` (then only warned about).
-    ``store_options`` go to the backend (timeouts, TLS files, …).
+    ``store_options`` go to the backend (timeouts, TLS files, …). ``step`` is recorded and orders
+    ``latest``/``keep_last``. While the save runs, a marker refreshed within ``live_ttl`` seconds
+    proves it alive to ``kvckpt.gc``; a save whose marker lapsed refuses to commit.
     """
 
     def __init__(
@@ -74,8 +77,19 @@ class KVStorageWriter(Addressed, StorageWriter):
         replica_timeout: float = 10.0,
         allow_eviction: bool = False,
         store_options: dict[str, Any] | None = None,
+        step: int | None = None,
+        live_ttl: float = DEFAULT_LIVE_TTL,
     ) -> None:
         super().__init__()
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise KVCheckpointError(f"step must be a whole number >= 0, got {step!r}")
+        if live_ttl <= 0:
+            raise KVCheckpointError(f"live_ttl must be a positive number of seconds, got {live_ttl!r}")
+        self.step = step
+        self.live_ttl = live_ttl
+        #: The commit time to record instead of now: a copy keeps its source's.
+        self.commit_time: float | None = None
+        self._heartbeat: Heartbeat | None = None
         if chunk_bytes <= 0 or block_bytes <= 0:
             raise ValueError("chunk_bytes and block_bytes must be positive")
         if ttl is not None and ttl <= 0:
@@ -108,6 +122,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         return layout.record_key(self.target.namespace, rank)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self._end_live()  # a save that failed elsewhere never reached finish
         self._retarget(checkpoint_id)
         self._save_id = layout.new_save_id()
 
@@ -140,6 +155,7 @@ class KVStorageWriter(Addressed, StorageWriter):
             sum(item.tensor_storage_size() or 0 for plan in plans for item in plan.items)
         )
         self._save_id = self._generation = layout.new_save_id()
+        self._begin_live(self.target.store)
         return plans
 
     # Data -------------------------------------------------------------------------------------
@@ -193,6 +209,7 @@ class KVStorageWriter(Addressed, StorageWriter):
                 flush()
         except BaseException:
             self._discard(store, submitted)
+            self._end_live()  # the coordinator's own failure: this save will not commit
             raise
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -226,7 +243,8 @@ class KVStorageWriter(Addressed, StorageWriter):
         now = time.time()
         body = {
             "save_id": self._save_id,
-            "created": now,
+            "created": now if self.commit_time is None else self.commit_time,
+            "step": self.step,
             "world_size": len(results),
             "rank": None if self._use_collectives else self._rank,
             "checksum": ALGORITHM if self.checksums else None,
@@ -243,7 +261,11 @@ class KVStorageWriter(Addressed, StorageWriter):
             self._settle_expiry(store, keys)
         if self.min_replicas:  # the data, and its settled expiry, must survive a failover first
             self._wait_for_replicas(store)
-        self._commit(store, data, keys, hint)
+        try:
+            self._confirm_live(store, keys)
+            self._commit(store, data, keys, hint)
+        finally:
+            self._end_live()
         if self.min_replicas:
             self._wait_for_replicas(store)
 
@@ -299,6 +321,50 @@ class KVStorageWriter(Addressed, StorageWriter):
             "nothing was committed and this save's data was removed; save again",
             checkpoint_id=display,
         ) from exc
+
+    # Liveness (kvckpt.heartbeat): what keeps kvckpt.gc away from this save -------------------
+
+    def _begin_live(self, store: KVStore) -> None:
+        """Before any data of the new generation is written: reclaim what earlier saves to this
+        namespace left when they died, then mark this save alive for as long as it runs."""
+        self._end_live()
+        try:
+            found = orphans.survey(store, self.target.namespace, only_namespace=True).orphans
+            reclaimed = orphans.remove(store, found)
+        except KVCheckpointError as exc:  # reclaiming is a courtesy: the save itself may still fit
+            log.warning("%s: could not look for orphaned generations: %s", self.target.display, exc)
+        else:
+            if reclaimed:
+                log.warning(
+                    "%s: removed %d orphaned generation(s) (%d bytes) left by saves that died",
+                    self.target.display,
+                    len(reclaimed),
+                    sum(o.nbytes for o in reclaimed),
+                )
+        self._heartbeat = Heartbeat(store, self.target.namespace, self._save_id, self.live_ttl)
+        self._heartbeat.start()
+
+    def _confirm_live(self, store: KVStore, keys: list[str]) -> None:
+        """Right before the commit: a save whose marker lapsed may have been collected; never commit it."""
+        if self._heartbeat is not None and self._heartbeat.save_id == self._save_id:
+            if not self._heartbeat.confirm():
+                self._discard(store, keys)
+                raise CorruptCheckpointError(
+                    f"{self.target.display}: this save's liveness marker lapsed (it was not refreshed "
+                    f"for {self.live_ttl:g} s), so kvckpt.gc may have removed its data; nothing was "
+                    "committed: save again",
+                    key=self._heartbeat.key,
+                )
+
+    def _end_live(self) -> None:
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_heartbeat"] = None  # a thread does not travel to another process
+        return state
 
     def _wait_for_replicas(self, store: KVStore) -> None:
         fence = layout.full_key(self.target.namespace, ".kvckpt-wait")  # inside the namespace, for ACLs

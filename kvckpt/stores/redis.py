@@ -47,7 +47,7 @@ SAFE_MAXMEMORY_POLICY = "noeviction"
 #: after a lost reply also needs ``+client|id +client|kill``; without them commits are sent once, unfenced.
 ACL_RULES = (
     "+get", "+set", "+getrange", "+getdel", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping",
-    "+wait",
+    "+wait", "+strlen",
     "+config|get",
 )  # fmt: skip
 
@@ -331,6 +331,15 @@ class RedisStore(KVStore):
             for key in keys:
                 pipe.get(key)
             return list(pipe.execute())
+
+    def value_sizes(self, keys: Sequence[str]) -> list[int]:
+        if not keys:
+            return []
+        with self._errors("reading sizes"):
+            pipe = self._pipeline()
+            for key in keys:
+                pipe.strlen(key)
+            return [int(n) for n in pipe.execute()]
 
     def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
         copied = [0] * len(reads)

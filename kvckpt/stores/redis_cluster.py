@@ -262,6 +262,12 @@ class RedisClusterStore(RedisStore):
         with self._errors("reading"):
             return self._run([("GET", key) for key in keys], writes=False)
 
+    def value_sizes(self, keys: Sequence[str]) -> list[int]:
+        if not keys:
+            return []
+        with self._errors("reading sizes"):
+            return [int(n) for n in self._run([("STRLEN", key) for key in keys], writes=False)]
+
     def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
         copied = [0] * len(reads)
         todo = [i for i, r in enumerate(reads) if len(r.into)]

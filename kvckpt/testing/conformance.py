@@ -113,6 +113,11 @@ class StoreTests:
         assert count == 64
         assert list(target) == list(range(16, 32))
 
+    def test_value_sizes(self, store: KVStore, prefix: str) -> None:
+        store.put_many([(prefix + "a", b"x" * 1000), (prefix + "e", b"")])
+        assert store.value_sizes([prefix + "a", prefix + "missing", prefix + "e"]) == [1000, 0, 0]
+        assert store.value_sizes([]) == []
+
     def test_delete_is_idempotent(self, store: KVStore, prefix: str) -> None:
         store.put_many([(prefix + "a", b"1"), (prefix + "b", b"2")])
         store.delete_many([prefix + "a", prefix + "never-there"])

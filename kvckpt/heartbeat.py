@@ -1,0 +1,91 @@
+"""How a save in progress proves it is alive, so garbage collection never removes its data.
+
+The coordinator of a save writes ``NAMESPACE/.live/SAVE_ID`` with a short expiry (``live_ttl``, 60 s by
+default) before any data of that generation is written, and a daemon thread refreshes the expiry
+every quarter of it. Once the marker has expired it never comes back: refreshing only changes the
+expiry of a key that still exists. So a save whose marker lapsed (its process died, or stalled for
+longer than ``live_ttl``) is dead for good: right before committing, the writer refreshes the marker
+once more and refuses to commit if it is gone, and :func:`kvckpt.gc` treats a generation without a
+marker and without a record as an orphan it may delete. The marker is removed after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import weakref
+
+from kvckpt import layout
+from kvckpt.errors import KVCheckpointError
+from kvckpt.store import KVStore
+
+log = logging.getLogger(__name__)
+
+#: Seconds a save's marker outlives its last refresh (refreshed every quarter of this).
+DEFAULT_LIVE_TTL = 60.0
+
+
+class Heartbeat:
+    """The marker of one generation, and the thread keeping it fresh."""
+
+    def __init__(self, store: KVStore, namespace: str, save_id: str, ttl: float = DEFAULT_LIVE_TTL) -> None:
+        if ttl <= 0:
+            raise KVCheckpointError(f"live_ttl must be a positive number of seconds, got {ttl!r}")
+        self.store, self.save_id, self.ttl = store, save_id, ttl
+        self.key = layout.live_key(namespace, save_id)
+        self._stop = threading.Event()
+        self._abandoned = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        who = f"{socket.gethostname()} pid {os.getpid()}".encode()
+        self.store.put(self.key, who, ttl=self.ttl)
+        stop, abandoned = self._stop, self._abandoned
+        self._thread = threading.Thread(
+            target=_beat,
+            args=(self.store, self.key, self.ttl, stop, abandoned),
+            name="kvckpt-heartbeat",
+            daemon=True,
+        )
+        self._thread.start()
+        weakref.finalize(self, _abandon, stop, abandoned)  # a writer dropped after a failed save
+
+    def confirm(self) -> bool:
+        """Refresh once more, right before the commit: False when the marker has lapsed."""
+        try:
+            return self.store.expire_many([self.key], self.ttl)[0]
+        except KVCheckpointError as exc:
+            log.warning("%s: could not refresh this save's heartbeat: %s", self.key, exc)
+            return False
+
+    def stop(self) -> None:
+        """Stop refreshing and remove the marker (best effort: it expires anyway)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        try:
+            self.store.delete_many([self.key])
+        except KVCheckpointError as exc:
+            log.warning("%s: could not remove this save's heartbeat: %s", self.key, exc)
+
+
+def _abandon(stop: threading.Event, abandoned: threading.Event) -> None:
+    abandoned.set()
+    stop.set()
+
+
+def _beat(store: KVStore, key: str, ttl: float, stop: threading.Event, abandoned: threading.Event) -> None:
+    while not stop.wait(ttl / 4):
+        try:
+            if not store.expire_many([key], ttl)[0]:
+                log.warning("%s: this save's heartbeat lapsed; it will not commit", key)
+                return
+        except KVCheckpointError as exc:  # a blip: the next beat, or the commit's check, decides
+            log.warning("%s: could not refresh this save's heartbeat: %s", key, exc)
+    if abandoned.is_set():  # nobody will stop this save any more: it is dead, say so now
+        try:
+            store.delete_many([key])
+        except KVCheckpointError as exc:
+            log.warning("%s: could not remove an abandoned save's heartbeat: %s", key, exc)

@@ -1,0 +1,151 @@
+"""Generations no record refers to: what a crashed save leaves behind, found and removed safely.
+
+A generation ``NAMESPACE/SAVE_ID/…`` is
+
+- *committed* when a record in its namespace (``.metadata`` or a rank's ``__R.metadata``) names it;
+- *in progress* while any save's marker ``NAMESPACE/.live/SAVE_ID`` exists in its namespace
+  (kvckpt.heartbeat): only a save's coordinator keeps a marker, while the other ranks of that save
+  write under generations they drew themselves, so a marker protects its whole namespace;
+- an *orphan* otherwise: the save died before committing, or lost its commit race.
+
+Only orphans are ever removed. A namespace whose record cannot be decoded keeps every generation (it
+cannot be told which one is committed), and so does a generation directory holding a nested record.
+Torch-free, like kvckpt.manage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvckpt import layout, record
+from kvckpt.errors import CorruptCheckpointError
+from kvckpt.store import KVStore, batched
+
+_RECORD = re.compile(r"(__\d+)?" + re.escape(layout.RECORD_NAME))
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """One orphaned generation: its keys and the bytes they hold."""
+
+    namespace: str
+    save_id: str
+    num_keys: int
+    nbytes: int
+    keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """The orphans under a prefix, and how many saves were found in progress there."""
+
+    orphans: tuple[Orphan, ...]
+    in_progress: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.orphans)
+
+
+def _join(prefix: str, segments: list[str]) -> str:
+    return "/".join([prefix, *segments]) if prefix else "/".join(segments)
+
+
+def _generation_of(segments: list[str]) -> int | None:
+    """Index of the first segment naming a generation that has something below it."""
+    for i, segment in enumerate(segments[:-1]):
+        if layout.GENERATION.fullmatch(segment):
+            return i
+    return None
+
+
+def survey(store: KVStore, prefix: str, *, only_namespace: bool = False) -> Survey:
+    """Scan ``prefix`` (whole path segments; ``""`` for the whole store) for orphaned generations.
+
+    With ``only_namespace`` only generations of the namespace ``prefix`` itself count, not those of
+    checkpoints nested below it.
+    """
+    start = len(prefix) + 1 if prefix else 0
+    data: dict[tuple[str, str], list[str]] = defaultdict(list)
+    live: set[tuple[str, str]] = set()
+    protected: set[tuple[str, str]] = set()
+    records: dict[str, list[str]] = defaultdict(list)
+    for key in store.scan_prefix(prefix + "/" if prefix else ""):
+        segments = key[start:].split("/")
+        at = _generation_of(segments)
+        if _RECORD.fullmatch(segments[-1]):
+            records[_join(prefix, segments[:-1])].append(key)
+            if at is not None:  # a checkpoint nested inside a generation-like directory
+                protected.add((_join(prefix, segments[:at]), segments[at]))
+            continue
+        if len(segments) >= 2 and segments[-2] == layout.LIVE_NAME:  # NAMESPACE/.live/SAVE_ID
+            live.add((_join(prefix, segments[:-2]), segments[-1]))
+            continue
+        if at is None:
+            continue
+        generation = (_join(prefix, segments[:at]), segments[at])
+        if not only_namespace or generation[0] == prefix:
+            data[generation].append(key)
+    busy = {namespace for namespace, _ in live}
+    candidates = {g for g in data if g[0] not in busy and g not in protected}
+    committed = _committed(store, {ns for ns, _ in candidates}, records)
+    orphans = []
+    for namespace, save_id in sorted(candidates):
+        names = committed.get(namespace)
+        if names is None or save_id in names:
+            continue
+        keys = data[namespace, save_id]
+        orphans.append(Orphan(namespace, save_id, len(keys), _size(store, keys), tuple(keys)))
+    return Survey(tuple(orphans), len(live))
+
+
+def _committed(
+    store: KVStore, namespaces: Iterable[str], records: dict[str, list[str]]
+) -> dict[str, set[str]]:
+    """Per namespace, every generation its records name (read now, not at scan time); a namespace
+    with a record that cannot be decoded is left out, so nothing of it is removed."""
+    found: dict[str, set[str]] = {}
+    for namespace in namespaces:
+        keys = list(dict.fromkeys([layout.record_key(namespace), *records.get(namespace, [])]))
+        names: set[str] | None = set()
+        for key, raw in zip(keys, store.get_many(keys), strict=True):
+            if raw is None or names is None:
+                continue
+            try:
+                body = record.decode_record(raw, key)
+                names.add(str(body.get("save_id")))
+                names.update(k.split("/", 1)[0] for k in record.chunk_keys(body))
+            except CorruptCheckpointError:
+                names = None
+        if names is not None:
+            found[namespace] = names
+    return found
+
+
+def _size(store: KVStore, keys: list[str]) -> int:
+    return sum(sum(store.value_sizes(part)) for part in batched(keys, store.capabilities.max_batch_ops))
+
+
+def _has_live_save(store: KVStore, namespace: str) -> bool:
+    return next(iter(store.scan_prefix(f"{namespace}/{layout.LIVE_NAME}/")), None) is not None
+
+
+def remove(store: KVStore, orphans: Iterable[Orphan]) -> list[Orphan]:
+    """Delete orphans of namespaces where no save runs now; returns those deleted.
+
+    A scan is no snapshot: a save that began while it ran may show its data but not its marker.
+    So right before deleting, the namespace is looked at again for any marker.
+    """
+    removed, busy = [], {}
+    for orphan in orphans:
+        if orphan.namespace not in busy:  # one look per namespace: a scan of the store on Redis
+            busy[orphan.namespace] = _has_live_save(store, orphan.namespace)
+        if busy[orphan.namespace]:
+            continue
+        for part in batched(orphan.keys, store.capabilities.max_batch_ops):
+            store.delete_many(part)
+        removed.append(orphan)
+    return removed
