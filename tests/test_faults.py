@@ -223,16 +223,30 @@ def test_restart_between_save_and_load_is_not_found(namespace: str) -> None:
             reader.read_metadata()
 
 
+class RestartingPlanner(kvckpt.SafeLoadPlanner):
+    """Runs ``restart`` once the load has read the record and planned, before any data is read."""
+
+    def __init__(self, restart: Callable[[], None]) -> None:
+        super().__init__()
+        self.restart = restart
+
+    def create_local_plan(self) -> Any:
+        plan = super().create_local_plan()
+        self.restart()
+        return plan
+
+
 def test_restart_mid_load_is_reported_as_changed(namespace: str) -> None:
     with RedisServer() as server:
         url = server.url(namespace)
         kvckpt.save(state(1), url)
-        reader = kvckpt.KVStorageReader(url)
-        reader.read_metadata()  # the record is read...
-        server.stop()
-        server.start()  # ...then the server comes back empty
+
+        def restart() -> None:  # the record was read; the server comes back empty
+            server.stop()
+            server.start()
+
         with pytest.raises(kvckpt.CheckpointChangedError, match="deleted"), unwrapped_errors():
-            dcp.load(blank(), storage_reader=reader, planner=kvckpt.SafeLoadPlanner())
+            dcp.load(blank(), storage_reader=kvckpt.KVStorageReader(url), planner=RestartingPlanner(restart))
 
 
 def test_out_of_memory_mid_save(namespace: str) -> None:

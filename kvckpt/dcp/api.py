@@ -141,12 +141,13 @@ def load(
 
 
 def _check_committed(reader: KVStorageReader, rank: int) -> Metadata:
-    """A missing checkpoint is CheckpointNotFoundError here, not DCP's AssertionError later."""
+    """A missing checkpoint is CheckpointNotFoundError here, not DCP's AssertionError later; the
+    record found is the one DCP's load then uses (fetched once)."""
     try:
-        return reader.read_metadata()
+        return reader.prefetch_metadata()
     except CheckpointNotFoundError as missing:
         try:
-            return reader.read_metadata(rank=rank)
+            return reader.prefetch_metadata(rank=rank)
         except CheckpointNotFoundError:
             raise missing from None
 

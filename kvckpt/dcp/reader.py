@@ -79,6 +79,8 @@ class KVStorageReader(Addressed, StorageReader):
         self.verify = verify
         self._init_target(client, store_options)
         self._records: dict[str, tuple[bytes, dict[str, Any], Metadata]] = {}
+        #: Records fetched by prefetch_metadata for the load about to start, used once.
+        self._prefetched: dict[str, bytes] = {}
         self._body: dict[str, Any] = {}
         self._record_key = ""
         self._items: dict[MetadataIndex, layout.StoredItem] = {}
@@ -89,6 +91,7 @@ class KVStorageReader(Addressed, StorageReader):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self._retarget(checkpoint_id)
         self._records.clear()
+        self._prefetched.clear()
         self._body, self._items = {}, {}
 
     # Metadata ---------------------------------------------------------------------------------
@@ -99,10 +102,11 @@ class KVStorageReader(Addressed, StorageReader):
 
         A reader reused for another load of the same checkpoint_id must see an overwrite that
         happened in between, so only the decoding (the expensive part) is cached, keyed by the
-        record's bytes.
+        record's bytes. The one exception is a record :meth:`prefetch_metadata` fetched for the
+        load now starting.
         """
         key = layout.record_key(self.target.namespace, kwargs.get("rank"))
-        raw = self.target.store.get(key)
+        raw = self._prefetched.pop(key) if key in self._prefetched else self.target.store.get(key)
         if raw is None:
             self._records.pop(key, None)
             raise CheckpointNotFoundError(
@@ -116,6 +120,13 @@ class KVStorageReader(Addressed, StorageReader):
             cached = self._records[key] = (raw, body, decode_metadata(body, key))
         _, self._body, metadata = cached
         self._record_key = key
+        return metadata
+
+    def prefetch_metadata(self, rank: int | None = None) -> Metadata:
+        """:meth:`read_metadata` for a caller that starts a load with this reader right after: the
+        load's own first ``read_metadata`` then takes this record instead of fetching it again."""
+        metadata = self.read_metadata(rank=rank)
+        self._prefetched[self._record_key] = self._records[self._record_key][0]
         return metadata
 
     @property
@@ -178,6 +189,7 @@ class KVStorageReader(Addressed, StorageReader):
                 group, finishers, size = [], [], 0
         self._run(group, finishers)
         self._records.clear()  # a reader kept between loads does not hold a decoded record
+        self._prefetched.clear()
         future: Future[None] = Future()
         future.set_result(None)
         return future
