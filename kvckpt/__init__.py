@@ -37,10 +37,12 @@ from kvckpt.manage import (
 )
 from kvckpt.registry import open_store
 from kvckpt.store import Capabilities, KVStore, RangeRead
+from kvckpt.tiers import DrainedCheckpoint, durable_checkpoints, newest_restorable
 
 if TYPE_CHECKING:
     from kvckpt.dcp.api import SafeLoadPlanner, load, save
     from kvckpt.dcp.copy import CopyResult, copy
+    from kvckpt.dcp.drain import Drained, Drainer
     from kvckpt.dcp.reader import KVStorageReader
     from kvckpt.dcp.writer import KVStorageWriter
 
@@ -54,6 +56,8 @@ _LAZY = {
     "load": "kvckpt.dcp.api",
     "copy": "kvckpt.dcp.copy",
     "CopyResult": "kvckpt.dcp.copy",
+    "Drainer": "kvckpt.dcp.drain",
+    "Drained": "kvckpt.dcp.drain",
 }
 
 __all__ = [
@@ -65,6 +69,9 @@ __all__ = [
     "CheckpointTooLargeError",
     "CopyResult",
     "CorruptCheckpointError",
+    "Drained",
+    "DrainedCheckpoint",
+    "Drainer",
     "Entry",
     "InvalidCheckpointIdError",
     "KVCheckpointError",
@@ -80,11 +87,13 @@ __all__ = [
     "VerifyResult",
     "copy",
     "delete",
+    "durable_checkpoints",
     "info",
     "keep_last",
     "latest",
     "list_checkpoints",
     "load",
+    "newest_restorable",
     "open_store",
     "save",
     "verify",

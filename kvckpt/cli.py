@@ -1,8 +1,8 @@
-"""The ``kvckpt`` command (also ``python -m kvckpt``): list, inspect, verify, remove and copy checkpoints.
+"""The ``kvckpt`` command (also ``python -m kvckpt``): list, inspect, verify, remove, copy, drain checkpoints.
 
 Exit status: 0 ok, 1 failure, 2 usage. A failure prints one line (``--debug`` adds the traceback);
 every line printed passes through URL redaction, so passwords never reach a terminal or a log.
-Only ``cp`` and ``demo`` import torch.
+Only ``cp``, ``drain`` and ``demo`` import torch. ``drain`` has its own exit statuses (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -169,7 +169,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with progress_bar(None, "copy", not args.json) as advance:
-        result = copy(args.src, args.dst, overwrite=args.overwrite, ttl=args.ttl, progress=advance)
+        result = copy(
+            args.src,
+            args.dst,
+            overwrite=args.overwrite,
+            ttl=args.ttl,
+            progress=advance,
+            group_bytes=args.buffer_mib << 20,
+        )
     seconds = time.perf_counter() - started
     if args.json:
         emit_json({**vars(result), "seconds": seconds})
@@ -180,6 +187,23 @@ def cmd_cp(args: argparse.Namespace) -> int:
         f"({humanize.rate(result.nbytes, seconds)})"
     )
     return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from kvckpt.dcp.drain import run_command
+
+    options = dict(item.split("=", 1) for item in args.storage_option)
+    return run_command(
+        args.src,
+        args.dst,
+        once=args.once,
+        every=args.every,
+        interval=args.interval,
+        keep=args.keep,
+        poll=args.poll,
+        group_bytes=args.buffer_mib << 20,
+        storage_options=options,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -265,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at DST")
     p.add_argument("--ttl", type=float, help="seconds until a copy in a store expires")
+    p.add_argument("--buffer-mib", type=positive, default=64, help="MiB of source data held at once (64)")
+    p = command("drain", cmd_drain, "copy new checkpoints to a folder or s3:// as they appear", json=False)
+    p.add_argument("src", help="store prefix to follow, e.g. redis://host:6379/0/run1")
+    p.add_argument("dst", help="local folder or fsspec URL (s3://bucket/run1)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--every", type=positive, default=1, help="copy every Nth checkpoint (default 1)")
+    when.add_argument("--interval", type=float, help="instead: the newest one every SECONDS")
+    p.add_argument("--keep", type=positive, help="keep the newest K copies at DST (default: all)")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the store (2)")
+    p.add_argument("--once", action="store_true", help="copy what is due now, then exit")
+    p.add_argument("--buffer-mib", type=positive, default=64, help="MiB of source data held at once (64)")
+    p.add_argument("--storage-option", action="append", default=[], type=key_value, metavar="KEY=VALUE")
     p = command(
         "demo",
         cmd_demo,
@@ -293,6 +329,12 @@ def non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
+
+
+def key_value(text: str) -> str:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an fsspec storage option), got {text!r}")
+    return text
 
 
 def positive(text: str) -> int:

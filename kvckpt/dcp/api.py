@@ -17,10 +17,13 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.storage import StorageReader
 
+from kvckpt.dcp.copy import durable_reader
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.errors import CheckpointNotFoundError, KVCheckpointError
+from kvckpt.registry import owns
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -106,11 +109,19 @@ def load(
 ) -> None:
     """``dcp.load`` from kvckpt in place; non-tensor values load with weights_only unless allowed.
 
-    Like DCP, it falls back to this rank's own record when the checkpoint has no global one.
+    Like DCP, it falls back to this rank's own record when the checkpoint has no global one. An id
+    that is not a kvckpt URL (and no ``client``) is a DCP checkpoint folder or fsspec URL, such as
+    the durable tier's (``reader_options`` may then hold fsspec's ``storage_options``).
     """
-    reader = KVStorageReader(checkpoint_id, client=client, **reader_options)
+    reader: StorageReader
+    if client is None and not owns(checkpoint_id):
+        reader = durable_reader(checkpoint_id, **reader_options)
+    else:
+        reader = KVStorageReader(checkpoint_id, client=client, **reader_options)
     with unwrapped_errors():
-        _check_committed(reader, 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group))
+        if isinstance(reader, KVStorageReader):
+            rank = 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group)
+            _check_committed(reader, rank)
         dcp_load(
             state_dict,
             storage_reader=reader,
