@@ -22,6 +22,7 @@ from kvckpt.testing.servers import (
     RedisTLSServer,
     find_tls_redis_server,
 )
+from tests.s3_server import MotoServer
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +134,18 @@ def redis_tls_server() -> Iterator[RedisTLSServer]:
         pytest.skip(reason)
     with RedisTLSServer(binary=binary) as server:
         yield server
+
+
+# The durable tier: a real S3 endpoint (moto's server mode) on loopback ----------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_prefix(moto_server: MotoServer) -> str:
+    """A fresh bucket per test, as an s3:// prefix."""
+    return moto_server.create_bucket(f"ckpt-{uuid.uuid4().hex[:12]}")

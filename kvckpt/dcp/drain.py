@@ -272,6 +272,7 @@ def signals_stop(drainer: Drainer) -> Iterator[None]:
             log.warning("signal %d: finishing the copy in progress, then stopping (again: abandon)", signum)
             drainer.stop()
         else:
+            log.warning("signal %d again: abandoning the copy in progress", signum)
             raise CopyAbandoned(signum)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
