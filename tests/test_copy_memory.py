@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import kvckpt
 from kvckpt.testing.servers import RedisServer
@@ -54,7 +54,7 @@ def peak_above_baseline(*args: str) -> float:
 
 def assert_copied(folder: Path) -> None:
     loaded = {name: torch.zeros_like(value) for name, value in checkpoint().items()}
-    dcp.load(loaded, storage_reader=FileSystemReader(folder), no_dist=True)
+    dcp_load(loaded, storage_reader=FileSystemReader(folder), no_dist=True)
     for name, value in checkpoint().items():
         assert bits_equal(loaded[name], value), name
 

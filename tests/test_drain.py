@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import kvckpt
 from kvckpt import tiers
@@ -80,7 +80,7 @@ def stock_load(checkpoint_id: str, options: dict[str, Any]) -> dict[str, Any]:
     loaded = blank()
     local = checkpoint_id.startswith("/")
     reader = FileSystemReader(checkpoint_id) if local else FsspecReader(checkpoint_id, **options)
-    dcp.load(loaded, storage_reader=reader, no_dist=True)
+    dcp_load(loaded, storage_reader=reader, no_dist=True)
     return loaded
 
 
