@@ -192,7 +192,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     from kvckpt.dcp.drain import run_command
 
-    options = dict(item.split("=", 1) for item in args.storage_option)
+    options = {key: _option_value(value) for key, _, value in (o.partition("=") for o in args.storage_option)}
     return run_command(
         args.src,
         args.dst,
@@ -204,6 +204,14 @@ def cmd_drain(args: argparse.Namespace) -> int:
         group_bytes=args.buffer_mib << 20,
         storage_options=options,
     )
+
+
+def _option_value(text: str) -> Any:
+    """A storage option's value: JSON when it parses (8388608, true, {...}), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -299,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=positive, help="keep the newest K copies at DST (default: all)")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the store (2)")
     p.add_argument("--once", action="store_true", help="copy what is due now, then exit")
-    p.add_argument("--buffer-mib", type=positive, default=64, help="MiB of source data held at once (64)")
+    p.add_argument("--buffer-mib", type=positive, default=32, help="MiB of source data held at once (32)")
     p.add_argument("--storage-option", action="append", default=[], type=key_value, metavar="KEY=VALUE")
     p = command(
         "demo",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -292,3 +293,20 @@ def test_drain_usage_errors_exit_2(tmp_path: Path) -> None:
             text=True,
         )
         assert done.returncode == 2, (args, done.stderr)
+
+
+def test_the_tiered_example_resumes_from_the_drained_copy_after_flushall(tmp_path: Path) -> None:
+    from examples.tiered import main
+
+    durable = str(tmp_path / "durable")
+    with RedisServer() as server:  # its own server: FLUSHALL must not reach other tests' keys
+        url = server.url("run1")
+        first: list[str] = []
+        second: list[str] = []
+        assert main(["--url", url, "--durable", durable, "--steps", "5"], first.append) == 0
+        assert kvckpt.Drainer(url, durable, every=2).run(once=True) == 0  # takes step4
+        uninterrupted = first[-1]
+        redis.Redis(port=server.port).flushall()
+        assert main(["--url", url, "--durable", durable, "--steps", "5"], second.append) == 0
+    assert second[0] == f"resumed from {os.path.join(durable, 'step4')} at step 4"
+    assert second[1] == uninterrupted  # step 5 again, from the drained state: the same loss

@@ -29,7 +29,6 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
 from kvckpt import humanize, manage
 from kvckpt.dcp.copy import (
-    DEFAULT_GROUP_BYTES,
     CopyPlan,
     StagedFolderWriter,
     folder_destination,
@@ -48,6 +47,12 @@ from kvckpt.tiers import IN_PROGRESS, MARKER, Destination
 from kvckpt.urls import parse_url, redact
 
 log = logging.getLogger("kvckpt.drain")
+
+#: s3fs buffers a whole upload part (50 MiB by default) per open file, on top of the group being
+#: copied; 8 MiB parts keep a drain to S3 near the folder's memory (S3's minimum part is 5 MiB).
+UPLOAD_PART_BYTES = 8 << 20
+#: What a drain holds by default: half of cp's, as it runs for days beside a job on a shared host.
+DRAIN_GROUP_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Drainer:
         interval: float | None = None,
         keep: int | None = None,
         poll: float = 2.0,
-        group_bytes: int = DEFAULT_GROUP_BYTES,
+        group_bytes: int = DRAIN_GROUP_BYTES,
         client: Any = None,
         store_options: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -161,7 +166,9 @@ class Drainer:
             reader = KVStorageReader(source_id, client=self.client, store_options=self.store_options)
             metadata = reader.read_metadata()
             save_id = metadata.storage_meta.save_id if metadata.storage_meta else None
-            plan = plan_for(reader, metadata, self.group_bytes)
+            # An object store's upload buffer holds a second copy of the file being written.
+            group = self.group_bytes if self.destination.local else max(1, self.group_bytes // 2)
+            plan = plan_for(reader, metadata, group)
             marker = {
                 "source": info.checkpoint_id,
                 "namespace": info.namespace,
@@ -206,10 +213,13 @@ class Drainer:
                 dest.write_marker(str(staging), MARKER, finished())
             return
         folder = dest.path(name)
+        options = dict(dest.storage_options)
+        if "s3" in dest.fs.protocol:  # a name or a tuple of names
+            options.setdefault("default_block_size", UPLOAD_PART_BYTES)
         dest.remove(folder)  # an older copy of a checkpoint saved again under the same name
         dest.write_marker(folder, IN_PROGRESS, {})
         try:
-            writer = FsspecWriter(dest.url(name), sync_files=False, **dest.storage_options)
+            writer = FsspecWriter(dest.url(name), sync_files=False, **options)
             write_copy(reader, plan, writer, None)
             dest.write_marker(folder, MARKER, finished())
             dest.fs.rm(f"{folder}/{IN_PROGRESS}")
