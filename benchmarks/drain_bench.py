@@ -62,7 +62,9 @@ def measured(args: list[str], env: dict[str, str] | None = None) -> dict[str, An
     return report
 
 
-def save_times(state: dict[str, Any], url: str, scratch: Path, repeat: int) -> dict[str, list[float]]:
+def save_times(
+    state: dict[str, Any], url: str, scratch: Path, repeat: int, drain_args: list[str]
+) -> dict[str, list[float]]:
     import kvckpt
 
     times: dict[str, list[float]] = {"off": [], "on": []}
@@ -73,7 +75,8 @@ def save_times(state: dict[str, Any], url: str, scratch: Path, repeat: int) -> d
             drainer = None
             if condition == "on":
                 dest = scratch / f"durable-{uuid.uuid4().hex[:6]}"
-                command = [sys.executable, "-m", "kvckpt", "drain", "--poll", "0.1", prefix, str(dest)]
+                command = [sys.executable, "-m", "kvckpt", "drain", "--poll", "0.1", *drain_args]
+                command += [prefix, str(dest)]
                 drainer = subprocess.Popen(command, env=_env(), stderr=subprocess.DEVNULL)
                 time.sleep(3)  # let it import torch and start polling before the first save
             try:
@@ -111,8 +114,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 state = scenario.build(**(scenario.quick_kwargs if args.quick else scenario.kwargs))
                 nbytes = tensor_bytes(state)
                 print(f"{name}: {nbytes / MIB:,.0f} MiB", flush=True)
-                times = save_times(state, server.url(f"save-{name}"), scratch, args.repeat)
+                drain_args = args.drain_args.split()
+                times = save_times(state, server.url(f"save-{name}"), scratch, args.repeat, drain_args)
                 source = server.url(f"copy-{name}")
+                report[name] = {"bytes": nbytes, "save": times, "drain_args": args.drain_args}
+                if args.save_only:
+                    continue
                 kvckpt.save(state, f"{source}/step1", no_dist=True)
                 del state
                 rows: dict[str, list[dict[str, Any]]] = {"cp": [], "drain": [], "drain-s3": []}
@@ -128,7 +135,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     s3.rm(f"{bucket}/{name}{n}", recursive=True)  # moto keeps objects in memory
                 kvckpt.keep_last(source, 0)
-                report[name] = {"bytes": nbytes, "save": times, "copy": rows}
+                report[name]["copy"] = rows
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report
@@ -137,12 +144,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def tables(report: dict[str, Any]) -> str:
     med = statistics.median
     out = [
-        "| scenario | size | save, no drainer (s) | save, drainer copying (s) | ratio (target ≤ 1.05) |",
-        "|---|---:|---:|---:|---:|",
+        "| scenario | size | drainer options | save, no drainer (s) | save, drainer copying (s) | "
+        "ratio (target ≤ 1.05) |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     for name, row in report.items():
         off, on = med(row["save"]["off"]), med(row["save"]["on"])
-        out.append(f"| {name} | {row['bytes'] / MIB:,.0f} MiB | {off:.2f} | {on:.2f} | {on / off:.2f}x |")
+        options = row["drain_args"] or "(defaults)"
+        out.append(
+            f"| {name} | {row['bytes'] / MIB:,.0f} MiB | {options} | {off:.2f} | {on:.2f} | {on / off:.2f}x |"
+        )
     out += [
         "",
         "| scenario | cp → folder | drain → folder | drain/cp (target ≥ 0.8) | drain → S3 (moto) | "
@@ -150,6 +161,8 @@ def tables(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in report.items():
+        if "copy" not in row:
+            continue
         rate = {k: row["bytes"] / MIB / med(r["seconds"] for r in runs) for k, runs in row["copy"].items()}
         peak = max(r["peak_mib"] for k in ("drain", "drain-s3") for r in row["copy"][k])
         out.append(
@@ -167,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", default=",".join(DRAIN_SCENARIOS), help="comma-separated subset")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions (medians reported)")
     parser.add_argument("--dir", default="/dev/shm", help="where the folders are written")
+    parser.add_argument("--drain-args", default="", help="options for the drainer beside the saves")
+    parser.add_argument("--save-only", action="store_true", help="only the save-time comparison")
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.scenarios) - set(DRAIN_SCENARIOS)

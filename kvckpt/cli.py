@@ -202,6 +202,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         keep=args.keep,
         poll=args.poll,
         group_bytes=args.buffer_mib << 20,
+        max_rate=None if args.max_mib_per_s is None else args.max_mib_per_s * (1 << 20),
         storage_options=options,
     )
 
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the store (2)")
     p.add_argument("--once", action="store_true", help="copy what is due now, then exit")
     p.add_argument("--buffer-mib", type=positive, default=32, help="MiB of source data held at once (32)")
+    p.add_argument("--max-mib-per-s", type=float, help="cap each copy's average rate (default: none)")
     p.add_argument("--storage-option", action="append", default=[], type=key_value, metavar="KEY=VALUE")
     p = command(
         "demo",

@@ -310,3 +310,19 @@ def test_the_tiered_example_resumes_from_the_drained_copy_after_flushall(tmp_pat
         assert main(["--url", url, "--durable", durable, "--steps", "5"], second.append) == 0
     assert second[0] == f"resumed from {os.path.join(durable, 'step4')} at step 4"
     assert second[1] == uninterrupted  # step 5 again, from the drained state: the same loss
+
+
+def test_drainer_refuses_bad_settings_with_typed_errors(tmp_path: Path) -> None:
+    source = "redis://127.0.0.1:1/0/run1"
+    bad_settings: list[dict[str, Any]] = [
+        {"every": 0},
+        {"keep": 0},
+        {"max_rate": 0},
+        {"interval": -1.0},
+        {"every": 2, "interval": 5.0},
+    ]
+    for bad in bad_settings:
+        with pytest.raises(kvckpt.KVCheckpointError):
+            kvckpt.Drainer(source, tmp_path, **bad)
+    with pytest.raises(kvckpt.KVCheckpointError, match="is a kvckpt store URL"):
+        kvckpt.Drainer(source, "redis://127.0.0.1:1/0/durable")

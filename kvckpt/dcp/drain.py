@@ -65,6 +65,19 @@ class Drained:
     seconds: float
 
 
+class _Throttle:
+    """Sleeps as items are handed over so a copy averages at most ``rate`` bytes per second."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.moved, self.started = rate, 0, time.perf_counter()
+
+    def __call__(self, nbytes: int) -> None:
+        self.moved += nbytes
+        ahead = self.moved / self.rate - (time.perf_counter() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 class CopyAbandoned(KeyboardInterrupt):
     """A second SIGINT/SIGTERM: the copy in progress was dropped (and its partial removed)."""
 
@@ -80,6 +93,8 @@ class Drainer:
     those still in the store), or, with ``interval`` seconds, the newest one once that long has passed
     since the last copy. When several are due at once (the drainer fell behind) only the newest is
     copied. ``keep`` bounds how many complete copies stay at the destination (the oldest go first).
+    ``max_rate`` (bytes per second) caps a copy's average rate, leaving the store's CPU and network
+    to the trainer's saves.
     """
 
     def __init__(
@@ -92,6 +107,7 @@ class Drainer:
         keep: int | None = None,
         poll: float = 2.0,
         group_bytes: int = DRAIN_GROUP_BYTES,
+        max_rate: float | None = None,
         client: Any = None,
         store_options: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -99,16 +115,19 @@ class Drainer:
         for name, value, least in (("every", every, 1), ("keep", keep, 1), ("group_bytes", group_bytes, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise KVCheckpointError(f"{name} must be a whole number >= {least}, got {value!r}")
+        if max_rate is not None and not max_rate > 0:
+            raise KVCheckpointError(f"max_rate is in bytes per second and must be > 0, got {max_rate!r}")
         if interval is not None and (every != 1 or not interval > 0):
             raise KVCheckpointError("interval= takes a number of seconds > 0, and replaces every=")
         self.source, self.every, self.interval, self.keep, self.poll = source, every, interval, keep, poll
-        self.group_bytes, self.client = group_bytes, client
+        self.group_bytes, self.max_rate, self.client = group_bytes, max_rate, client
         self.store_options = dict(store_options or {})
         self.destination = Destination(destination, storage_options)
         self.prefix = source if client is not None else parse_url(source).namespace
         self.stopping = threading.Event()
         self._skip: set[tuple[str, str]] = set()  # damaged or unnameable: not retried by this process
         self._started = time.time()
+        self._reader: KVStorageReader | None = None
 
     def stop(self) -> None:
         """Stop after the copy in progress (safe from a signal handler or another thread)."""
@@ -163,7 +182,7 @@ class Drainer:
         log.info("copying %s (%s) -> %s", info.checkpoint_id, humanize.size(info.total_bytes), target)
         started = time.perf_counter()
         try:
-            reader = KVStorageReader(source_id, client=self.client, store_options=self.store_options)
+            reader = self._reader_for(source_id)
             metadata = reader.read_metadata()
             save_id = metadata.storage_meta.save_id if metadata.storage_meta else None
             # An object store's upload buffer holds a second copy of the file being written.
@@ -198,6 +217,16 @@ class Drainer:
         self._keep_newest()
         return Drained(info.checkpoint_id, target, plan.nbytes, seconds)
 
+    def _throttle(self) -> _Throttle | None:
+        return None if self.max_rate is None else _Throttle(self.max_rate)
+
+    def _reader_for(self, checkpoint_id: str) -> KVStorageReader:
+        """One reader for the drainer's life: it keeps its connection while the server stays the same."""
+        if self._reader is None:
+            self._reader = KVStorageReader(client=self.client, store_options=self.store_options)
+        self._reader.reset(checkpoint_id)
+        return self._reader
+
     def _write(
         self, name: str, reader: KVStorageReader, plan: CopyPlan, marker: dict[str, Any], started: float
     ) -> None:
@@ -209,7 +238,7 @@ class Drainer:
         if dest.local:
             path = Path(dest.path(name))
             with folder_destination(path, overwrite=True) as staging:
-                write_copy(reader, plan, StagedFolderWriter(staging, path), None)
+                write_copy(reader, plan, StagedFolderWriter(staging, path), self._throttle())
                 dest.write_marker(str(staging), MARKER, finished())
             return
         folder = dest.path(name)
@@ -220,7 +249,7 @@ class Drainer:
         dest.write_marker(folder, IN_PROGRESS, {})
         try:
             writer = FsspecWriter(dest.url(name), sync_files=False, **options)
-            write_copy(reader, plan, writer, None)
+            write_copy(reader, plan, writer, self._throttle())
             dest.write_marker(folder, MARKER, finished())
             dest.fs.rm(f"{folder}/{IN_PROGRESS}")
         except BaseException:
