@@ -326,3 +326,18 @@ def test_drainer_refuses_bad_settings_with_typed_errors(tmp_path: Path) -> None:
             kvckpt.Drainer(source, tmp_path, **bad)
     with pytest.raises(kvckpt.KVCheckpointError, match="is a kvckpt store URL"):
         kvckpt.Drainer(source, "redis://127.0.0.1:1/0/durable")
+
+
+def test_a_damaged_checkpoint_is_not_drained(
+    redis_server: RedisServer, namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    save_steps(redis_server, namespace, [1])
+    client = redis.Redis(port=redis_server.port)
+    (chunk,) = [k for k in client.scan_iter(f"{namespace}/step1/*second_tensor*")][:1]
+    client.setrange(chunk, 1000, b"\xff\x00\xff")  # same length, other bytes: only checksums can tell
+    prefix = str(tmp_path / "durable")
+    with caplog.at_level(logging.ERROR, logger="kvckpt.drain"):
+        assert kvckpt.Drainer(redis_server.url(namespace), prefix).run(once=True) == 1
+    assert "damaged in the store" in caplog.text and "checksum mismatch" in caplog.text
+    assert kvckpt.durable_checkpoints(prefix) == [] and tiers.Destination(prefix).partials() == []
+    assert not os.path.exists(os.path.join(prefix, "step1"))

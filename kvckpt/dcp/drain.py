@@ -126,6 +126,7 @@ class Drainer:
         self.prefix = source if client is not None else parse_url(source).namespace
         self.stopping = threading.Event()
         self._skip: set[tuple[str, str]] = set()  # damaged or unnameable: not retried by this process
+        self._refused = False  # a checkpoint was skipped as damaged or unnameable
         self._started = time.time()
         self._reader: KVStorageReader | None = None
 
@@ -174,6 +175,7 @@ class Drainer:
         if name is None:
             log.error("skipping %s: its name cannot be a path below the destination", info.checkpoint_id)
             self._skip.add(key)
+            self._refused = True
             return None
         source_id = info.namespace
         if self.client is None:
@@ -204,6 +206,7 @@ class Drainer:
         except CorruptCheckpointError as exc:
             log.error("skipped %s: it is damaged in the store, nothing was written (%s)", target, exc)
             self._skip.add(key)
+            self._refused = True
             return None
         seconds = time.perf_counter() - started
         log.info(
@@ -277,15 +280,15 @@ class Drainer:
         """Drain until :meth:`stop` (or, with ``once``, until nothing is due). Returns an exit status.
 
         0: stopped cleanly, or with ``once`` everything due was copied or skipped because it left the
-        store; 1: with ``once``, a copy failed or the store could not be listed (following, failures
-        are logged and retried at the next poll).
+        store; 1: with ``once``, a copy failed, a checkpoint was damaged, or the store could not be
+        listed (following, failures are logged and retried at the next poll).
         """
         self.clean_partials()
         failed = False
         while not self.stopping.is_set():
             try:
                 info = self.due()
-                if info is not None:
+                if info is not None and not self.stopping.is_set():  # a signal during the listing
                     self.drain_one(info)
                     continue  # look again at once: another may be due by now
             except KVCheckpointError as exc:
@@ -295,7 +298,7 @@ class Drainer:
                 log.error("copy failed: %s: %s", type(exc).__name__, exc)
                 failed = True
             if once:
-                return 1 if failed else 0
+                return 1 if failed or self._refused else 0
             self.stopping.wait(self.poll)
         return 0
 
