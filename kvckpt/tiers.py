@@ -19,8 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvckpt import manage
-from kvckpt.errors import KVCheckpointError, StoreUnavailableError
-from kvckpt.registry import owns
+from kvckpt.errors import (
+    InvalidCheckpointIdError,
+    KVCheckpointError,
+    MissingDependencyError,
+    StoreUnavailableError,
+)
+from kvckpt.registry import BACKENDS, owns
 from kvckpt.urls import parse_url, redact, scheme_of
 
 log = logging.getLogger(__name__)
@@ -48,12 +53,29 @@ class DrainedCheckpoint:
     drained_at: float
 
 
+def open_fsspec(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """fsspec's filesystem and path for a folder or URL; a scheme it cannot open is a typed error."""
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, path = url_to_fs(location, **(storage_options or {}))
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{redact(location)} needs a package fsspec could not import ({exc}); for s3:// pip "
+            "install s3fs (or 'kvckpt[s3]')"
+        ) from exc
+    except ValueError as exc:
+        raise InvalidCheckpointIdError(
+            f"{redact(location)} is neither a kvckpt URL ({', '.join(BACKENDS)}) nor a folder or URL "
+            f"fsspec can open ({exc})"
+        ) from exc
+    return fs, str(path)
+
+
 class Destination:
     """A durable prefix opened through fsspec (a local path or any fsspec URL)."""
 
     def __init__(self, prefix: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
-        from fsspec.core import url_to_fs
-
         text = os.fspath(prefix)
         if owns(text):
             raise KVCheckpointError(
@@ -62,8 +84,8 @@ class Destination:
             )
         self.local = scheme_of(text) in (None, "file")
         self.storage_options = dict(storage_options or {})
-        self.fs, root = url_to_fs(text, **self.storage_options)
-        self.root = str(root).rstrip("/") or "/"
+        self.fs, root = open_fsspec(text, self.storage_options)
+        self.root = root.rstrip("/") or "/"
         self.prefix = self.root if self.local else text.rstrip("/")
 
     def path(self, name: str) -> str:

@@ -341,3 +341,9 @@ def test_a_damaged_checkpoint_is_not_drained(
     assert "damaged in the store" in caplog.text and "checksum mismatch" in caplog.text
     assert kvckpt.durable_checkpoints(prefix) == [] and tiers.Destination(prefix).partials() == []
     assert not os.path.exists(os.path.join(prefix, "step1"))
+
+
+def test_load_of_an_id_neither_kvckpt_nor_fsspec_opens_is_a_typed_error() -> None:
+    for bad in ("memcached://h/0/ns", "rediss+cluster://h:1/ns"):
+        with pytest.raises(kvckpt.InvalidCheckpointIdError, match="neither a kvckpt URL"):
+            kvckpt.load(blank(), bad, no_dist=True)

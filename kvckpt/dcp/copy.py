@@ -57,6 +57,7 @@ from kvckpt.errors import (
     KVCheckpointError,
 )
 from kvckpt.registry import BACKENDS, owns
+from kvckpt.tiers import open_fsspec
 from kvckpt.urls import redact, scheme_of
 
 METADATA_FILE = ".metadata"
@@ -240,11 +241,9 @@ def durable_reader(
 
     A location without DCP's ``.metadata`` is CheckpointNotFoundError here, not DCP's error later.
     """
-    from fsspec.core import url_to_fs
-
     text = os.fspath(location)
-    fs, path = url_to_fs(text, **(storage_options or {}))
-    if not fs.isfile(f"{str(path).rstrip('/')}/{METADATA_FILE}"):
+    fs, path = open_fsspec(text, storage_options)
+    if not fs.isfile(f"{path.rstrip('/')}/{METADATA_FILE}"):
         raise CheckpointNotFoundError(
             f"{redact(text)}: not a kvckpt URL, nor a DCP checkpoint (no {METADATA_FILE} in it); give a "
             "store URL, or the folder or fsspec URL that dcp.save or `kvckpt drain` wrote",
