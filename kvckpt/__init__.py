@@ -45,10 +45,12 @@ from kvckpt.manage import (
 from kvckpt.orphans import Orphan
 from kvckpt.registry import open_store
 from kvckpt.store import Capabilities, KVStore, RangeRead
+from kvckpt.tiers import DrainedCheckpoint, durable_checkpoints, newest_restorable
 
 if TYPE_CHECKING:
     from kvckpt.dcp.api import load, save
     from kvckpt.dcp.copy import CopyResult, copy
+    from kvckpt.dcp.drain import Drained, Drainer
     from kvckpt.dcp.hook import install
     from kvckpt.dcp.reader import KVStorageReader
     from kvckpt.dcp.safe_load import SafeLoadPlanner
@@ -65,6 +67,8 @@ _LAZY = {
     "copy": "kvckpt.dcp.copy",
     "CopyResult": "kvckpt.dcp.copy",
     "install": "kvckpt.dcp.hook",
+    "Drainer": "kvckpt.dcp.drain",
+    "Drained": "kvckpt.dcp.drain",
 }
 
 __all__ = [
@@ -76,6 +80,9 @@ __all__ = [
     "CheckpointTooLargeError",
     "CopyResult",
     "CorruptCheckpointError",
+    "Drained",
+    "DrainedCheckpoint",
+    "Drainer",
     "Entry",
     "InvalidCheckpointIdError",
     "InvalidStoreOptionError",
@@ -97,6 +104,7 @@ __all__ = [
     "VerifyResult",
     "copy",
     "delete",
+    "durable_checkpoints",
     "gc",
     "info",
     "install",
@@ -105,6 +113,7 @@ __all__ = [
     "list_checkpoints",
     "list_orphans",
     "load",
+    "newest_restorable",
     "open_store",
     "save",
     "verify",

@@ -1,9 +1,9 @@
-"""The ``kvckpt`` command (also ``python -m kvckpt``): list, inspect, verify, remove and copy checkpoints.
+"""The ``kvckpt`` command (also ``python -m kvckpt``): list, inspect, verify, remove, copy, drain checkpoints.
 
 Exit status: 0 ok, 1 failure, 2 usage, 130 interrupted, 141 stdout closed early (``| head``). A
 failure prints one line (``--debug`` adds the traceback);
 every line printed passes through URL redaction, so passwords never reach a terminal or a log.
-Only ``cp`` and ``demo`` import torch.
+Only ``cp``, ``drain`` and ``demo`` import torch. ``drain`` has its own exit statuses (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -224,7 +224,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     total = manage.info(args.src).total_bytes if owns(args.src) else folder_bytes(args.src)
     with progress_bar(total, "copy", not args.json) as advance:
-        result = copy(args.src, args.dst, overwrite=args.overwrite, ttl=args.ttl, progress=advance)
+        result = copy(
+            args.src,
+            args.dst,
+            overwrite=args.overwrite,
+            ttl=args.ttl,
+            progress=advance,
+            group_bytes=args.buffer_mib << 20,
+        )
     seconds = time.perf_counter() - started
     if args.json:
         emit_json({**vars(result), "seconds": seconds})
@@ -243,6 +250,32 @@ def folder_bytes(path: str) -> int | None:
         return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
     except OSError:
         return None
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from kvckpt.dcp.drain import run_command
+
+    options = {key: _option_value(value) for key, _, value in (o.partition("=") for o in args.storage_option)}
+    return run_command(
+        args.src,
+        args.dst,
+        once=args.once,
+        every=args.every,
+        interval=args.interval,
+        keep=args.keep,
+        poll=args.poll,
+        group_bytes=args.buffer_mib << 20,
+        max_rate=None if args.max_mib_per_s is None else args.max_mib_per_s * (1 << 20),
+        storage_options=options,
+    )
+
+
+def _option_value(text: str) -> Any:
+    """A storage option's value: JSON when it parses (8388608, true, {...}), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -332,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at DST")
     p.add_argument("--ttl", type=float, help="seconds until a copy in a store expires")
+    p.add_argument("--buffer-mib", type=positive, default=64, help="MiB of source data held at once (64)")
+    p = command("drain", cmd_drain, "copy new checkpoints to a folder or s3:// as they appear", json=False)
+    p.add_argument("src", help="store prefix to follow, e.g. redis://host:6379/0/run1")
+    p.add_argument("dst", help="local folder or fsspec URL (s3://bucket/run1)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--every", type=positive, default=1, help="copy every Nth checkpoint (default 1)")
+    when.add_argument("--interval", type=float, help="instead: the newest one every SECONDS")
+    p.add_argument("--keep", type=positive, help="keep the newest K copies at DST (default: all)")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the store (2)")
+    p.add_argument("--once", action="store_true", help="copy what is due now, then exit")
+    p.add_argument("--buffer-mib", type=positive, default=32, help="MiB of source data held at once (32)")
+    p.add_argument("--max-mib-per-s", type=float, help="cap each copy's average rate (default: none)")
+    p.add_argument("--storage-option", action="append", default=[], type=key_value, metavar="KEY=VALUE")
     p = command(
         "demo",
         cmd_demo,
@@ -360,6 +406,12 @@ def non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
+
+
+def key_value(text: str) -> str:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an fsspec storage option), got {text!r}")
+    return text
 
 
 def positive(text: str) -> int:

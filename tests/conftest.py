@@ -22,6 +22,7 @@ from kvckpt.testing.servers import (
     RedisTLSServer,
 )
 from tests.harness.tls_proxy import ProxiedRedisTLSServer
+from tests.s3_server import MotoServer
 
 #: A redis-server built with TLS to test against instead of the TLS proxy.
 TLS_SERVER_ENV = "KVCKPT_REDIS_TLS_SERVER"
@@ -130,3 +131,18 @@ def redis_tls_server() -> Iterator[RedisTLSServer]:
     server = RedisTLSServer(binary=binary) if binary else ProxiedRedisTLSServer()
     with server:
         yield server
+
+
+# The durable tier: a real S3 endpoint (moto's server mode) on loopback ----------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_prefix(moto_server: MotoServer) -> str:
+    """A fresh bucket per test, as an s3:// prefix."""
+    return moto_server.create_bucket(f"ckpt-{uuid.uuid4().hex[:12]}")

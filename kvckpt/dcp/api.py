@@ -23,8 +23,11 @@ from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint.storage import StorageReader
 
 from kvckpt import humanize, orphans
+from kvckpt.dcp.copy import durable_reader
+from kvckpt.dcp.copy import read_metadata as read_durable_metadata
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.safe_load import SafeLoadPlanner as SafeLoadPlanner  # re-exported: kvckpt.SafeLoadPlanner
 from kvckpt.dcp.writer import KVStorageWriter
@@ -36,6 +39,7 @@ from kvckpt.errors import (
     UnpicklableValueError,
 )
 from kvckpt.humanize import printable
+from kvckpt.registry import owns
 from kvckpt.urls import parse_url
 
 Diagnosis = Callable[[], KVCheckpointError | None]
@@ -123,13 +127,21 @@ def load(
     Whatever ``planner`` is given, a stored non-tensor value whose unpickling would construct a class
     outside torch's weights_only allow-list is refused (UnsafeObjectError) unless
     ``allow_pickle=True``. Like DCP, it falls back to this rank's own record when the checkpoint has
-    no global one.
+    no global one. An id that is not a kvckpt URL (and no ``client``) is a DCP checkpoint folder or
+    fsspec URL, such as the durable tier's (``reader_options`` may then hold fsspec's
+    ``storage_options``); DCP's own reader loads it, with the planner as given.
     """
-    reader = KVStorageReader(checkpoint_id, client=client, allow_pickle=allow_pickle, **reader_options)
+    reader: StorageReader
     chosen = planner or SafeLoadPlanner(allow_pickle=allow_pickle)
-    rank = 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group)
-    with unwrapped_errors("load"):
-        metadata = _check_committed(reader, rank)
+    if client is None and not owns(checkpoint_id):
+        reader = durable_reader(checkpoint_id, **reader_options)
+        with unwrapped_errors("load"):
+            metadata = read_durable_metadata(reader, checkpoint_id)
+    else:
+        reader = KVStorageReader(checkpoint_id, client=client, allow_pickle=allow_pickle, **reader_options)
+        rank = 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group)
+        with unwrapped_errors("load"):
+            metadata = _check_committed(reader, rank)
     with unwrapped_errors("load", lambda: _mismatch(state_dict, metadata, chosen)):
         dcp_load(
             state_dict,

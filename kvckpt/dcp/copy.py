@@ -5,7 +5,8 @@ Both ends are driven through DCP's own StorageReader/StorageWriter calls, item b
   DCP wrote imports, and what kvckpt exports is a plain DCP checkpoint;
 - kvckpt's reader verifies checksums on the way out; its writer re-chunks for the destination's value
   limit, computes fresh checksums and commits atomically under a new generation;
-- at most ``group_bytes`` of source data (plus one item) is held at once, never the whole state dict;
+- at most ``group_bytes`` of source data is held at once, never the whole state dict: a tensor larger
+  than a quarter of it is copied from a store as dim-0 slices (a folder source holds one stored item);
 - non-tensor values travel as the bytes DCP stored: nothing is unpickled. (Reading a folder's
   ``.metadata`` is DCP's own pickle load, as in ``dcp.load``: import only folders you trust.)
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -30,6 +32,7 @@ from torch.distributed.checkpoint.metadata import (
     Metadata,
     MetadataIndex,
     StorageMeta,
+    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
@@ -54,9 +57,12 @@ from kvckpt.errors import (
     KVCheckpointError,
 )
 from kvckpt.registry import BACKENDS, owns
+from kvckpt.tiers import open_fsspec
 from kvckpt.urls import redact, scheme_of
 
 METADATA_FILE = ".metadata"
+#: Source bytes a copy holds at once by default.
+DEFAULT_GROUP_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -75,87 +81,134 @@ class _Item:
     nbytes: int
 
 
-def _items(metadata: Metadata) -> list[_Item]:
-    """One item per stored piece, non-tensor values first (FileSystemWriter asks for them first)."""
+@dataclass(frozen=True)
+class CopyPlan:
+    """What a copy writes, in groups of at most ``group_bytes`` (one item may exceed it alone)."""
+
+    groups: list[list[_Item]]
+    metadata: Metadata  # the destination's, before its writer adds storage_data
+    nbytes: int
+
+    @property
+    def items(self) -> int:
+        return sum(len(group) for group in self.groups)
+
+
+def _blob(fqn: str, metadata: Metadata) -> _Item:
+    index = MetadataIndex(fqn)
+    stored = (metadata.storage_data or {}).get(index)
+    size = int(getattr(stored, "nbytes", None) or getattr(stored, "length", 0) or 0)
+    zero = torch.Size([0])
+    read = ReadItem(LoadItemType.BYTE_IO, index, zero, index, zero, torch.Size([size]))
+    return _Item(WriteItem(index, WriteItemType.BYTE_IO), read, None, size)
+
+
+def _pieces(chunk: ChunkStorageMetadata, element: int, piece_bytes: int | None) -> list[tuple[int, int]]:
+    """(first row, rows) of each piece a stored chunk is copied as: whole, or dim-0 slices."""
+    rows = chunk.sizes[0] if len(chunk.sizes) else 1
+    nbytes = chunk.sizes.numel() * element
+    if piece_bytes is None or nbytes <= piece_bytes or rows <= 1:
+        return [(0, rows)]
+    step = max(1, piece_bytes // (nbytes // rows))
+    return [(start, min(step, rows - start)) for start in range(0, rows, step)]
+
+
+def plan_copy(metadata: Metadata, *, group_bytes: int, piece_bytes: int | None) -> CopyPlan:
+    """One write item per stored piece, non-tensor values first (FileSystemWriter asks for them first).
+
+    With ``piece_bytes`` a stored tensor chunk larger than that is copied as dim-0 slices, each its
+    own chunk in the destination (as a sharded save stores it), so memory stays bounded by the group
+    size whatever the size of one tensor; a source that reads a slice without the rest (a kvckpt
+    store) is asked for exactly those bytes.
+    """
+    if group_bytes < 1:
+        raise KVCheckpointError(f"group_bytes must be at least 1 byte, got {group_bytes!r}")
     blobs, tensors = [], []
+    state: dict[str, Any] = {}
     for fqn, meta in metadata.state_dict_metadata.items():
         if isinstance(meta, BytesStorageMetadata):
-            index = MetadataIndex(fqn)
-            stored = (metadata.storage_data or {}).get(index)
-            size = int(getattr(stored, "nbytes", None) or getattr(stored, "length", 0) or 0)
-            zero = torch.Size([0])
-            read = ReadItem(LoadItemType.BYTE_IO, index, zero, index, zero, torch.Size([size]))
-            blobs.append(_Item(WriteItem(index, WriteItemType.BYTE_IO), read, None, size))
+            blobs.append(_blob(fqn, metadata))
+            state[fqn] = meta
             continue
         element = torch.empty((), dtype=meta.properties.dtype).element_size()
+        chunks = []
         for chunk in meta.chunks:
-            index = MetadataIndex(fqn, chunk.offsets)
-            whole = chunk.sizes == meta.size
-            data = TensorWriteData(
-                chunk=ChunkStorageMetadata(chunk.offsets, chunk.sizes),
-                properties=meta.properties,
-                size=meta.size,
-            )
-            write = WriteItem(index, WriteItemType.TENSOR if whole else WriteItemType.SHARD, tensor_data=data)
-            zeros = torch.Size([0] * len(chunk.sizes))
-            read = ReadItem(LoadItemType.TENSOR, index, zeros, index, zeros, chunk.sizes)
-            tensors.append(_Item(write, read, meta.properties.dtype, chunk.sizes.numel() * element))
-    return blobs + tensors
+            source = MetadataIndex(fqn, chunk.offsets)
+            for first, rows in _pieces(chunk, element, piece_bytes):
+                sizes = torch.Size([rows, *chunk.sizes[1:]]) if len(chunk.sizes) else chunk.sizes
+                offsets = chunk.offsets
+                if first:
+                    offsets = torch.Size([offsets[0] + first, *offsets[1:]])
+                piece = ChunkStorageMetadata(offsets, sizes)
+                chunks.append(piece)
+                index = MetadataIndex(fqn, offsets)
+                data = TensorWriteData(chunk=piece, properties=meta.properties, size=meta.size)
+                kind = WriteItemType.TENSOR if sizes == meta.size else WriteItemType.SHARD
+                within = torch.Size([first] + [0] * (len(sizes) - 1)) if len(sizes) else sizes
+                zeros = torch.Size([0] * len(sizes))
+                read = ReadItem(
+                    LoadItemType.TENSOR,
+                    dest_index=index,
+                    dest_offsets=zeros,
+                    storage_index=source,
+                    storage_offsets=within,
+                    lengths=sizes,
+                )
+                write = WriteItem(index, kind, tensor_data=data)
+                tensors.append(_Item(write, read, meta.properties.dtype, sizes.numel() * element))
+        state[fqn] = TensorStorageMetadata(meta.properties, meta.size, chunks)
+    groups: list[list[_Item]] = [[]]
+    size = 0
+    for item in blobs + tensors:
+        if groups[-1] and size + item.nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.nbytes
+    copied = Metadata(state_dict_metadata=state, planner_data=metadata.planner_data, version=metadata.version)
+    return CopyPlan([g for g in groups if g], copied, sum(i.nbytes for i in blobs + tensors))
 
 
 class _Feed:
     """The destination's SavePlanner and the source's LoadPlanner at once (only what they call).
 
-    The writer asks for items in plan order; each miss reads the next ``group_bytes`` of items from
-    the source in one ``read_data`` call, so the source batches its I/O without holding everything.
+    The first item the writer asks for from a group reads the whole group from the source in one
+    ``read_data`` call (the source batches its I/O); each item is dropped once handed over, so at
+    most one group is held, in whatever order the writer asks.
     """
 
-    def __init__(
-        self,
-        reader: StorageReader,
-        items: list[_Item],
-        group_bytes: int,
-        progress: Callable[[int], None] | None,
-    ) -> None:
-        self._reader, self._items, self._group_bytes, self._progress = reader, items, group_bytes, progress
-        self._by_index = {item.write.index: (n, item) for n, item in enumerate(items)}
+    def __init__(self, reader: StorageReader, plan: CopyPlan, progress: Callable[[int], None] | None) -> None:
+        self._reader, self._progress = reader, progress
+        self._group_of = {item.write.index: group for group in plan.groups for item in group}
+        self._size = {item.write.index: item.nbytes for group in plan.groups for item in group}
+        self._dtype = {item.write.index: item.dtype for group in plan.groups for item in group}
         self._ready: dict[MetadataIndex, torch.Tensor | io.BytesIO] = {}
+        self._done: set[MetadataIndex] = set()
 
     # SavePlanner side
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
-        position, item = self._by_index[write_item.index]
-        if write_item.index not in self._ready:
-            self._read_from(position)
-        data = self._ready.pop(write_item.index)
+        index = write_item.index
+        if index not in self._ready:
+            self._ready.clear()  # whatever is left of another group was not asked for: never hold two
+            wanted = [i.read for i in self._group_of[index] if i.write.index not in self._done]
+            self._reader.read_data(LoadPlan(wanted), cast(LoadPlanner, self)).wait()
+        data = self._ready.pop(index)
+        self._done.add(index)
         if self._progress is not None:
-            self._progress(item.nbytes)
+            self._progress(self._size[index])
         return data
-
-    def _read_from(self, start: int) -> None:
-        if sum(i.nbytes for _, i in map(self._by_index.__getitem__, self._ready)) > self._group_bytes:
-            self._ready.clear()  # asked out of order: drop the read-ahead rather than grow without bound
-        group, size = [], 0
-        for item in self._items[start:]:
-            if item.write.index in self._ready:
-                continue
-            group.append(item.read)
-            size += item.nbytes
-            if size >= self._group_bytes:
-                break
-        self._reader.read_data(LoadPlan(group), cast(LoadPlanner, self)).wait()
 
     # LoadPlanner side
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        _, item = self._by_index[read_item.storage_index]
-        tensor = torch.empty(read_item.lengths, dtype=item.dtype)
-        self._ready[read_item.storage_index] = tensor
+        tensor = torch.empty(read_item.lengths, dtype=self._dtype[read_item.dest_index])
+        self._ready[read_item.dest_index] = tensor
         return tensor
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass  # resolve_tensor handed out the tensor the data lands in
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        self._ready[read_item.storage_index] = value
+        self._ready[read_item.dest_index] = value
 
 
 def _folder(location: str | os.PathLike[str], role: str) -> Path:
@@ -168,7 +221,7 @@ def _folder(location: str | os.PathLike[str], role: str) -> Path:
     return Path(location)
 
 
-def _open_source(src: str | os.PathLike[str], store_options: dict[str, Any] | None) -> StorageReader:
+def open_source(src: str | os.PathLike[str], store_options: dict[str, Any] | None) -> StorageReader:
     if owns(src):
         return KVStorageReader(src, store_options=store_options)
     path = _folder(src, "from")
@@ -181,7 +234,27 @@ def _open_source(src: str | os.PathLike[str], store_options: dict[str, Any] | No
     return FileSystemReader(path)
 
 
-def _read_metadata(reader: StorageReader, src: object) -> Metadata:
+def durable_reader(
+    location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> StorageReader:
+    """A stock DCP reader for a checkpoint folder (FileSystemReader) or fsspec URL (FsspecReader).
+
+    A location without DCP's ``.metadata`` is CheckpointNotFoundError here, not DCP's error later.
+    """
+    text = os.fspath(location)
+    fs, path = open_fsspec(text, storage_options)
+    if not fs.isfile(f"{path.rstrip('/')}/{METADATA_FILE}"):
+        raise CheckpointNotFoundError(
+            f"{redact(text)}: not a kvckpt URL, nor a DCP checkpoint (no {METADATA_FILE} in it); give a "
+            "store URL, or the folder or fsspec URL that dcp.save or `kvckpt drain` wrote",
+            checkpoint_id=redact(text),
+        )
+    if scheme_of(text) in (None, "file"):
+        return FileSystemReader(path)
+    return FsspecReader(text, **(storage_options or {}))
+
+
+def read_metadata(reader: StorageReader, src: object) -> Metadata:
     if isinstance(reader, KVStorageReader):
         return reader.read_metadata()
     try:
@@ -193,7 +266,7 @@ def _read_metadata(reader: StorageReader, src: object) -> Metadata:
 
 
 @contextlib.contextmanager
-def _folder_destination(path: Path, overwrite: bool) -> Iterator[Path]:
+def folder_destination(path: Path, overwrite: bool) -> Iterator[Path]:
     """A fresh sibling folder to write into, moved onto ``path`` only once the copy has finished.
 
     An existing checkpoint is replaced only with ``overwrite``, and then never left half-replaced;
@@ -233,40 +306,33 @@ def copy(
     ttl: float | None = None,
     progress: Callable[[int], None] | None = None,
     store_options: dict[str, Any] | None = None,
-    group_bytes: int = 64 << 20,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
 ) -> CopyResult:
     """Copy the committed checkpoint ``src`` to ``dst``; each is a kvckpt URL or a DCP folder.
 
     ``overwrite`` replaces a checkpoint already at ``dst`` (atomically in a store; in a folder by
     moving the finished copy into place). ``ttl`` expires a copy in a store. ``progress`` is called with
     the bytes of each item as it is handed to the destination. ``store_options`` go to both stores.
+    ``group_bytes`` bounds the source data held at once (see :func:`plan_copy`).
     """
     if ttl is not None and not owns(dst):
         raise KVCheckpointError("ttl= applies to a copy into a kvckpt store, not into a folder")
-    reader = _open_source(src, store_options)
-    metadata = _read_metadata(reader, src)
-    reader.set_up_storage_reader(metadata, True)
-    items = _items(metadata)
+    reader = open_source(src, store_options)
+    metadata = read_metadata(reader, src)
+    plan = plan_for(reader, metadata, group_bytes)
     source = str(reader.checkpoint_id) if isinstance(reader, KVStorageReader) else str(src)
-    feed = cast(SavePlanner, _Feed(reader, items, group_bytes, progress))
-    copied = Metadata(
-        state_dict_metadata=metadata.state_dict_metadata,
-        planner_data=metadata.planner_data,
-        version=metadata.version,
-    )
-    plan = SavePlan([item.write for item in items])
     if owns(dst):
         writer = KVStorageWriter(dst, overwrite=overwrite, ttl=ttl, store_options=store_options)
         writer.commit_time, writer.step = _source_order(reader, src)
         destination = str(writer.checkpoint_id)
-        _write(writer, plan, feed, copied)
+        write_copy(reader, plan, writer, progress)
     else:
         path = _folder(dst, "to")
         destination = str(path)
-        with _folder_destination(path, overwrite) as staging:
-            _write(_StagedFolderWriter(staging, path), plan, feed, copied)
+        with folder_destination(path, overwrite) as staging:
+            write_copy(reader, plan, StagedFolderWriter(staging, path), progress)
             _stamp(staging / METADATA_FILE, _source_order(reader, src)[0])
-    return CopyResult(source, destination, len(items), sum(item.nbytes for item in items))
+    return CopyResult(source, destination, plan.items, plan.nbytes)
 
 
 def _umask() -> int:
@@ -293,7 +359,14 @@ def _stamp(metadata_file: Path, commit_time: float | None) -> None:
         os.utime(metadata_file, (commit_time, commit_time))
 
 
-class _StagedFolderWriter(FileSystemWriter):
+def plan_for(reader: StorageReader, metadata: Metadata, group_bytes: int) -> CopyPlan:
+    """Set ``reader`` up and plan the copy; only a store source reads a slice of a tensor alone."""
+    reader.set_up_storage_reader(metadata, True)
+    pieces = max(1, group_bytes // 4) if isinstance(reader, KVStorageReader) else None
+    return plan_copy(metadata, group_bytes=group_bytes, piece_bytes=pieces)
+
+
+class StagedFolderWriter(FileSystemWriter):
     """Writes into the staging folder but records the folder it will be moved to."""
 
     def __init__(self, staging: Path, final: Path) -> None:
@@ -304,9 +377,21 @@ class _StagedFolderWriter(FileSystemWriter):
         return StorageMeta(checkpoint_id=str(self._final), save_id=self.save_id)
 
 
-def _write(writer: StorageWriter, plan: SavePlan, planner: SavePlanner, metadata: Metadata) -> None:
-    """The calls dcp.save makes on a one-rank job, without a state dict to plan from."""
+def write_copy(
+    reader: StorageReader, plan: CopyPlan, writer: StorageWriter, progress: Callable[[int], None] | None
+) -> None:
+    """The calls dcp.save makes, without a state dict to plan from.
+
+    A folder writer (FileSystemWriter, FsspecWriter) keeps every tensor of a file until the file is
+    closed, so it gets one write plan, hence one file, per group, as if each group came from its own
+    rank; a kvckpt store writes item by item and gets one plan.
+    """
+    feed = cast(SavePlanner, _Feed(reader, plan, progress))
     writer.set_up_storage_writer(True)
-    (plan,) = writer.prepare_global_plan([writer.prepare_local_plan(plan)])
-    results = writer.write_data(plan, planner).wait()
-    writer.finish(metadata, [results])
+    if isinstance(writer, FileSystemWriter):
+        plans = [SavePlan([item.write for item in group]) for group in plan.groups] or [SavePlan([])]
+    else:
+        plans = [SavePlan([item.write for group in plan.groups for item in group])]
+    plans = writer.prepare_global_plan([writer.prepare_local_plan(p) for p in plans])
+    results = [writer.write_data(p, feed).wait() for p in plans]
+    writer.finish(plan.metadata, results)
