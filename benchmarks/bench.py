@@ -303,7 +303,7 @@ class Stores:
 def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
     import redis
 
-    from kvckpt.testing.servers import REDIS_KEEP_FREED_MEMORY_ENV, EtcdServer, RedisServer
+    from tests.harness.servers import REDIS_KEEP_FREED_MEMORY_ENV, EtcdServer, RedisServer
 
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(RedisServer(binary=redis_binary))
@@ -498,7 +498,7 @@ def machine(redis_binary: str) -> dict[str, Any]:
     import redis
     import torch
 
-    from kvckpt.testing.servers import find_binary
+    from kvckpt.local_server import find_binary
 
     binary = redis_binary or find_binary("redis-server")
     server = subprocess.run([binary, "--version"], capture_output=True, text=True)

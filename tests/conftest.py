@@ -13,7 +13,7 @@ import pytest
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore
 from kvckpt.stores.redis import RedisStore
-from kvckpt.testing.servers import (
+from tests.harness.servers import (
     EtcdCluster,
     EtcdServer,
     RedisCluster,

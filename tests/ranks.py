@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kvckpt.testing.servers import free_port
+from tests.harness.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 import kvckpt
 from kvckpt import humanize
-from kvckpt.testing.servers import REDIS_KEEP_FREED_MEMORY_ENV, RedisServer, find_binary, free_port
+from tests.harness.servers import REDIS_KEEP_FREED_MEMORY_ENV, RedisServer, find_binary, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -203,7 +203,7 @@ def test_server_runs_in_the_foreground_until_stopped(tmp_path: Path) -> None:
     wrapper.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvckpt", "server", "--port", str(port)],
+        [sys.executable, "-m", "kvckpt", "server", "--port", str(port), "--redis-server", str(wrapper)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -345,7 +345,7 @@ def test_validate_checkpoint_id() -> None:
 
 
 def test_dead_server_fails_fast(namespace: str) -> None:
-    from kvckpt.testing.servers import free_port
+    from tests.harness.servers import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0/{namespace}"
     started = time.monotonic()

@@ -9,7 +9,7 @@ import torch
 
 import kvckpt
 from kvckpt.registry import open_store
-from kvckpt.testing.servers import EtcdServer
+from tests.harness.servers import EtcdServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -54,7 +54,7 @@ def test_data_is_written_once_without_pending_expiry(etcd_server: EtcdServer, na
 
 
 def test_quota_exhausted_mid_save_commits_nothing_and_cleans_up(namespace: str) -> None:
-    from kvckpt.testing.servers import EtcdServer as Server
+    from tests.harness.servers import EtcdServer as Server
 
     with Server(quota_backend_bytes=8 << 20, unsafe_no_fsync=True) as server:
         state = {f"t{i}": torch.full((256 * 1024,), float(i)) for i in range(48)}  # 48 MiB
@@ -67,7 +67,7 @@ def test_quota_exhausted_mid_save_commits_nothing_and_cleans_up(namespace: str) 
 
 
 def test_cluster_member_loss_and_quorum_loss(namespace: str) -> None:
-    from kvckpt.testing.servers import EtcdCluster
+    from tests.harness.servers import EtcdCluster
 
     state = {"w": torch.arange(600_000, dtype=torch.float32), "step": 3}
     with EtcdCluster(size=3, unsafe_no_fsync=True) as cluster:

@@ -13,7 +13,7 @@ import kvckpt
 from kvckpt import layout
 from kvckpt.errors import ReplicationError, UnsafeStoreConfigWarning
 from kvckpt.stores.redis_cluster import key_slot
-from kvckpt.testing.servers import (
+from tests.harness.servers import (
     REDIS_CHECKPOINT_SETTINGS,
     RedisCluster,
     RedisReplicaPair,

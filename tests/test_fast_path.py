@@ -28,8 +28,8 @@ from kvckpt.stores import redis as redis_store
 from kvckpt.stores import resp
 from kvckpt.stores.redis import RedisStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import RedisServer
 from kvckpt.urls import parse_url
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -18,9 +18,9 @@ import torch.distributed.checkpoint as dcp
 import kvckpt
 from kvckpt import layout
 from kvckpt.dcp.api import unwrapped_errors
-from kvckpt.testing.proxy import FaultProxy, resp_prefix
-from kvckpt.testing.servers import REDIS_CHECKPOINT_SETTINGS, RedisServer
 from tests.faulty import QUICK, Faulty, blank, faulty, same, state
+from tests.harness.proxy import FaultProxy, resp_prefix
+from tests.harness.servers import REDIS_CHECKPOINT_SETTINGS, RedisServer
 
 __all__ = ["faulty"]  # the fixture, imported for pytest
 

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 import kvckpt
 from kvckpt import layout, record
-from kvckpt.testing.servers import EtcdServer, RedisServer
+from tests.harness.servers import EtcdServer, RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.test_dcp_core import assert_same, reference_state, zeros_like_state
 
@@ -412,7 +412,7 @@ def test_copy_of_a_sharded_multi_rank_checkpoint(
     """Shards saved by 2 real ranks travel folder -> store -> folder and load whole on one process."""
     import torch.multiprocessing as mp
 
-    from kvckpt.testing.servers import free_port
+    from tests.harness.servers import free_port
 
     mp.spawn(_save_sharded, args=(2, free_port(), str(tmp_path / "ranks")), nprocs=2, join=True)
     expected = torch.arange(64 * 6, dtype=torch.float32).reshape(64, 6)

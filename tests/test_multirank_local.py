@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 import kvckpt
 from kvckpt import layout, record
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 from tests.ranks import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 import kvckpt
 from kvckpt import layout, record
 from kvckpt.registry import open_store
-from kvckpt.testing.servers import EtcdServer, RedisServer
+from tests.harness.servers import EtcdServer, RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
 

@@ -15,9 +15,9 @@ import pytest
 
 import kvckpt
 from kvckpt import layout
-from kvckpt.testing.proxy import resp_prefix
-from kvckpt.testing.servers import free_port
 from tests.faulty import Faulty, blank, faulty, generation_of, state
+from tests.harness.proxy import resp_prefix
+from tests.harness.servers import free_port
 
 __all__ = ["faulty"]  # the fixture, imported for pytest
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks.etcd_bench import measure
 from kvckpt.errors import (
     CheckpointTooLargeError,
     KVCheckpointError,
@@ -26,8 +27,7 @@ from kvckpt.store import KVStore, RangeRead
 from kvckpt.stores import etcd_wire as pb
 from kvckpt.stores.etcd import EtcdStore, prefix_end
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.etcd_bench import measure
-from kvckpt.testing.servers import EtcdCluster, EtcdServer, find_binary, free_port
+from tests.harness.servers import EtcdCluster, EtcdServer, find_binary, free_port
 
 MiB = 1 << 20
 

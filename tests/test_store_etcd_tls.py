@@ -15,8 +15,8 @@ from kvckpt.errors import InvalidCheckpointIdError, StoreUnavailableError
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import EtcdServer, TLSFiles, make_tls_files
 from kvckpt.urls import TLSOptions
+from tests.harness.servers import EtcdServer, TLSFiles, make_tls_files
 from tests.helpers import bits_equal, random_tensor
 
 

@@ -11,7 +11,7 @@ from kvckpt.registry import open_store
 from kvckpt.store import KVStore
 from kvckpt.stores.redis import RedisStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 
 
 class TestRedisTCP(StoreTests):

@@ -18,8 +18,8 @@ from kvckpt.store import KVStore, RangeRead
 from kvckpt.stores.redis import RedisStore
 from kvckpt.stores.redis_cluster import CLUSTER_ACL_RULES, RedisClusterStore, key_slot
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import RedisCluster, free_port, redis_call
 from kvckpt.urls import parse_url
+from tests.harness.servers import RedisCluster, free_port, redis_call
 
 
 class TestRedisCluster(StoreTests):

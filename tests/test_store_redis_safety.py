@@ -15,7 +15,7 @@ import redis
 from kvckpt.errors import ReplicationError, StoreFullError, UnsafeStoreConfigError, UnsafeStoreConfigWarning
 from kvckpt.registry import open_store
 from kvckpt.stores.redis import RedisStore
-from kvckpt.testing.servers import RedisReplicaPair, RedisServer, redis_call
+from tests.harness.servers import RedisReplicaPair, RedisServer, redis_call
 
 
 @pytest.fixture(scope="module")

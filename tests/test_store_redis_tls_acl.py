@@ -18,8 +18,8 @@ from kvckpt.registry import open_store
 from kvckpt.store import KVStore, RangeRead
 from kvckpt.stores.redis import ACL_RULES, PASSWORD_ENV, RedisStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import RedisTLSServer, make_tls_files
 from kvckpt.urls import parse_url
+from tests.harness.servers import RedisTLSServer, make_tls_files
 
 USER = "ckpt-writer"
 PASSWORD = "Pw-9f2c!kvckpt-secret"  # distinctive, so a leak anywhere is easy to grep for
