@@ -35,7 +35,7 @@ from kvckpt.manage import (
     list_checkpoints,
     verify,
 )
-from kvckpt.registry import open_store
+from kvckpt.registry import open_store, register_backend
 from kvckpt.store import Capabilities, KVStore, RangeRead
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ __all__ = [
     "list_checkpoints",
     "load",
     "open_store",
+    "register_backend",
     "save",
     "verify",
 ]

@@ -18,10 +18,12 @@ from typing import Any
 from kvckpt import layout, record
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, KVCheckpointError
+from kvckpt.layout import StoredChunk
+from kvckpt.registry import parse_url
 from kvckpt.store import KVStore, batched
 from kvckpt.target import Resolver
 from kvckpt.transfer import Transfer
-from kvckpt.urls import StoreURL, parse_url
+from kvckpt.urls import StoreURL
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +150,14 @@ def _infos(scope: _Scope) -> list[CheckpointInfo]:
     records = (key for key in scope.store.scan_prefix(prefix + "/") if key.endswith(_RECORD_SUFFIX))
     namespaces = [key[: -len(_RECORD_SUFFIX)] for key in records]
     found = []
-    for names in batched(namespaces, scope.store.capabilities.max_batch_ops):
-        keys = [layout.record_key(ns) for ns in names]
-        for namespace, key, raw in zip(names, keys, scope.store.get_many(keys), strict=True):
-            if raw is None:  # deleted or expired since the scan
-                continue
-            try:
-                found.append(_info(scope, namespace, record.decode_record(raw, key), key))
-            except CorruptCheckpointError as exc:
-                log.warning("skipping a damaged checkpoint: %s", exc)
+    keys = [layout.record_key(ns) for ns in namespaces]
+    for namespace, key, raw in zip(namespaces, keys, scope.store.get_many(keys), strict=True):
+        if raw is None:  # deleted or expired since the scan
+            continue
+        try:
+            found.append(_info(scope, namespace, record.decode_record(raw, key), key))
+        except CorruptCheckpointError as exc:
+            log.warning("skipping a damaged checkpoint: %s", exc)
     return sorted(found, key=lambda info: (info.created, info.namespace))
 
 
@@ -207,33 +208,13 @@ def info(checkpoint_id: str, *, client: Any = None, **store_options: Any) -> Che
             raise CorruptCheckpointError(
                 f"{key}: malformed state_dict in the record ({exc})", key=key
             ) from exc
-        for fqn, nbytes, chunks in _rows(body, key):
-            if fqn in entries:
-                old = entries[fqn]
-                entries[fqn] = dataclasses.replace(
-                    old, chunks=old.chunks + len(chunks), nbytes=old.nbytes + nbytes
+        for item in record.decode_items(body, key):
+            if item.fqn in entries:
+                old = entries[item.fqn]
+                entries[item.fqn] = dataclasses.replace(
+                    old, chunks=old.chunks + len(item.chunks), nbytes=old.nbytes + item.nbytes
                 )
         return dataclasses.replace(summary, entries=tuple(entries.values()))
-
-
-#: (key relative to the namespace, nbytes, block checksums) of one stored value.
-Chunk = tuple[str, int, tuple[int, ...]]
-
-
-def _rows(body: dict[str, Any], key: str) -> Iterator[tuple[str, int, list[Chunk]]]:
-    """(fqn, nbytes, [(chunk key, nbytes, block sums)]) per stored item, checked for shape."""
-    try:
-        for row in body["items"]:
-            fqn, nbytes = str(row[0]), int(row[2])
-            chunks = [(str(k), int(n), tuple(int(s) for s in sums)) for k, n, sums in row[5]]
-            if sum(n for _, n, _ in chunks) != nbytes:
-                raise ValueError(f"chunk sizes of {fqn!r} do not add up to {nbytes}")
-            yield fqn, nbytes, chunks
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{key}: the record's item list is malformed ({exc})", key=key) from exc
-
-
-# Verifying -------------------------------------------------------------------------------------
 
 
 def verify(
@@ -260,35 +241,35 @@ def verify(
         total_keys = total_bytes = 0
         checksums = True
 
-        def check(batch: list[tuple[str, str, int, tuple[int, ...]]], block: int) -> None:
-            values = scope.store.get_many([layout.full_key(scope.namespace, k) for _, k, _, _ in batch])
+        def check(batch: list[tuple[str, StoredChunk]], block: int) -> None:
+            values = scope.store.get_many([layout.full_key(scope.namespace, c.key) for _, c in batch])
             found = []
-            for (fqn, chunk, nbytes, sums), value in zip(batch, values, strict=True):
-                where = f"{fqn!r}, key {layout.full_key(scope.namespace, chunk)!r}"
+            for (fqn, chunk), value in zip(batch, values, strict=True):
+                where, sums = f"{fqn!r}, key {layout.full_key(scope.namespace, chunk.key)!r}", chunk.sums
                 if value is None:
                     found.append(f"{where}: missing")
-                elif len(value) != nbytes:
-                    found.append(f"{where}: {len(value)} bytes, the record says {nbytes}")
+                elif len(value) != chunk.nbytes:
+                    found.append(f"{where}: {len(value)} bytes, the record says {chunk.nbytes}")
                 elif sums and (bad := first_bad_block(memoryview(value), block, sums)) is not None:
                     found.append(f"{where}: checksum mismatch in block {bad}")
             with lock:
                 problems.extend(found)
             if progress is not None:
-                progress(sum(n for _, _, n, _ in batch))
+                progress(sum(c.nbytes for _, c in batch))
 
         max_ops = scope.store.capabilities.max_batch_ops
         with Transfer(io_threads) as transfer:
             for body, key in bodies:
                 block = int(body.get("block_bytes") or DEFAULT_BLOCK_BYTES)
                 checksums = checksums and body.get("checksum") is not None
-                batch: list[tuple[str, str, int, tuple[int, ...]]] = []
+                batch: list[tuple[str, StoredChunk]] = []
                 size = 0
-                for fqn, _, chunks in _rows(body, key):
-                    for chunk, nbytes, sums in chunks:
-                        batch.append((fqn, chunk, nbytes, sums))
-                        size += nbytes
+                for item in record.decode_items(body, key):
+                    for chunk in item.chunks:
+                        batch.append((item.fqn, chunk))
+                        size += chunk.nbytes
                         total_keys += 1
-                        total_bytes += nbytes
+                        total_bytes += chunk.nbytes
                         if size >= _VERIFY_BATCH_BYTES or len(batch) >= max_ops:
                             transfer.submit(check, batch, block)
                             batch, size = [], 0
@@ -315,7 +296,7 @@ def _rank_records(store: KVStore, namespace: str) -> list[str]:
 
 def _delete_keys(store: KVStore, keys: Iterator[str] | list[str]) -> int:
     count = 0
-    for batch in batched(keys, store.capabilities.max_batch_ops):
+    for batch in batched(keys, 1000):  # bounds memory while scanning; the store splits for its server
         store.delete_many(batch)  # UNLINK on Redis: the server frees memory in the background
         count += len(batch)
     return count

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvckpt.errors import InvalidCheckpointIdError, KVCheckpointError
-from kvckpt.registry import open_store, owns
+from kvckpt.registry import open_store, owns, parse_url
 from kvckpt.store import KVStore
-from kvckpt.urls import StoreURL, parse_url
+from kvckpt.urls import StoreURL
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,6 @@ class Addressed:
 
 def wrap_client(client: Any) -> KVStore:
     """A KVStore around a redis-py-compatible client object (redis.Redis, fakeredis, …)."""
-    from kvckpt.stores.redis import RedisStore
+    from kvckpt.stores.redis import wrap_client as wrap_redis_client
 
-    return RedisStore(client=client)
+    return wrap_redis_client(client)

@@ -56,7 +56,7 @@ def prefix() -> str:
 
 
 def _parse(url: str):  # type: ignore[no-untyped-def]
-    from kvckpt.urls import parse_url
+    from kvckpt.registry import parse_url
 
     return parse_url(url)
 

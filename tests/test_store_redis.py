@@ -7,9 +7,10 @@ from collections.abc import Iterator
 import fakeredis
 import pytest
 
+from kvckpt.errors import KVCheckpointError
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore
-from kvckpt.stores.redis import RedisStore
+from kvckpt.stores.redis.client import ClientStore
 from kvckpt.testing.conformance import StoreTests
 from tests.harness.servers import RedisServer
 
@@ -35,4 +36,11 @@ class TestFakeRedis(StoreTests):
 
     @pytest.fixture
     def store(self) -> Iterator[KVStore]:
-        yield RedisStore(client=fakeredis.FakeRedis())
+        yield ClientStore(client=fakeredis.FakeRedis())
+
+
+def test_a_database_the_server_lacks_is_named(redis_server: RedisServer) -> None:
+    store = open_store(redis_server.url("x", db=16))  # 16 databases by default: 0-15
+    with pytest.raises(KVCheckpointError, match=r"no such database.*0 to its 'databases' setting"):
+        store.get("x/a")
+    store.close()

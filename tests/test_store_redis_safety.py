@@ -14,7 +14,8 @@ import redis
 
 from kvckpt.errors import ReplicationError, StoreFullError, UnsafeStoreConfigError, UnsafeStoreConfigWarning
 from kvckpt.registry import open_store
-from kvckpt.stores.redis import RedisStore
+from kvckpt.stores.redis.client import ClientStore
+from kvckpt.stores.redis.standalone import RedisStore
 from tests.harness.servers import RedisReplicaPair, RedisServer, redis_call
 
 
@@ -57,7 +58,7 @@ def test_evicting_policy_is_refused_or_warned(
 
 def test_unreadable_config_is_skipped_quietly() -> None:
     """fakeredis, like managed Redis with CONFIG renamed, refuses CONFIG GET: nothing to check."""
-    store = RedisStore(client=fakeredis.FakeRedis())
+    store = ClientStore(client=fakeredis.FakeRedis())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert store.check_server_settings() == {}

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from kvckpt.errors import InvalidCheckpointIdError, StoreUnavailableError
-from kvckpt.registry import open_store
+from kvckpt.registry import open_store, parse_url
 from kvckpt.store import KVStore, RangeRead
-from kvckpt.stores.redis import ACL_RULES, PASSWORD_ENV, RedisStore
+from kvckpt.stores.redis.common import ACL_RULES, PASSWORD_ENV
+from kvckpt.stores.redis.standalone import RedisStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.urls import parse_url
 from tests.harness.servers import RedisTLSServer, make_tls_files
 
 USER = "ckpt-writer"

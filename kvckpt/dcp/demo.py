@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from kvckpt import humanize, manage
 from kvckpt.dcp.api import load, save
 from kvckpt.local_server import RedisServer, find_redis_server
-from kvckpt.urls import parse_url
+from kvckpt.registry import parse_url
 
 WIDTH, BATCH = 1024, 32
 

@@ -135,6 +135,8 @@ class _Endpoint:
 class EtcdStore(KVStore):
     """KVStore over an etcd v3 cluster, addressed by one or more client endpoints."""
 
+    default_port = 2379  # parse_url: KVStore's plain grammar, etcd://host[:port][,...]/NAMESPACE
+
     def __init__(
         self,
         endpoints: Sequence[tuple[str, int]],
