@@ -37,8 +37,14 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "rediss": ("kvckpt.stores.redis.standalone:RedisStore", None),
     "redis+unix": ("kvckpt.stores.redis.standalone:RedisStore", None),
     "redis+cluster": ("kvckpt.stores.redis.cluster:RedisClusterStore", None),
-    "etcd": ("kvckpt.stores.etcd:EtcdStore", "etcd"),
+    "etcd": ("kvckpt.stores.etcd.store:EtcdStore", "etcd"),
 }
+#: The built-in URL forms, for messages about a URL no backend serves.
+USAGE = (
+    "use redis://[user[:password]@]host[:port]/DB/NAMESPACE, rediss://…, "
+    "redis+unix:///path/to.sock?db=0&namespace=NAMESPACE, redis+cluster://host:port[,host:port]/NAMESPACE, "
+    "etcd://host:port[,host:port]/NAMESPACE, or a scheme added with kvckpt.register_backend"
+)
 _registered: dict[str, tuple[str | StoreFactory, str | None]] = dict(_BUILTIN)
 _entry_points_read = False
 _lock = threading.Lock()
@@ -93,8 +99,7 @@ def backend_for(scheme: str) -> StoreFactory:
         target, extra = _registered[scheme]
     except KeyError:
         raise InvalidCheckpointIdError(
-            f"unknown scheme {scheme!r}: no kvckpt backend serves it; known: {', '.join(schemes())} "
-            "(kvckpt.register_backend adds one)"
+            f"unknown scheme {scheme!r}: no kvckpt backend serves it (known: {', '.join(schemes())}); {USAGE}"
         ) from None
     if not isinstance(target, str):
         return target
@@ -115,10 +120,7 @@ def parse_url(text: str) -> StoreURL:
     """``text`` parsed by the grammar of the backend its scheme names."""
     scheme = scheme_of(text)
     if scheme is None:
-        raise InvalidCheckpointIdError(
-            f"not a kvckpt URL: {redact(str(text))!r}; write SCHEME://…/NAMESPACE with a scheme of "
-            f"{', '.join(schemes())}"
-        )
+        raise InvalidCheckpointIdError(f"not a kvckpt URL: {redact(str(text))!r}; {USAGE}")
     return backend_for(scheme).parse_url(text)
 
 

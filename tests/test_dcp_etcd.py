@@ -38,8 +38,8 @@ def test_large_tensor_is_chunked_under_the_request_limit(etcd_server: EtcdServer
 
 def test_data_is_written_once_without_pending_expiry(etcd_server: EtcdServer, namespace: str) -> None:
     """Re-putting every value to drop a pending lease would double etcd's backend size per save."""
-    from kvckpt.stores import etcd_wire as pb
-    from kvckpt.stores.etcd import EtcdStore
+    from kvckpt.stores.etcd import wire as pb
+    from kvckpt.stores.etcd.store import EtcdStore
 
     kvckpt.save({f"t{i}": torch.ones(100) for i in range(10)}, etcd_server.url(namespace))
     store = open_store(etcd_server.url("inspect"))
@@ -48,7 +48,7 @@ def test_data_is_written_once_without_pending_expiry(etcd_server: EtcdServer, na
         keys = list(store.scan_prefix(namespace + "/g"))
         assert len(keys) == 10
         for key in keys:
-            reply = store._rpc(pb.RANGE, pb.join(pb.range_request(key.encode())), action="test")
+            reply = store.client.rpc(pb.RANGE, pb.join(pb.range_request(key.encode())), action="test")
             (kv,) = pb.parse_range_response(reply).kvs
             assert (kv.version, kv.lease) == (1, 0), key
 

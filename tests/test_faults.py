@@ -188,7 +188,7 @@ def test_every_bulk_operation_follows_the_backoff(
     """Two retries with a fixed 0.3 s backoff, logged as such, and at least 0.6 s spent (a lower bound)."""
     import logging
 
-    caplog.set_level(logging.WARNING, logger="kvckpt")
+    caplog.set_level(logging.INFO, logger="kvckpt")
     store = kvckpt.open_store(
         faulty.via_proxy(namespace), **{**QUICK, "retries": 2, "backoff": 0.3, "backoff_cap": 0.3}
     )
@@ -211,7 +211,7 @@ def test_a_hung_server_fails_within_the_total_timeout(
     logged, and a message that says so instead of advising a longer timeout."""
     import logging
 
-    caplog.set_level(logging.WARNING, logger="kvckpt")
+    caplog.set_level(logging.INFO, logger="kvckpt")
     options = {**QUICK, "timeout": 0.5, "retries": 10, "backoff": 0.01, "total_timeout": 1.2}
     store = kvckpt.open_store(faulty.via_proxy(namespace), **options)
     faulty.proxy.stall()
@@ -231,7 +231,7 @@ def test_a_hung_server_is_retried_when_the_total_allows(
 ) -> None:
     import logging
 
-    caplog.set_level(logging.WARNING, logger="kvckpt")
+    caplog.set_level(logging.INFO, logger="kvckpt")
     options = {**QUICK, "timeout": 0.3, "retries": 2, "backoff": 0.01, "total_timeout": 30}
     store = kvckpt.open_store(faulty.via_proxy(namespace), **options)
     faulty.proxy.stall()

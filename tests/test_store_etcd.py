@@ -24,8 +24,8 @@ from kvckpt.errors import (
 )
 from kvckpt.registry import backend_for, open_store
 from kvckpt.store import KVStore, RangeRead
-from kvckpt.stores import etcd_wire as pb
-from kvckpt.stores.etcd import EtcdStore, prefix_end
+from kvckpt.stores.etcd import wire as pb
+from kvckpt.stores.etcd.store import EtcdStore
 from kvckpt.testing.conformance import StoreTests
 from tests.harness.servers import EtcdCluster, EtcdServer, find_binary, free_port
 
@@ -78,10 +78,10 @@ def test_varint_round_trip(n: int) -> None:
 
 
 def test_prefix_end() -> None:
-    assert prefix_end(b"a/b") == b"a/c"
-    assert prefix_end(b"a\xff") == b"b"
-    assert prefix_end(b"\xff\xff") == b"\x00"
-    assert prefix_end(b"") == b"\x00"
+    assert pb.prefix_end(b"a/b") == b"a/c"
+    assert pb.prefix_end(b"a\xff") == b"b"
+    assert pb.prefix_end(b"\xff\xff") == b"\x00"
+    assert pb.prefix_end(b"") == b"\x00"
 
 
 def test_url_options_and_lazy_connect() -> None:
@@ -92,16 +92,17 @@ def test_url_options_and_lazy_connect() -> None:
     assert store.capabilities.max_value_bytes == 4 * MiB - 8 * 1024
     assert store.capabilities.native_ranges is False
     assert store.capabilities.max_batch_ops == 128
-    assert store._endpoints is None  # nothing connects until the first call
+    assert store.client.endpoints is None  # nothing connects until the first call
 
 
 def test_missing_grpc_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "grpc", None)
-    monkeypatch.delitem(sys.modules, "kvckpt.stores.etcd", raising=False)
+    for module in ("kvckpt.stores.etcd.store", "kvckpt.stores.etcd.client"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(MissingDependencyError, match=r"kvckpt\[etcd\]"):
         backend_for("etcd")
     monkeypatch.undo()
-    importlib.import_module("kvckpt.stores.etcd")
+    importlib.import_module("kvckpt.stores.etcd.store")
 
 
 # Limits -------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis.exceptions as rex
 
+from kvckpt._buffers import key_str
 from kvckpt.errors import KVCheckpointError, ReplicationError
 from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
 from kvckpt.stores.redis.common import (
@@ -24,7 +25,6 @@ from kvckpt.stores.redis.common import (
     expiry_commands,
     expiry_results,
     glob_escape,
-    key_of,
     px,
     replication_message,
     str_of,
@@ -192,7 +192,7 @@ class ClientStore(KVStore):
     def scan_prefix(self, prefix: str) -> Iterator[str]:
         with self._errors("listing keys"):
             for raw in self.client.scan_iter(match=glob_escape(prefix) + "*", count=1000):
-                key = key_of(raw)
+                key = key_str(raw)
                 if key.startswith(prefix):
                     yield key
 

@@ -29,6 +29,7 @@ import redis
 import redis.exceptions as rex
 from redis.cluster import ClusterNode
 
+from kvckpt._buffers import key_bytes, key_str
 from kvckpt.errors import KVCheckpointError, ReplicationError, StoreUnavailableError
 from kvckpt.store import Buffer
 from kvckpt.stores.redis.client import ClientStore, pipeline_runner
@@ -36,7 +37,6 @@ from kvckpt.stores.redis.common import (
     ACL_RULES,
     check_wait_args,
     glob_escape,
-    key_of,
     password_of,
     replication_message,
     wait_on,
@@ -61,7 +61,7 @@ T = TypeVar("T")
 
 def key_slot(key: str | bytes) -> int:
     """The cluster hash slot of ``key`` (CRC16/XMODEM of the hash tag or key, in C via binascii)."""
-    data = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+    data = key_bytes(key) if isinstance(key, str) else key
     start = data.find(b"{")
     if start != -1:
         end = data.find(b"}", start + 1)
@@ -324,7 +324,7 @@ class RedisClusterStore(ClientStore):
                     for node in self.client.get_primaries():
                         node_client = self.client.get_redis_connection(node)
                         for raw in node_client.scan_iter(match=pattern, count=1000):
-                            key = key_of(raw)
+                            key = key_str(raw)
                             if key.startswith(prefix) and key not in seen:
                                 seen.add(key)
                                 yield key

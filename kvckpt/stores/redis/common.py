@@ -80,10 +80,6 @@ def str_of(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def key_of(raw: Any) -> str:
-    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
-
-
 def password_of(url: StoreURL, password: str | None) -> str | None:
     """The password: given explicitly, else in the URL, else in REDISCLI_AUTH (as redis-cli reads it)."""
     return password or url.password or os.environ.get(PASSWORD_ENV) or None

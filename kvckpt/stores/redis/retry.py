@@ -4,7 +4,7 @@ A dropped link is worth retrying at once; a server that accepts connections but 
 worth waiting on ``retries + 1`` times. So the policy bounds both: ``retries`` re-sends, ``backoff``
 doubling up to ``backoff_cap`` between them, and ``total_timeout``: no attempt starts that could not
 finish (one ``timeout``) within it. A hung server therefore fails within ``max(timeout,
-total_timeout)``; each retry is logged at WARNING.
+total_timeout)``; each retry is logged (INFO, logger ``kvckpt.stores.redis``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class RetryPolicy:
                 elapsed = time.monotonic() - started
                 if number == self.retries or elapsed + wait + self.timeout > self.total_timeout:
                     raise GaveUp(number + 1, elapsed) from exc
-                logger.warning(
+                logger.info(
                     "%s: %s failed (%s); retry %d of %d in %.2fs",
                     where,
                     what,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from kvckpt._buffers import key_str
 from kvckpt.errors import ReplicationError
 from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
 from kvckpt.stores.redis import common
@@ -19,7 +20,6 @@ from kvckpt.stores.redis.common import (
     expiry_commands,
     expiry_results,
     glob_escape,
-    key_of,
     password_of,
     px,
     replication_message,
@@ -151,11 +151,12 @@ class RedisStore(KVStore):
         cursor: Any = b"0"
         with self._errors("listing keys"):
             while True:
-                (reply,) = self._transport.execute([("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)])
+                command = ("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+                (reply,) = self._transport.execute([command], "listing keys")
                 assert isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
                 cursor = reply[0]
                 for raw in reply[1]:
-                    key = key_of(raw)
+                    key = key_str(raw if isinstance(raw, bytes) else str(raw))
                     if key.startswith(prefix):
                         yield key
                 if cursor in (b"0", "0", 0):

@@ -25,6 +25,7 @@ from typing import TypeAlias, TypeVar
 
 import redis.exceptions as rex
 
+from kvckpt._buffers import byte_view, key_bytes
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis.retry import RetryPolicy
 
@@ -67,7 +68,7 @@ def _arg(value: Arg) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
+        return key_bytes(value)
     if isinstance(value, int):
         return str(value).encode()
     return bytes(byte_view(value))
@@ -79,11 +80,6 @@ def pack(*args: Arg) -> bytes:
     for arg in map(_arg, args):
         parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(parts)
-
-
-def byte_view(value: Buffer) -> memoryview:
-    view = value if isinstance(value, memoryview) else memoryview(value)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 @dataclass(frozen=True)
