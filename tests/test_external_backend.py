@@ -128,8 +128,27 @@ def mem_scheme() -> Iterator[str]:
     registry.unregister_backend("mem")
 
 
+class MemoryRaw:
+    """Reads the in-process server's dict directly."""
+
+    def __init__(self, name: str) -> None:
+        self.data = _SERVERS.setdefault(name, {})
+
+    def get(self, key: str) -> bytes | None:
+        entry = self.data.get(key)
+        return None if entry is None else entry[0]
+
+    def ttl(self, key: str) -> float | None:
+        entry = self.data.get(key)
+        return None if entry is None or entry[1] is None else entry[1] - time.monotonic()
+
+
 class TestMemoryStore(StoreTests):
     expiry_wait = 0.5
+
+    @pytest.fixture
+    def raw(self) -> MemoryRaw:
+        return MemoryRaw("conformance")
 
     @pytest.fixture
     def store(self, mem_scheme: str) -> Iterator[KVStore]:

@@ -29,6 +29,7 @@ from kvckpt.stores.redis import wrap_client
 from kvckpt.stores.redis.client import ClientStore
 from kvckpt.stores.redis.standalone import RedisStore
 from kvckpt.testing.conformance import StoreTests
+from tests.harness.raw import RedisRaw
 from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 
@@ -101,6 +102,10 @@ class TestGenericPathOnRealServer(StoreTests):
     """The redis-py path (an injected client) stays correct against a real server too."""
 
     picklable = False
+
+    @pytest.fixture
+    def raw(self, redis_server: RedisServer) -> RedisRaw:
+        return RedisRaw(redis.Redis(port=redis_server.port))
 
     @pytest.fixture
     def store(self, redis_server: RedisServer) -> Iterator[KVStore]:

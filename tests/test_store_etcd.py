@@ -27,6 +27,7 @@ from kvckpt.store import KVStore, RangeRead
 from kvckpt.stores.etcd import wire as pb
 from kvckpt.stores.etcd.store import EtcdStore
 from kvckpt.testing.conformance import StoreTests
+from tests.harness.raw import EtcdRaw
 from tests.harness.servers import EtcdCluster, EtcdServer, find_binary, free_port
 
 MiB = 1 << 20
@@ -35,6 +36,10 @@ MiB = 1 << 20
 class TestEtcd(StoreTests):
     # etcd leases are whole seconds and at least ~2 s; expiry is checked every 500 ms.
     expiry_wait = 4.0
+
+    @pytest.fixture
+    def raw(self, etcd_server: EtcdServer) -> EtcdRaw:
+        return EtcdRaw(etcd_server.endpoint)
 
     @pytest.fixture
     def store(self, etcd_server: EtcdServer) -> Iterator[KVStore]:

@@ -16,6 +16,7 @@ from kvckpt.registry import open_store
 from kvckpt.store import KVStore
 from kvckpt.testing.conformance import StoreTests
 from kvckpt.urls import TLSOptions
+from tests.harness.raw import EtcdRaw
 from tests.harness.servers import EtcdServer, TLSFiles, make_tls_files
 from tests.helpers import bits_equal, random_tensor
 
@@ -34,6 +35,10 @@ def tls_files(server: EtcdServer) -> TLSFiles:
 
 class TestEtcdOverTLS(StoreTests):
     expiry_wait = 4.0  # etcd leases: whole seconds, at least ~2 s
+
+    @pytest.fixture
+    def raw(self, tls_etcd: EtcdServer) -> EtcdRaw:
+        return EtcdRaw(f"https://{tls_etcd.endpoint}", tls_etcd.tls)
 
     @pytest.fixture
     def store(self, tls_etcd: EtcdServer) -> Iterator[KVStore]:

@@ -6,16 +6,22 @@ from collections.abc import Iterator
 
 import fakeredis
 import pytest
+import redis
 
 from kvckpt.errors import KVCheckpointError
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore
 from kvckpt.stores.redis.client import ClientStore
 from kvckpt.testing.conformance import StoreTests
+from tests.harness.raw import RedisRaw
 from tests.harness.servers import RedisServer
 
 
 class TestRedisTCP(StoreTests):
+    @pytest.fixture
+    def raw(self, redis_server: RedisServer) -> RedisRaw:
+        return RedisRaw(redis.Redis(port=redis_server.port))
+
     @pytest.fixture
     def store(self, redis_server: RedisServer) -> Iterator[KVStore]:
         store = open_store(redis_server.url("conformance"))
@@ -24,6 +30,10 @@ class TestRedisTCP(StoreTests):
 
 
 class TestRedisUnixSocket(StoreTests):
+    @pytest.fixture
+    def raw(self, redis_server: RedisServer) -> RedisRaw:
+        return RedisRaw(redis.Redis(unix_socket_path=redis_server.socket_path, db=3))
+
     @pytest.fixture
     def store(self, redis_server: RedisServer) -> Iterator[KVStore]:
         store = open_store(redis_server.unix_url("conformance", db=3))
@@ -35,8 +45,16 @@ class TestFakeRedis(StoreTests):
     picklable = False
 
     @pytest.fixture
-    def store(self) -> Iterator[KVStore]:
-        yield ClientStore(client=fakeredis.FakeRedis())
+    def client(self) -> fakeredis.FakeRedis:
+        return fakeredis.FakeRedis()
+
+    @pytest.fixture
+    def raw(self, client: fakeredis.FakeRedis) -> RedisRaw:
+        return RedisRaw(client)
+
+    @pytest.fixture
+    def store(self, client: fakeredis.FakeRedis) -> Iterator[KVStore]:
+        yield ClientStore(client=client)
 
 
 def test_a_database_the_server_lacks_is_named(redis_server: RedisServer) -> None:

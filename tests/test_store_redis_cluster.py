@@ -27,10 +27,15 @@ from kvckpt.stores.redis import cluster as cluster_module
 from kvckpt.stores.redis import wrap_client
 from kvckpt.stores.redis.cluster import CLUSTER_ACL_RULES, RedisClusterStore, key_slot
 from kvckpt.testing.conformance import StoreTests
+from tests.harness.raw import RedisRaw
 from tests.harness.servers import RedisCluster, RedisServer, free_port, redis_call
 
 
 class TestRedisCluster(StoreTests):
+    @pytest.fixture
+    def raw(self, redis_cluster: RedisCluster) -> RedisRaw:
+        return RedisRaw(redis.RedisCluster(host="127.0.0.1", port=redis_cluster.live()[0].port))
+
     @pytest.fixture
     def store(self, redis_cluster: RedisCluster) -> Iterator[KVStore]:
         store = open_store(redis_cluster.url("conformance"))

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from kvckpt.errors import InvalidCheckpointIdError, StoreUnavailableError
 from kvckpt.registry import open_store, parse_url
@@ -19,6 +20,7 @@ from kvckpt.store import KVStore, RangeRead
 from kvckpt.stores.redis.common import ACL_RULES, PASSWORD_ENV
 from kvckpt.stores.redis.standalone import RedisStore
 from kvckpt.testing.conformance import StoreTests
+from tests.harness.raw import RedisRaw
 from tests.harness.servers import RedisTLSServer, make_tls_files
 
 USER = "ckpt-writer"
@@ -37,6 +39,10 @@ def tls_server(redis_tls_server: RedisTLSServer) -> RedisTLSServer:
 
 
 class TestRedisTLSAsACLUser(StoreTests):
+    @pytest.fixture
+    def raw(self, tls_server: RedisTLSServer) -> RedisRaw:
+        return RedisRaw(redis.Redis(unix_socket_path=tls_server.socket_path))
+
     @pytest.fixture
     def store(self, tls_server: RedisTLSServer) -> Iterator[KVStore]:
         store = open_store(tls_server.url("conformance", user=f"{USER}:{PASSWORD}"))
