@@ -108,9 +108,11 @@ class RedisClusterStore(ClientStore):
         backoff: float = 0.05,
         backoff_cap: float = 1.0,
         password: str | None = None,
+        **client_kwargs: Any,
     ) -> RedisClusterStore:
         """``url.hosts`` are startup nodes (one reachable is enough); ``retries`` bounds re-routing
-        rounds and redis-py's own retries, with the same backoff (one RetryPolicy)."""
+        rounds and redis-py's own retries, with the same backoff (one RetryPolicy). Other keywords go
+        to ``redis.RedisCluster`` (e.g. ``address_remap=``)."""
         policy = RetryPolicy(retries, backoff, backoff_cap, timeout, connect_timeout, total_timeout)
         tls = tls_of(url)
         files = {"ssl_ca_certs": tls.ca, "ssl_certfile": tls.cert, "ssl_keyfile": tls.key} if tls else {}
@@ -125,6 +127,7 @@ class RedisClusterStore(ClientStore):
             "socket_keepalive": True,
             **({"ssl": True} if tls else {}),
             **{name: path for name, path in files.items() if path},
+            **client_kwargs,
         }
         return cls(client_kwargs=kwargs, description=str(url.server), policy=policy)
 

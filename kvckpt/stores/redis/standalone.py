@@ -7,6 +7,7 @@ retry policy; a client object the caller injects goes through kvckpt.stores.redi
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from kvckpt._buffers import key_str
@@ -57,11 +58,19 @@ class RedisStore(KVStore):
         backoff: float = 0.05,
         backoff_cap: float = 1.0,
         password: str | None = None,
+        ssl_ca_certs: str | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
     ) -> RedisStore:
         """``timeout`` bounds each reply; ``retries`` re-sends idempotent commands on a dropped link,
         waiting ``backoff`` seconds, doubling up to ``backoff_cap``; no retry starts that could not
-        end within ``total_timeout`` (kvckpt.stores.redis.retry). Commits are never re-sent."""
+        end within ``total_timeout`` (kvckpt.stores.redis.retry). Commits are never re-sent.
+        The ``ssl_*`` keywords (redis-py's names) give TLS files the URL's ``?ca=&cert=&key=`` do not;
+        any other redis-py option needs a redis-py client of your own (``client=``)."""
         tls = tls_of(url)
+        given = {"ca": ssl_ca_certs, "cert": ssl_certfile, "key": ssl_keyfile}
+        if tls is not None and any(given.values()):
+            tls = replace(tls, **{k: v for k, v in given.items() if v and not getattr(tls, k)})
         host, port = url.hosts[0] if url.hosts else ("", 0)
         endpoint = Endpoint(
             host=host,
