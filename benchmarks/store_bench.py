@@ -72,7 +72,7 @@ def main() -> None:
     chunk, per_batch = args.chunk_mib * MIB, max(1, args.batch_mib // args.chunk_mib)
     source = torch.arange(args.mib * MIB // 4, dtype=torch.float32)
     target = torch.zeros_like(source)
-    src, dst = memoryview(source.numpy()).cast("B"), memoryview(target.numpy()).cast("B")
+    src, dst = source.numpy().data.cast("B"), target.numpy().data.cast("B")
     keys = [f"bench/{i}" for i in range(args.mib // args.chunk_mib)]
     batches = [range(i, min(i + per_batch, len(keys))) for i in range(0, len(keys), per_batch)]
     with RedisServer(binary=args.redis_server) as server:

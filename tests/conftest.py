@@ -140,5 +140,6 @@ def redis_tls_server() -> Iterator[RedisTLSServer]:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    with RedisTLSServer(binary=binary) as server:
+    server = RedisTLSServer(binary=binary)
+    with server:
         yield server

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -122,7 +123,7 @@ def test_cp_to_a_folder_and_back(run_prefix: str, tmp_path: Path) -> None:
     exported = kvckpt_cli("cp", f"{run_prefix}/step3", str(tmp_path / "out"))
     assert exported.returncode == 0, exported.stderr
     assert "copied redis://:***@" in exported.stdout and PASSWORD not in exported.stdout + exported.stderr
-    state = {"model": {"w": torch.zeros(256, 64), "b": torch.ones(64)}, "step": 0}
+    state: dict[str, Any] = {"model": {"w": torch.zeros(256, 64), "b": torch.ones(64)}, "step": 0}
     dcp.load(state, storage_reader=dcp.FileSystemReader(tmp_path / "out"))
     assert torch.equal(state["model"]["w"], torch.full((256, 64), 3.0)) and state["step"] == 3
 

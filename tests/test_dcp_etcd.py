@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -69,11 +70,11 @@ def test_quota_exhausted_mid_save_commits_nothing_and_cleans_up(namespace: str) 
 def test_cluster_member_loss_and_quorum_loss(namespace: str) -> None:
     from tests.harness.servers import EtcdCluster
 
-    state = {"w": torch.arange(600_000, dtype=torch.float32), "step": 3}
+    state: dict[str, Any] = {"w": torch.arange(600_000, dtype=torch.float32), "step": 3}
     with EtcdCluster(size=3, unsafe_no_fsync=True) as cluster:
         kvckpt.save(state, cluster.url(f"{namespace}/a"))
         cluster.stop_member(0, kill=True)
-        loaded = {"w": torch.zeros(600_000), "step": 0}
+        loaded: dict[str, Any] = {"w": torch.zeros(600_000), "step": 0}
         kvckpt.load(loaded, cluster.url(f"{namespace}/a"))
         assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
 

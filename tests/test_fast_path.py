@@ -164,9 +164,9 @@ def test_ranges_at_odd_offsets_missing_keys_and_short_values(
 
 def test_wide_item_buffers_are_filled_bytewise(store: RedisStore, namespace: str) -> None:
     tensor = torch.arange(100_000, dtype=torch.float64)
-    store.put_many([(f"{namespace}/t", memoryview(tensor.numpy()))])
+    store.put_many([(f"{namespace}/t", tensor.numpy().data)])
     target = torch.zeros(1000, dtype=torch.float64)
-    (count,) = store.read_into_many([RangeRead(f"{namespace}/t", 8 * 500, memoryview(target.numpy()))])
+    (count,) = store.read_into_many([RangeRead(f"{namespace}/t", 8 * 500, target.numpy().data)])
     assert count == 8000
     assert torch.equal(target, torch.arange(500, 1500, dtype=torch.float64))
 
@@ -263,6 +263,7 @@ def dying(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[int]]]:
     def connect(self: resp.RespConnection) -> None:
         real_connect(self)
         if budgets:
+            assert self._sock is not None
             self._sock = DyingSocket(self._sock, budgets.pop(0), "reset" if len(budgets) % 2 else "eof")  # type: ignore[assignment]
 
     monkeypatch.setattr(resp.RespConnection, "connect", connect)
@@ -369,14 +370,14 @@ def test_dcp_round_trip_with_chunks_at_odd_sizes(
     redis_server: RedisServer, namespace: str, transport: str
 ) -> None:
     url = redis_server.url(namespace) if transport == "tcp" else redis_server.unix_url(namespace)
-    state = {
+    state: dict[str, Any] = {
         "big": random_tensor((513, 1031), torch.float32, seed=1),  # ~2 MiB over chunks of 300,001 bytes
         "edge": random_tensor((resp.DIRECT_SEND + 1,), torch.uint8, seed=2),
         "many": {str(i): random_tensor((i + 1,), torch.bfloat16, seed=i) for i in range(300)},
         "step": 7,
     }
     kvckpt.save(state, url, chunk_bytes=300_001, block_bytes=65_537, io_threads=3)
-    loaded = {
+    loaded: dict[str, Any] = {
         "big": torch.zeros(513, 1031),
         "edge": torch.zeros(resp.DIRECT_SEND + 1, dtype=torch.uint8),
         "many": {k: torch.zeros_like(v) for k, v in state["many"].items()},
@@ -418,7 +419,7 @@ def test_dcp_load_cut_off_is_unavailable(
 def test_user_without_password_authenticates_as_that_user(injected: bool) -> None:
     """``redis://user@host`` logs in as ``user`` (AUTH user ""), as an injected redis-py client does."""
     with RedisServer() as server:
-        admin = redis.Redis(port=server.port)
+        admin: Any = redis.Redis(port=server.port)
         admin.execute_command("ACL", "SETUSER", "ckpt-np", "reset", "on", "nopass", "~np/*", "+@all")
         admin.close()
         url = f"redis://ckpt-np@127.0.0.1:{server.port}/0/np"

@@ -215,7 +215,7 @@ def test_a_hung_server_fails_within_the_total_timeout(
     options = {**QUICK, "timeout": 0.5, "retries": 10, "backoff": 0.01, "total_timeout": 1.2}
     store = kvckpt.open_store(faulty.via_proxy(namespace), **options)
     faulty.proxy.stall()
-    calls = {**BULK, "get": lambda store, ns: store.get(f"{ns}/a")}
+    calls: dict[str, Callable[[Any, str], object]] = {**BULK, "get": lambda store, ns: store.get(f"{ns}/a")}
     with pytest.raises(kvckpt.StoreUnavailableError) as info:
         calls[operation](store, namespace)
     store.close()

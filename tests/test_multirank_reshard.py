@@ -41,7 +41,7 @@ def blank_plain() -> dict[str, Any]:
 
 
 #: Small chunks and checksum blocks, so shards straddle both and reads are partial ranges.
-WRITER_OPTIONS = {"chunk_bytes": 1024, "block_bytes": 256}
+WRITER_OPTIONS: dict[str, Any] = {"chunk_bytes": 1024, "block_bytes": 256}
 
 
 GRID = (Shard(0), Shard(1))  # on a 2x2 mesh a rank's box is a block of rows and columns

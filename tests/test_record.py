@@ -24,7 +24,7 @@ def test_a_row_decodes_to_a_typed_item_and_back_unchanged() -> None:
         (StoredChunk("g1/0", 16, (1, 2)), StoredChunk("g1/1", 8, (3,))),
     )
     assert item.to_row() == ROW  # the on-the-wire row is what it always was
-    blob = ["extra", None, 0, None, None, []]
+    blob: list[Any] = ["extra", None, 0, None, None, []]
     assert record.RecordItem.from_row(blob).to_row() == blob
 
 

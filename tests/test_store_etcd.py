@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given
@@ -331,7 +331,11 @@ def test_cluster_survives_one_member_and_fails_fast_without_quorum(etcd_cluster:
     assert store.get("c/after-one-down") == b"ok"
 
     etcd_cluster.stop_member(1, kill=True)  # quorum lost
-    for attempt in (lambda: store.put("c/no-quorum", b"x"), lambda: store.put("c/rec2", b"x", create=True)):
+    attempts: list[Callable[[], bool]] = [
+        lambda: store.put("c/no-quorum", b"x"),
+        lambda: store.put("c/rec2", b"x", create=True),
+    ]
+    for attempt in attempts:
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError):
             attempt()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -48,9 +49,9 @@ class TestEtcdOverTLS(StoreTests):
 
 
 def test_checkpoint_round_trip_over_tls(tls_etcd: EtcdServer, namespace: str) -> None:
-    reference = {"w": random_tensor((300, 70), torch.bfloat16, seed=4), "step": 7}
+    reference: dict[str, Any] = {"w": random_tensor((300, 70), torch.bfloat16, seed=4), "step": 7}
     kvckpt.save(reference, tls_etcd.url(namespace))
-    loaded = {"w": torch.zeros(300, 70, dtype=torch.bfloat16), "step": 0}
+    loaded: dict[str, Any] = {"w": torch.zeros(300, 70, dtype=torch.bfloat16), "step": 0}
     kvckpt.load(loaded, tls_etcd.url(namespace))
     assert bits_equal(loaded["w"], reference["w"]) and loaded["step"] == 7
     assert kvckpt.latest(tls_etcd.url(namespace.rsplit("/", 1)[0])) is not None

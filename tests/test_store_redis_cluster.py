@@ -267,19 +267,29 @@ def test_cluster_urls_take_the_standalone_options(redis_cluster: RedisCluster, n
     store.close()
 
 
+class _RedisWith:
+    """The redis module as cluster.py sees it, with RedisCluster replaced."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.RedisCluster = cluster
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(redis, name)
+
+
 def test_first_use_from_many_threads_builds_one_client(
     redis_cluster: RedisCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """I/O threads connect lazily at once; a second redis-py client would close the first one's sockets."""
     built: list[Any] = []
-    real = cluster_module.redis.RedisCluster
+    real = redis.RedisCluster
 
     def slow_client(**kwargs: Any) -> Any:
         time.sleep(0.05)  # widen the window in which a racing thread would build its own
         built.append(real(**kwargs))
         return built[-1]
 
-    monkeypatch.setattr(cluster_module.redis, "RedisCluster", slow_client)
+    monkeypatch.setattr(cluster_module, "redis", _RedisWith(slow_client))
     store = open_store(redis_cluster.url("x"))
     start = threading.Barrier(4)
 

@@ -160,4 +160,5 @@ def test_least_privilege_acl_user_can_do_everything_the_store_needs(tls_server: 
     assert sorted(store.scan_prefix("least/")) == ["least/a", "least/rec"]
     assert store.delete_prefix("least/") == 2
     assert store.wait_for_replicas(0, 1.0) == 0
+    assert isinstance(store, RedisStore)
     assert store.check_server_settings() == {store.description: "noeviction"}
