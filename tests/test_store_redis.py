@@ -62,3 +62,15 @@ def test_a_database_the_server_lacks_is_named(redis_server: RedisServer) -> None
     with pytest.raises(KVCheckpointError, match=r"no such database.*0 to its 'databases' setting"):
         store.get("x/a")
     store.close()
+
+
+def test_fake_stores_share_keys_only_through_one_server() -> None:
+    import fakeredis
+
+    from kvckpt.testing.fakes import fake_store
+
+    server = fakeredis.FakeServer()
+    first, second, apart = fake_store(server), fake_store(server), fake_store()
+    first.put("ns/k", b"v")
+    assert second.get("ns/k") == b"v"
+    assert apart.get("ns/k") is None
