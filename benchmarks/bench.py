@@ -50,7 +50,7 @@ MIB = 1 << 20
 # do not change what Redis, the socket or the page cache cost, and 1 GiB of randn takes seconds.
 
 
-def _fill(shape: tuple[int, ...], dtype: Any, seed: int) -> Any:
+def _fill(shape: tuple[int, ...], dtype: Any, seed: float) -> Any:
     import torch
 
     count = 1
@@ -282,7 +282,7 @@ class Stores:
     """The running servers: target name → checkpoint_id factory, and how to empty everything."""
 
     ids: dict[str, Callable[[str], str]]
-    cleaners: list[Callable[[], None]]
+    cleaners: list[Callable[[], object]]
     server_pids: dict[str, int]
 
     def clean(self) -> None:
@@ -303,7 +303,7 @@ class Stores:
 def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
     import redis
 
-    from kvckpt.testing.servers import REDIS_KEEP_FREED_MEMORY_ENV, EtcdServer, RedisServer
+    from tests.harness.servers import REDIS_KEEP_FREED_MEMORY_ENV, EtcdServer, RedisServer
 
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(RedisServer(binary=redis_binary))
@@ -320,7 +320,7 @@ def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
             "unix-kept": kept.unix_url,
             "fs": lambda ns: str(scratch / ns),
         }
-        cleaners: list[Callable[[], None]] = [
+        cleaners: list[Callable[[], object]] = [
             client.flushall,  # synchronous FLUSHALL also purges jemalloc: the next save starts cold
             functools.partial(_unlink_all, kept_client),
             lambda: shutil.rmtree(scratch, True),
@@ -498,7 +498,7 @@ def machine(redis_binary: str) -> dict[str, Any]:
     import redis
     import torch
 
-    from kvckpt.testing.servers import find_binary
+    from kvckpt.local_server import find_binary
 
     binary = redis_binary or find_binary("redis-server")
     server = subprocess.run([binary, "--version"], capture_output=True, text=True)

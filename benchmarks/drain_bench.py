@@ -100,7 +100,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import s3fs
 
     import kvckpt
-    from kvckpt.testing.servers import RedisServer
+    from tests.harness.servers import RedisServer
     from tests.s3_server import MotoServer
 
     report: dict[str, Any] = {}

@@ -65,9 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # this checkout's kvckpt, whatever is installed
     from kvckpt.dcp.tensor_bytes import byte_view
+    from kvckpt.local_server import RedisServer
     from kvckpt.registry import open_store
     from kvckpt.store import RangeRead
-    from kvckpt.testing.servers import RedisServer
     from kvckpt.transfer import Transfer
 
     chunk, per_batch = args.chunk_mib * MIB, max(1, args.batch_mib // args.chunk_mib)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ def train_step(model: nn.Module, optim: torch.optim.Optimizer, step: int) -> flo
     gen = torch.Generator().manual_seed(step)
     x, y = torch.randn(64, 32, generator=gen), torch.randn(64, 8, generator=gen)
     loss = F.mse_loss(model(x), y)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     optim.step()
     optim.zero_grad()
     return float(loss.item())
@@ -49,7 +50,7 @@ def run(save: bool, url: str) -> None:
         for step in range(STEPS):
             train_step(model, optim, step)
         model_state, optim_state = get_state_dict(model, optim)
-        state = {"model": model_state, "optim": optim_state, "trainer": {"step": STEPS}}
+        state: dict[str, Any] = {"model": model_state, "optim": optim_state, "trainer": {"step": STEPS}}
         kvckpt.save(state, url, overwrite=True)  # every rank writes its own shards
         loss = train_step(model, optim, STEPS)  # what resuming must reproduce
         if rank == 0:

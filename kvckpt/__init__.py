@@ -43,7 +43,7 @@ from kvckpt.manage import (
     verify,
 )
 from kvckpt.orphans import Orphan
-from kvckpt.registry import open_store
+from kvckpt.registry import open_store, register_backend
 from kvckpt.store import Capabilities, KVStore, RangeRead
 from kvckpt.tiers import DrainedCheckpoint, durable_checkpoints, newest_restorable
 
@@ -115,6 +115,7 @@ __all__ = [
     "load",
     "newest_restorable",
     "open_store",
+    "register_backend",
     "save",
     "verify",
 ]

@@ -14,9 +14,10 @@ from typing import Any
 
 from kvckpt import humanize, layout, orphans, record
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from kvckpt.registry import parse_url
 from kvckpt.store import KVStore, batched
 from kvckpt.target import Resolver
-from kvckpt.urls import StoreURL, parse_url
+from kvckpt.urls import StoreURL
 
 log = logging.getLogger(__name__)
 
@@ -213,22 +214,6 @@ def bodies(scope: Scope, namespace: str, display: str) -> list[tuple[dict[str, A
 
 
 #: (key relative to the namespace, nbytes, block checksums) of one stored value.
-Chunk = tuple[str, int, tuple[int, ...]]
-
-
-def rows(body: dict[str, Any], key: str) -> Iterator[tuple[str, int, list[Chunk]]]:
-    """(fqn, nbytes, [(chunk key, nbytes, block sums)]) per stored item, checked for shape."""
-    try:
-        for row in body["items"]:
-            fqn, nbytes = str(row[0]), int(row[2])
-            chunks = [(str(k), int(n), tuple(int(s) for s in sums)) for k, n, sums in row[5]]
-            if sum(n for _, n, _ in chunks) != nbytes:
-                raise ValueError(f"chunk sizes of {fqn!r} do not add up to {nbytes}")
-            yield fqn, nbytes, chunks
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{key}: the record's item list is malformed ({exc})", key=key) from exc
-
-
 def rank_records(store: KVStore, namespace: str) -> list[str]:
     """Rank-local records (use_collectives=False), not a nested checkpoint named ``__x``."""
     start = len(namespace) + 1

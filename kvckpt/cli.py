@@ -27,7 +27,8 @@ from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
 from kvckpt.humanize import printable
 from kvckpt.orphans import Orphan
 from kvckpt.progress import progress_bar
-from kvckpt.urls import parse_url, redact
+from kvckpt.registry import parse_url
+from kvckpt.urls import redact
 
 #: How many verify problems a terminal gets; --json gets them all.
 SHOWN_PROBLEMS = 20
@@ -285,7 +286,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from kvckpt.testing.servers import REDIS_KEEP_FREED_MEMORY_ENV, RedisServer
+    from kvckpt.local_server import (
+        REDIS_KEEP_FREED_MEMORY_ENV,
+        RedisServer,
+        ServerStartError,
+        find_redis_server,
+    )
 
     with socket.socket() as probe:  # redis-server would exit and leave us waiting for it
         try:
@@ -294,15 +300,19 @@ def cmd_server(args: argparse.Namespace) -> int:
             raise KVCheckpointError(
                 f"port {args.port} is in use on 127.0.0.1; pick another with --port"
             ) from None
-    server = RedisServer(port=args.port, environment=dict(REDIS_KEEP_FREED_MEMORY_ENV))
+    binary = args.redis_server or find_redis_server()
+    server = RedisServer(port=args.port, binary=binary, environment=dict(REDIS_KEEP_FREED_MEMORY_ENV))
     if args.maxmemory is not None:
         server.settings["maxmemory"] = args.maxmemory
     signal.signal(signal.SIGTERM, _interrupt)  # kill / systemd stop the server as Ctrl-C does
     try:
-        server.start()
+        try:
+            server.start()
+        except ServerStartError as exc:
+            raise KVCheckpointError(" ".join(str(exc).split())) from None
         out(f"redis-server ({server.binary}) listening on 127.0.0.1:{server.port} and a unix socket")
         out("settings: maxmemory-policy noeviction, no RDB/AOF persistence (data is lost when it stops)")
-        out("jemalloc keeps freed pages mapped, so saves after deletes reuse them (docs/operations-redis.md)")
+        out(allocator_note(server.allocator()))
         out(f"use: {server.url('NAMESPACE')}")
         out(f" or: {server.unix_url('NAMESPACE')}")
         out("Ctrl-C stops it.")
@@ -314,6 +324,16 @@ def cmd_server(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.cleanup()
+
+
+def allocator_note(allocator: str) -> str:
+    """What the running server's allocator (INFO memory's mem_allocator) does with freed memory."""
+    if allocator.startswith("jemalloc"):
+        return f"allocator: {allocator}, set to keep freed pages mapped, so saves after deletes reuse them"
+    return (
+        f"allocator: {allocator or 'unknown'}; it may return freed pages to the system, so a save after "
+        "deletes can fault memory in again (a jemalloc build avoids that: docs/operations-redis.md)"
+    )
 
 
 def _interrupt(*_: object) -> None:
@@ -393,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "server", cmd_server, "run a local redis-server set up for checkpoints, in the foreground", json=False
     )
-    p.add_argument("--port", type=positive, default=6379, help="loopback port (default 6379)")
+    p.add_argument("--port", type=tcp_port, default=6379, help="loopback port (default 6379)")
+    p.add_argument("--redis-server", help="the redis-server binary (default: a jemalloc build if installed)")
     p.add_argument("--maxmemory", help="e.g. 8gb (default: no limit)")
     return parser
 
@@ -418,6 +439,13 @@ def positive(text: str) -> int:
     value = non_negative(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def tcp_port(text: str) -> int:
+    value = positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
     return value
 
 

@@ -46,9 +46,17 @@ class CheckpointExistsError(KVCheckpointError, FileExistsError):
 class CorruptCheckpointError(KVCheckpointError):
     """Stored bytes disagree with the record: bad checksum, missing or short chunk, bad record."""
 
+    #: Set where known: the damaged key, the tensor it belongs to, every problem found (verify).
+    key: str
+    fqn: str
+    problems: list[str]
+
 
 class CheckpointTooLargeError(KVCheckpointError):
     """The checkpoint exceeds what this backend is configured to hold."""
+
+    nbytes: int
+    limit: int
 
 
 class StoreUnavailableError(KVCheckpointError, ConnectionError):

@@ -20,6 +20,7 @@ from kvckpt.catalog import CheckpointInfo as CheckpointInfo  # re-exported: kvck
 from kvckpt.catalog import Entry as Entry
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, KVCheckpointError
+from kvckpt.layout import StoredChunk
 from kvckpt.store import KVStore, batched
 from kvckpt.transfer import Transfer
 
@@ -95,11 +96,11 @@ def info(checkpoint_id: str, *, client: Any = None, **store_options: Any) -> Che
                 raise CorruptCheckpointError(
                     f"{key}: malformed state_dict in the record ({exc})", key=key
                 ) from exc
-            for fqn, nbytes, chunks in catalog.rows(body, key):
-                if fqn in entries:
-                    old = entries[fqn]
-                    entries[fqn] = dataclasses.replace(
-                        old, chunks=old.chunks + len(chunks), nbytes=old.nbytes + nbytes
+            for item in record.decode_items(body, key):
+                if item.fqn in entries:
+                    old = entries[item.fqn]
+                    entries[item.fqn] = dataclasses.replace(
+                        old, chunks=old.chunks + len(item.chunks), nbytes=old.nbytes + item.nbytes
                     )
         return dataclasses.replace(summary, entries=tuple(entries.values()))
 
@@ -156,35 +157,35 @@ def _verify(
     total_keys = total_bytes = 0
     checksums = True
 
-    def check(batch: list[tuple[str, str, int, tuple[int, ...]]], block: int) -> None:
-        values = scope.store.get_many([layout.full_key(namespace, k) for _, k, _, _ in batch])
+    def check(batch: list[tuple[str, StoredChunk]], block: int) -> None:
+        values = scope.store.get_many([layout.full_key(namespace, c.key) for _, c in batch])
         found = []
-        for (fqn, chunk, nbytes, sums), value in zip(batch, values, strict=True):
-            where = f"{fqn!r}, key {layout.full_key(namespace, chunk)!r}"
+        for (fqn, chunk), value in zip(batch, values, strict=True):
+            where, sums = f"{fqn!r}, key {layout.full_key(namespace, chunk.key)!r}", chunk.sums
             if value is None:
                 found.append(f"{where}: missing")
-            elif len(value) != nbytes:
-                found.append(f"{where}: {len(value)} bytes, the record says {nbytes}")
+            elif len(value) != chunk.nbytes:
+                found.append(f"{where}: {len(value)} bytes, the record says {chunk.nbytes}")
             elif sums and (bad := first_bad_block(memoryview(value), block, sums)) is not None:
                 found.append(f"{where}: checksum mismatch in block {bad}")
         with lock:
             problems.extend(found)
         if progress is not None:
-            progress(sum(n for _, _, n, _ in batch))
+            progress(sum(c.nbytes for _, c in batch))
 
     max_ops = scope.store.capabilities.max_batch_ops
     with Transfer(io_threads) as transfer:
         for body, key in bodies:
             block = int(body.get("block_bytes") or DEFAULT_BLOCK_BYTES)
             checksums = checksums and body.get("checksum") is not None
-            batch: list[tuple[str, str, int, tuple[int, ...]]] = []
+            batch: list[tuple[str, StoredChunk]] = []
             size = 0
-            for fqn, _, chunks in catalog.rows(body, key):
-                for chunk, nbytes, sums in chunks:
-                    batch.append((fqn, chunk, nbytes, sums))
-                    size += nbytes
+            for item in record.decode_items(body, key):
+                for chunk in item.chunks:
+                    batch.append((item.fqn, chunk))
+                    size += chunk.nbytes
                     total_keys += 1
-                    total_bytes += nbytes
+                    total_bytes += chunk.nbytes
                     if size >= _VERIFY_BATCH_BYTES or len(batch) >= max_ops:
                         transfer.submit(check, batch, block)
                         batch, size = [], 0
@@ -205,7 +206,7 @@ def _verify(
 
 def _delete_keys(store: KVStore, keys: Iterator[str] | list[str]) -> int:
     count = 0
-    for batch in batched(keys, store.capabilities.max_batch_ops):
+    for batch in batched(keys, 1000):  # bounds memory while scanning; the store splits for its server
         store.delete_many(batch)  # UNLINK on Redis: the server frees memory in the background
         count += len(batch)
     return count

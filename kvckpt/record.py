@@ -1,17 +1,20 @@
-"""The commit record's envelope: msgpack, versioned, no pickle.
+"""The commit record: its msgpack envelope (versioned, no pickle) and its typed item rows.
 
-Tuples survive the round trip (DCP's planner_data maps fqns to tuple paths) as msgpack extension type
-1. Lengths in a hostile record cannot allocate more than the record's own size (msgpack bounds every
-container and string by the input length).
+Torch-free, so the management API reads records without importing torch. Tuples survive the round
+trip (DCP's planner_data maps fqns to tuple paths) as msgpack extension type 1. Lengths in a hostile
+record cannot allocate more than the record's own size (msgpack bounds every container and string by
+the input length).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
+from kvckpt.layout import StoredChunk
 
 FORMAT = "kvckpt"
 VERSION = 1
@@ -72,9 +75,87 @@ def decode_record(data: bytes, key: str) -> dict[str, Any]:
     return record
 
 
-def chunk_keys(body: dict[str, Any]) -> list[str]:
-    """Every data key (relative to the namespace) a decoded record refers to."""
+@dataclass(frozen=True)
+class RecordItem:
+    """One stored DCP write item as the record lists it (docs/record-format.md).
+
+    On the wire it is the row ``[fqn, offset, nbytes, dtype, shape, [[key, nbytes, sums], ...]]``;
+    ``offset`` is the DCP MetadataIndex offset, ``dtype``/``shape`` are None for BYTE_IO items.
+    """
+
+    fqn: str
+    offset: tuple[int, ...] | None
+    nbytes: int
+    dtype: str | None
+    shape: tuple[int, ...] | None
+    chunks: tuple[StoredChunk, ...]
+
+    def to_row(self) -> list[Any]:
+        return [
+            self.fqn,
+            None if self.offset is None else list(self.offset),
+            self.nbytes,
+            self.dtype,
+            None if self.shape is None else list(self.shape),
+            [[c.key, c.nbytes, list(c.sums)] for c in self.chunks],
+        ]
+
+    @classmethod
+    def from_row(cls, row: Any) -> RecordItem:
+        """The item a row describes; ValueError saying what is wrong with a malformed one."""
+        if not isinstance(row, list) or len(row) != 6:
+            raise ValueError(f"an item row is {type(row).__name__} of {_len(row)} fields, not 6")
+        fqn, offset, nbytes, dtype, shape, chunks = row
+        if not isinstance(fqn, str) or not _count(nbytes):
+            raise ValueError(f"bad item row {row[:3]!r:.200}")
+        if dtype is not None and not isinstance(dtype, str):
+            raise ValueError(f"bad dtype {dtype!r:.60} for {fqn!r}")
+        if not isinstance(chunks, list):
+            raise ValueError(f"bad chunk list for {fqn!r}")
+        item = cls(fqn, _sizes(offset), nbytes, dtype, _sizes(shape), tuple(map(_chunk, chunks)))
+        if sum(c.nbytes for c in item.chunks) != nbytes:
+            raise ValueError(f"chunk sizes of {fqn!r} do not add up to {nbytes}")
+        return item
+
+
+def _len(value: Any) -> int:
+    return len(value) if isinstance(value, list) else 0
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _sizes(values: Any) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or not all(map(_count, values)):
+        raise ValueError(f"bad size {values!r:.60}")
+    return tuple(values)
+
+
+def _chunk(row: Any) -> StoredChunk:
+    if not isinstance(row, list) or len(row) != 3:
+        raise ValueError(f"bad chunk {row!r:.200}")
+    key, size, sums = row
+    if not isinstance(key, str) or not _count(size):
+        raise ValueError(f"bad chunk {row!r:.200}")
+    if not isinstance(sums, list) or not all(type(s) is int and 0 <= s < 2**64 for s in sums):
+        raise ValueError(f"bad checksums for chunk {key!r}")
+    return StoredChunk(key=key, nbytes=size, sums=tuple(sums))
+
+
+def decode_items(body: dict[str, Any], key: str) -> list[RecordItem]:
+    """The record's items; CorruptCheckpointError naming ``key`` when any row is malformed."""
     try:
-        return [str(chunk[0]) for row in body["items"] for chunk in row[5]]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise CorruptCheckpointError(f"the record's item list is malformed ({exc})") from exc
+        rows = body["items"]
+        if not isinstance(rows, list):
+            raise TypeError("'items' is not a list")
+        return [RecordItem.from_row(row) for row in rows]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{key}: the record's item list is malformed ({exc})", key=key) from exc
+
+
+def chunk_keys(body: dict[str, Any], key: str = "") -> list[str]:
+    """Every data key (relative to the namespace) a decoded record refers to."""
+    return [chunk.key for item in decode_items(body, key or "record") for chunk in item.chunks]

@@ -1,42 +1,110 @@
-"""URL scheme → backend class, imported lazily so a missing optional extra costs nothing until used."""
+"""URL scheme → backend class, in the style of fsspec's registry.
+
+Backends are named as ``"module:Class"`` and imported on first use, so an optional dependency (etcd's
+grpcio) costs nothing until a URL needs it. Three sources, later ones winning:
+
+- the built-in backends below;
+- the ``kvckpt.backends`` entry-point group of installed packages (``scheme = "module:Class"``);
+- ``register_backend(scheme, "module:Class" or the class)`` at run time.
+
+A backend class implements kvckpt.store.KVStore plus two class methods: ``parse_url(text)`` (its URL
+grammar, returning a kvckpt.urls.StoreURL) and ``from_url(url, **store_options)``.
+"""
 
 from __future__ import annotations
 
 import importlib
+import threading
+from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 from kvckpt.errors import InvalidCheckpointIdError, MissingDependencyError
 from kvckpt.store import KVStore
-from kvckpt.urls import StoreURL, parse_url, scheme_of
+from kvckpt.urls import StoreURL, redact, scheme_of
+
+ENTRY_POINT_GROUP = "kvckpt.backends"
 
 
 class StoreFactory(Protocol):
+    def parse_url(self, text: str) -> StoreURL: ...
+
     def from_url(self, url: StoreURL, **options: Any) -> KVStore: ...
 
 
-# scheme: (module:class, pip extra that provides its client or None)
-BACKENDS: dict[str, tuple[str, str | None]] = {
-    "redis": ("kvckpt.stores.redis:RedisStore", None),
-    "rediss": ("kvckpt.stores.redis:RedisStore", None),
-    "redis+unix": ("kvckpt.stores.redis:RedisStore", None),
-    "redis+cluster": ("kvckpt.stores.redis_cluster:RedisClusterStore", None),
-    "etcd": ("kvckpt.stores.etcd:EtcdStore", "etcd"),
+#: scheme → (where the class is, the pip extra that provides its client library or None)
+_BUILTIN: dict[str, tuple[str, str | None]] = {
+    "redis": ("kvckpt.stores.redis.standalone:RedisStore", None),
+    "rediss": ("kvckpt.stores.redis.standalone:RedisStore", None),
+    "redis+unix": ("kvckpt.stores.redis.standalone:RedisStore", None),
+    "redis+cluster": ("kvckpt.stores.redis.cluster:RedisClusterStore", None),
+    "etcd": ("kvckpt.stores.etcd.store:EtcdStore", "etcd"),
     "fakeredis": ("kvckpt.testing.fake_server:FakeRedisStore", "fakeredis"),
 }
+#: The built-in URL forms, for messages about a URL no backend serves.
+USAGE = (
+    "use redis://[user[:password]@]host[:port]/DB/NAMESPACE, rediss://…, "
+    "redis+unix:///path/to.sock?db=0&namespace=NAMESPACE, redis+cluster://host:port[,host:port]/NAMESPACE, "
+    "etcd://host:port[,host:port]/NAMESPACE, fakeredis://NAME/NAMESPACE, or a scheme added with "
+    "kvckpt.register_backend"
+)
+_registered: dict[str, tuple[str | StoreFactory, str | None]] = dict(_BUILTIN)
+_entry_points_read = False
+_lock = threading.Lock()
+
+
+def register_backend(scheme: str, backend: str | StoreFactory, *, extra: str | None = None) -> None:
+    """Serve ``scheme://`` URLs with ``backend`` ("module:Class" or the class itself).
+
+    ``extra`` names the pip extra to suggest when importing the module fails. Re-registering a scheme
+    replaces it (tests and plugins may override a built-in)."""
+    if not scheme or scheme != scheme.lower() or scheme_of(f"{scheme}://x/y") != scheme:
+        raise ValueError(f"not a URL scheme: {scheme!r} (lower-case letters, digits, '+', '.', '-')")
+    if isinstance(backend, str) and ":" not in backend:
+        raise ValueError(f"backend must be 'module:Class', got {backend!r}")
+    with _lock:
+        _registered[scheme] = (backend, extra)
+
+
+def unregister_backend(scheme: str) -> None:
+    """Forget ``scheme`` (a built-in comes back as it was)."""
+    with _lock:
+        _registered.pop(scheme, None)
+        if scheme in _BUILTIN:
+            _registered[scheme] = _BUILTIN[scheme]
+
+
+def _read_entry_points() -> None:
+    global _entry_points_read
+    with _lock:
+        if _entry_points_read:
+            return
+        _entry_points_read = True
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            _registered.setdefault(point.name, (point.value, None))
+
+
+def schemes() -> list[str]:
+    """Every scheme with a backend, built-in, installed or registered."""
+    _read_entry_points()
+    return sorted(_registered)
 
 
 def owns(checkpoint_id: object) -> bool:
-    """True only for URLs whose scheme kvckpt serves (not for paths or other schemes)."""
-    return scheme_of(checkpoint_id) in BACKENDS
+    """True only for URLs whose scheme has a backend (not for paths or other schemes)."""
+    scheme = scheme_of(checkpoint_id)
+    return scheme is not None and scheme in schemes()
 
 
 def backend_for(scheme: str) -> StoreFactory:
+    _read_entry_points()
     try:
-        target, extra = BACKENDS[scheme]
+        target, extra = _registered[scheme]
     except KeyError:
         raise InvalidCheckpointIdError(
-            f"no kvckpt backend for scheme {scheme!r}; known: {', '.join(BACKENDS)}"
+            f"unknown scheme {scheme!r}: no kvckpt backend serves it (known: {', '.join(schemes())}); {USAGE}"
         ) from None
+    if not isinstance(target, str):
+        return target
     module_name, _, class_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -48,6 +116,14 @@ def backend_for(scheme: str) -> StoreFactory:
         ) from exc
     factory: StoreFactory = getattr(module, class_name)
     return factory
+
+
+def parse_url(text: str) -> StoreURL:
+    """``text`` parsed by the grammar of the backend its scheme names."""
+    scheme = scheme_of(text)
+    if scheme is None:
+        raise InvalidCheckpointIdError(f"not a kvckpt URL: {redact(str(text))!r}; {USAGE}")
+    return backend_for(scheme).parse_url(text)
 
 
 def open_store(url: str | StoreURL, **options: Any) -> KVStore:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from kvckpt.errors import KVCheckpointError
+from kvckpt.urls import StoreURL, parse_host_url
 
 #: Anything exposing the buffer protocol as bytes: bytes, bytearray, memoryview.
 Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (a runtime alias on 3.10)
@@ -24,6 +25,8 @@ class Capabilities:
     max_value_bytes: int
     native_ranges: bool
     ttl: bool
+    #: How many keys a caller may usefully hand one ``*_many`` call. A hint for callers that want to
+    #: report progress or bound memory: every backend splits larger batches itself.
     max_batch_ops: int = 1024
     #: Changing a key's expiry costs no rewrite of its value. When False (etcd re-puts the value as a
     #: new revision) the writer skips the pending-expiry protocol and writes final expiries directly.
@@ -51,10 +54,21 @@ class KVStore(abc.ABC):
       fences it), so the caller reads the key to learn which;
     - ``delete_many`` is idempotent;
     - ``ttl`` is seconds (float) until expiry, None for no expiry;
+    - ``*_many`` take any number of keys: a backend splits a batch as its server needs;
     - stores connect lazily and pickle without their sockets.
+
+    A backend is registered for a URL scheme (kvckpt.registry) and owns its URL grammar:
+    ``parse_url`` turns a checkpoint_id into a StoreURL, ``from_url`` opens a store for it.
     """
 
     capabilities: Capabilities
+    #: The port a host without one gets in ``parse_url``'s default grammar.
+    default_port: int = 0
+
+    @classmethod
+    def parse_url(cls, text: str) -> StoreURL:
+        """This backend's URL grammar; by default ``SCHEME://[user[:password]@]host[:port][,...]/NAMESPACE``."""
+        return parse_host_url(text, cls.default_port, "write SCHEME://host[:port]/NAMESPACE")
 
     @abc.abstractmethod
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:

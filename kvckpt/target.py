@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvckpt.errors import InvalidCheckpointIdError, InvalidStoreOptionError, KVCheckpointError
-from kvckpt.registry import backend_for, open_store, owns
+from kvckpt.registry import backend_for, open_store, owns, parse_url
 from kvckpt.store import KVStore
-from kvckpt.urls import StoreURL, parse_url, redact, scheme_of
+from kvckpt.urls import StoreURL, redact, scheme_of
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,9 @@ class Addressed:
 
 def wrap_client(client: Any) -> KVStore:
     """A KVStore around a redis-py-compatible client object (redis.Redis, fakeredis, …)."""
-    from kvckpt.stores.redis import RedisStore
+    from kvckpt.stores.redis import wrap_client as wrap_redis_client
 
-    return RedisStore(client=client)
+    return wrap_redis_client(client)
 
 
 def _named(func: Any) -> tuple[set[str], bool]:
@@ -120,8 +120,9 @@ def _named(func: Any) -> tuple[set[str], bool]:
 def check_store_options(scheme: str, options: dict[str, Any]) -> None:
     """Refuse an option the backend would only trip over when it first connects (a typo, usually).
 
-    A backend's ``from_url`` names its own options; what else it takes goes to the client it makes
-    (redis-py's ``Redis`` for the standalone schemes), whose constructor names the rest.
+    A backend's ``from_url`` names its own options; what else it takes goes to the class it builds,
+    whose constructor names the rest. A backend that passes any other keyword on to a client
+    library of its own (Cluster, to redis-py) is left to that library.
     """
     if not options:
         return
@@ -129,12 +130,7 @@ def check_store_options(scheme: str, options: dict[str, Any]) -> None:
     known, open_ended = _named(factory.from_url)
     own = sorted(known)
     if open_ended:
-        if scheme.startswith("redis") and scheme != "redis+cluster":
-            import redis
-
-            extra, open_ended = _named(redis.Redis.__init__)
-        else:
-            extra, open_ended = _named(factory)
+        extra, open_ended = _named(factory)
         known |= extra
     unknown = sorted(set(options) - known)
     if unknown and not open_ended:

@@ -25,8 +25,8 @@ from kvckpt.errors import (
     MissingDependencyError,
     StoreUnavailableError,
 )
-from kvckpt.registry import BACKENDS, owns
-from kvckpt.urls import parse_url, redact, scheme_of
+from kvckpt.registry import owns, parse_url, schemes
+from kvckpt.urls import redact, scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def open_fsspec(location: str, storage_options: dict[str, Any] | None = None) ->
         ) from exc
     except ValueError as exc:
         raise InvalidCheckpointIdError(
-            f"{redact(location)} is neither a kvckpt URL ({', '.join(BACKENDS)}) nor a folder or URL "
+            f"{redact(location)} is neither a kvckpt URL ({', '.join(schemes())}) nor a folder or URL "
             f"fsspec can open ({exc})"
         ) from exc
     return fs, str(path)

@@ -1,11 +1,13 @@
-"""checkpoint_id URLs: parsing into a StoreURL and redacting credentials.
+"""What every checkpoint_id URL shares: the parsed form, the namespace, credential redaction, TLS options.
 
-Forms (a public contract, see the README's URL table):
+A URL is ``SCHEME://[user[:password]@]HOSTS/PATH[?query]``; each backend parses its own grammar
+(``KVStore.parse_url``: which path segments and query options it takes, its default port) with the
+helpers here, and kvckpt.registry picks the backend by scheme. The built-in forms (a public
+contract, see the README's URL table):
   redis://[user[:password]@]host[:port]/DB/NAMESPACE     rediss:// is the same over TLS
   redis+unix://[user[:password]@]/path/to.sock?db=0&namespace=NAMESPACE
   redis+cluster://[user[:password]@]host:port[,host:port...]/NAMESPACE
   etcd://[user[:password]@]host:port[,host:port...]/NAMESPACE
-  fakeredis://NAME/NAMESPACE                               an in-process fakeredis server called NAME
 TCP forms take ?tls=true&ca=PATH&cert=PATH&key=PATH (rediss:// implies tls=true).
 """
 
@@ -17,17 +19,8 @@ from urllib.parse import parse_qs, quote, unquote
 
 from kvckpt.errors import InvalidCheckpointIdError
 
-DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "redis+cluster": 6379, "etcd": 2379}
-KNOWN_SCHEMES = ("redis", "rediss", "redis+unix", "redis+cluster", "etcd", "fakeredis")
-
 _URL = re.compile(
     r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<netloc>[^/?#]*)(?P<path>[^?#]*)(\?(?P<query>[^#]*))?$"
-)
-_USAGE = (
-    "use redis://[user[:password]@]host[:port]/DB/NAMESPACE, rediss://…, "
-    "redis+unix:///path/to.sock?db=0&namespace=NAMESPACE, "
-    "redis+cluster://host:port[,host:port]/NAMESPACE, etcd://host:port[,host:port]/NAMESPACE "
-    "or fakeredis://NAME/NAMESPACE"
 )
 
 
@@ -38,7 +31,9 @@ class StoreURL:
     scheme: str
     namespace: str
     hosts: tuple[tuple[str, int], ...] = ()
-    db: int = 0
+    #: A database number written as the path's first segment (redis://), or None where none is.
+    db: int | None = None
+    #: A unix socket path: the URL then reads scheme:///path?db=&namespace= (redis+unix://).
     socket_path: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
@@ -60,12 +55,12 @@ class StoreURL:
                 auth += ":" + ("***" if redact else quote(self.password, safe=""))
             auth += "@"
         ns = quote(self.namespace, safe="/")
-        if self.scheme == "redis+unix":
-            params = [("db", str(self.db)), ("namespace", self.namespace), *self.query]
+        if self.socket_path is not None:
+            params = [("db", str(self.db or 0)), ("namespace", self.namespace), *self.query]
             qs = "&".join(f"{k}={quote(v, safe='/')}" for k, v in params)
-            return f"{self.scheme}://{auth}{quote(self.socket_path or '', safe='/')}?{qs}"
-        hosts = ",".join(f"{_host(h)}:{p}" if p else h for h, p in self.hosts)
-        path = f"/{self.db}/{ns}" if self.scheme in ("redis", "rediss") else f"/{ns}"
+            return f"{self.scheme}://{auth}{quote(self.socket_path, safe='/')}?{qs}"
+        hosts = ",".join(f"{_host(h)}:{p}" if p else _host(h) for h, p in self.hosts)  # 0: no port
+        path = f"/{self.db}/{ns}" if self.db is not None else f"/{ns}"
         qs = "&".join(f"{k}={quote(v, safe='/')}" for k, v in self.query)
         return f"{self.scheme}://{auth}{hosts}{path}" + (f"?{qs}" if qs else "")
 
@@ -103,7 +98,7 @@ def tls_of(url: StoreURL) -> TLSOptions | None:
         )
     files = {TLS_FILE_OPTIONS[k]: v for k, v in query.items() if k in TLS_FILE_OPTIONS}
     tls = url.scheme == "rediss" or query.get("tls", "").lower() in _TRUE
-    if (files or tls) and url.scheme == "redis+unix":
+    if (files or tls) and url.socket_path is not None:
         raise InvalidCheckpointIdError(f"{url}: TLS options do not apply to a unix socket")
     if files and not tls:
         raise InvalidCheckpointIdError(
@@ -126,82 +121,74 @@ def scheme_of(checkpoint_id: object) -> str | None:
     return match.group("scheme") if match else None
 
 
-def parse_url(url: str) -> StoreURL:
-    match = _URL.match(url) if isinstance(url, str) else None
+@dataclass(frozen=True)
+class URLParts:
+    """A URL split into what every grammar shares; ``query`` keeps every value of each option."""
+
+    text: str
+    scheme: str
+    netloc: str
+    path: str
+    query: dict[str, list[str]]
+    username: str | None
+    password: str | None
+
+    def options(self, *taken: str) -> tuple[tuple[str, str], ...]:
+        """The query options a grammar does not consume itself (checked later, e.g. by tls_of)."""
+        return tuple((k, v[-1]) for k, v in sorted(self.query.items()) if k not in taken)
+
+    def segments(self) -> list[str]:
+        return self.path.split("/")[1:] if self.path.startswith("/") else []
+
+
+def split_url(text: str, usage: str) -> URLParts:
+    """Scheme, credentials, hosts, path and query of ``text``; ``usage`` ends the error message."""
+    match = _URL.match(text) if isinstance(text, str) else None
     if not match:
-        raise InvalidCheckpointIdError(f"not a kvckpt URL: {redact(str(url))!r}; {_USAGE}")
-    scheme = match.group("scheme")
-    if scheme not in KNOWN_SCHEMES:
-        raise InvalidCheckpointIdError(f"unknown scheme {scheme!r} in {redact(url)!r}; {_USAGE}")
-    netloc, path = match.group("netloc"), match.group("path")
-    query = parse_qs(match.group("query") or "", keep_blank_values=True)
+        raise InvalidCheckpointIdError(f"not a kvckpt URL: {redact(str(text))!r}; {usage}")
+    netloc = match.group("netloc")
     username = password = None
     if "@" in netloc:
         auth, netloc = netloc.rsplit("@", 1)
         user, sep, pw = auth.partition(":")
         username = unquote(user) or None
         password = unquote(pw) if sep else None
-    extra = tuple((k, v[-1]) for k, v in sorted(query.items()) if k not in ("db", "namespace"))
-
-    if scheme == "redis+unix":
-        socket_path = unquote(path)
-        namespace = query.get("namespace", [""])[-1]
-        if netloc or not socket_path.startswith("/"):
-            raise InvalidCheckpointIdError(
-                f"{redact(url)!r}: the socket path must be absolute, as in "
-                "redis+unix:///run/redis.sock?db=0&namespace=NAMESPACE"
-            )
-        db = _db(query.get("db", ["0"])[-1], url)
-        _require_namespace(namespace, url)
-        return StoreURL(
-            scheme,
-            namespace,
-            db=db,
-            socket_path=socket_path,
-            username=username,
-            password=password,
-            query=extra,
-        )
-
-    if scheme == "fakeredis":
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", netloc):
-            raise InvalidCheckpointIdError(
-                f"{redact(url)!r}: a fakeredis server NAME is letters, digits, '_', '.' or '-', as in "
-                "fakeredis://tests/NAMESPACE"
-            )
-        hosts: tuple[tuple[str, int], ...] = ((netloc, 0),)
-    else:
-        hosts = _hosts(netloc, DEFAULT_PORTS[scheme], url)
-    segments = path.split("/")[1:] if path.startswith("/") else []
-    db = 0
-    if scheme in ("redis", "rediss"):
-        if not segments or not segments[0]:
-            raise InvalidCheckpointIdError(
-                f"{redact(url)!r}: missing database number; write {scheme}://host:port/0/NAMESPACE"
-            )
-        db = _db(segments[0], url)
-        segments = segments[1:]
-    namespace = unquote("/".join(segments))
-    _require_namespace(namespace, url)
-    return StoreURL(scheme, namespace, hosts=hosts, db=db, username=username, password=password, query=extra)
+    query = parse_qs(match.group("query") or "", keep_blank_values=True)
+    return URLParts(text, match.group("scheme"), netloc, match.group("path"), query, username, password)
 
 
-def _hosts(netloc: str, default_port: int, url: str) -> tuple[tuple[str, int], ...]:
+def parse_host_url(text: str, default_port: int, usage: str) -> StoreURL:
+    """The plain grammar ``SCHEME://[user[:password]@]host[:port][,host[:port]...]/NAMESPACE[?options]``."""
+    parts = split_url(text, usage)
+    hosts = parse_hosts(parts.netloc, default_port, text, usage)
+    namespace = unquote("/".join(parts.segments()))
+    require_namespace(namespace, text, usage)
+    return StoreURL(
+        parts.scheme,
+        namespace,
+        hosts=hosts,
+        username=parts.username,
+        password=parts.password,
+        query=parts.options("db", "namespace"),
+    )
+
+
+def parse_hosts(netloc: str, default_port: int, url: str, usage: str) -> tuple[tuple[str, int], ...]:
     if not netloc:
-        raise InvalidCheckpointIdError(f"{redact(url)!r}: missing host; {_USAGE}")
+        raise InvalidCheckpointIdError(f"{redact(url)!r}: missing host; {usage}")
     hosts = []
     for part in netloc.split(","):
         m = re.fullmatch(r"(\[(?P<v6>[^\]]+)\]|(?P<name>[^:\[\]]+))(:(?P<port>\d{1,5}))?", part)
         if not m:
-            raise InvalidCheckpointIdError(f"{redact(url)!r}: bad host {part!r}; {_USAGE}")
+            raise InvalidCheckpointIdError(f"{redact(url)!r}: bad host {part!r}; {usage}")
         port = int(m.group("port")) if m.group("port") else default_port
-        if not 0 < port < 65536:
+        if m.group("port") and not 0 < port < 65536:
             raise InvalidCheckpointIdError(f"{redact(url)!r}: port {port} out of range")
         hosts.append((m.group("v6") or m.group("name"), port))
     return tuple(hosts)
 
 
-def _db(text: str, url: str) -> int:
+def parse_db(text: str, url: str) -> int:
     if not text.isdigit() or len(text) > 5:
         raise InvalidCheckpointIdError(
             f"{redact(url)!r}: database must be a small integer, got {text[:20]!r}"
@@ -209,10 +196,10 @@ def _db(text: str, url: str) -> int:
     return int(text)
 
 
-def _require_namespace(namespace: str, url: str) -> None:
+def require_namespace(namespace: str, url: str, usage: str) -> None:
     if not namespace or not namespace.strip("/"):
         raise InvalidCheckpointIdError(
-            f"{redact(url)!r}: missing NAMESPACE (the checkpoint's key prefix); {_USAGE}"
+            f"{redact(url)!r}: missing NAMESPACE (the checkpoint's key prefix); {usage}"
         )
     if namespace.startswith("/") or namespace.endswith("/") or "//" in namespace:
         raise InvalidCheckpointIdError(f"{redact(url)!r}: NAMESPACE {namespace!r} has an empty path segment")

@@ -9,11 +9,12 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import redis
 
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore
-from kvckpt.stores.redis import RedisStore
-from kvckpt.testing.servers import (
+from kvckpt.stores.redis.client import ClientStore
+from tests.harness.servers import (
     EtcdCluster,
     EtcdServer,
     RedisCluster,
@@ -45,9 +46,16 @@ class Backend:
     same server for inspecting or tampering with what was written."""
 
     def __init__(
-        self, name: str, make_id: Callable[[str], str], options: dict[str, Any], store: KVStore
+        self,
+        name: str,
+        make_id: Callable[[str], str],
+        options: dict[str, Any],
+        store: KVStore,
+        raw: Any = None,
     ) -> None:
         self.name, self._make_id, self.options, self.store = name, make_id, options, store
+        #: A redis-py client on the same server (Redis backends only), to inspect it past the store.
+        self.raw = raw
 
     def id(self, namespace: str) -> str:
         return self._make_id(namespace)
@@ -61,13 +69,14 @@ def _open_backend(request: pytest.FixtureRequest, name: str) -> Backend:
         import fakeredis
 
         client = fakeredis.FakeRedis()
-        return Backend(name, lambda ns: ns, {"client": client}, RedisStore(client=client))
+        return Backend(name, lambda ns: ns, {"client": client}, ClientStore(client=client), client)
     if name == "etcd":
         etcd: EtcdServer = request.getfixturevalue("etcd_server")
         return Backend(name, lambda ns: etcd.url(quote(ns, safe="/")), {}, open_store(etcd.url("inspect")))
     server: RedisServer = request.getfixturevalue("redis_server")
     make = server.url if name == "redis" else server.unix_url
-    return Backend(name, lambda ns: make(quote(ns, safe="/")), {}, open_store(server.url("inspect")))
+    raw = redis.Redis(port=server.port)
+    return Backend(name, lambda ns: make(quote(ns, safe="/")), {}, open_store(server.url("inspect")), raw)
 
 
 @pytest.fixture(params=["redis", "redis-unix", "fakeredis", "etcd"])

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from kvckpt import layout
-from kvckpt.testing.proxy import FaultProxy, resp_prefix
-from kvckpt.testing.servers import RedisServer
+from tests.harness.proxy import FaultProxy, resp_prefix
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 
 #: Store options that make a dead link fail in about a second instead of the 30 s default.

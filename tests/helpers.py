@@ -10,7 +10,7 @@ QUANTIZED = {torch.qint8, torch.qint32, torch.quint8, torch.quint4x2, torch.quin
 def _dcp_can_plan(dtype: torch.dtype) -> bool:
     """DCP's own planner sizes items with this; the bits*/int1-7/uint1-7 placeholders fail there."""
     try:
-        torch._utils._element_size(dtype)  # type: ignore[attr-defined]
+        torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
     except TypeError:
         return False
     return True

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kvckpt.testing.servers import free_port
+from tests.harness.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,4 +58,6 @@ def run_ranks(scenario: Callable[..., None], world_size: int, *args: Any) -> Non
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": path}
     with _environment(**env):
-        mp.start_processes(_entry, args=(scenario, world_size, args), nprocs=world_size, start_method="spawn")
+        mp.start_processes(  # type: ignore[no-untyped-call]
+            _entry, args=(scenario, world_size, args), nprocs=world_size, start_method="spawn"
+        )

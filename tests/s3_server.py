@@ -14,7 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvckpt.testing.servers import Throwaway, free_port, stop_process, tail_of, wait_until
+from kvckpt.local_server import free_port, stop_process, tail_of, wait_until
+from tests.harness.base import Throwaway
 
 #: moto accepts any credentials; these keep botocore from looking for real ones.
 CREDENTIALS = {

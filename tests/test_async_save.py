@@ -9,6 +9,7 @@ so this also proves stores connect lazily there.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import kvckpt
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
 
@@ -69,10 +70,14 @@ def async_scenario(rank: int, world_size: int, port: int, namespace: str, gates:
         dist.barrier()
         if rank == 0:
             gate.touch()
+        assert isinstance(future, Future)
         future.result(timeout=120)
         dist.barrier()
 
-        state = {"w": distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)]), "step": None}
+        state: dict[str, Any] = {
+            "w": distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)]),
+            "step": None,
+        }
         kvckpt.load(state, url)
         assert bits_equal(state["w"].to_local(), at_save), kind
         assert not bits_equal(weight.to_local(), at_save)

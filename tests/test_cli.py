@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 
 import kvckpt
 from kvckpt import humanize
-from kvckpt.testing.servers import REDIS_KEEP_FREED_MEMORY_ENV, RedisServer, find_binary, free_port
+from tests.harness.servers import REDIS_KEEP_FREED_MEMORY_ENV, RedisServer, find_binary, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -122,7 +123,7 @@ def test_cp_to_a_folder_and_back(run_prefix: str, tmp_path: Path) -> None:
     exported = kvckpt_cli("cp", f"{run_prefix}/step3", str(tmp_path / "out"))
     assert exported.returncode == 0, exported.stderr
     assert "copied redis://:***@" in exported.stdout and PASSWORD not in exported.stdout + exported.stderr
-    state = {"model": {"w": torch.zeros(256, 64), "b": torch.ones(64)}, "step": 0}
+    state: dict[str, Any] = {"model": {"w": torch.zeros(256, 64), "b": torch.ones(64)}, "step": 0}
     dcp.load(state, storage_reader=dcp.FileSystemReader(tmp_path / "out"))
     assert torch.equal(state["model"]["w"], torch.full((256, 64), 3.0)) and state["step"] == 3
 
@@ -203,7 +204,7 @@ def test_server_runs_in_the_foreground_until_stopped(tmp_path: Path) -> None:
     wrapper.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvckpt", "server", "--port", str(port)],
+        [sys.executable, "-m", "kvckpt", "server", "--port", str(port), "--redis-server", str(wrapper)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -329,7 +330,7 @@ def test_cp_to_a_folder_follows_the_umask(redis_server: RedisServer, namespace: 
 
 def test_ctrl_c_during_cp_exits_130_and_commits_nothing(redis_server: RedisServer, namespace: str) -> None:
     """The copy's reads are held by a proxy; Ctrl-C arrives meanwhile, then the reads are let go."""
-    from kvckpt.testing.proxy import FaultProxy
+    from tests.harness.proxy import FaultProxy
 
     kvckpt.save({"w": torch.ones(1 << 16)}, redis_server.url(f"{namespace}/src"), chunk_bytes=1 << 14)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}

@@ -12,8 +12,8 @@ from kvckpt import open_store
 from kvckpt.coalesce import merge_spans, read_coalesced
 from kvckpt.store import KVStore, RangeRead
 from kvckpt.target import wrap_client
-from kvckpt.testing.servers import RedisServer
 from tests.conftest import Backend
+from tests.harness.servers import RedisServer
 
 VALUE = bytes(range(256)) * 64  # 16 KiB whose every byte says where it came from
 

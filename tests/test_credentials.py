@@ -10,7 +10,7 @@ import redis
 import torch
 
 import kvckpt
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 
 PASSWORD = "pw-Zq7-never-stored"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvckpt
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 
 pytestmark = [

@@ -210,7 +210,7 @@ def test_failed_save_keeps_previous_and_leaves_nothing(backend: Backend, namespa
 
 
 def test_committed_data_is_permanent_and_ttl_covers_every_key(redis_backend: Backend, namespace: str) -> None:
-    backend, client = redis_backend, redis_backend.store.client  # type: ignore[attr-defined]
+    backend, client = redis_backend, redis_backend.raw
     kvckpt.save({"x": torch.ones(10)}, backend.id(f"{namespace}/keep"), **backend.options)
     assert all(client.pttl(k) == -1 for k in backend.keys(f"{namespace}/keep/"))
     kvckpt.save({"x": torch.ones(10)}, backend.id(f"{namespace}/short"), ttl=30, **backend.options)
@@ -352,7 +352,7 @@ def test_validate_checkpoint_id() -> None:
 
 
 def test_dead_server_fails_fast(namespace: str) -> None:
-    from kvckpt.testing.servers import free_port
+    from tests.harness.servers import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0/{namespace}"
     started = time.monotonic()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
 
 import kvckpt
 from kvckpt.registry import open_store
-from kvckpt.testing.servers import EtcdServer
+from tests.harness.servers import EtcdServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -38,8 +39,8 @@ def test_large_tensor_is_chunked_under_the_request_limit(etcd_server: EtcdServer
 
 def test_data_is_written_once_without_pending_expiry(etcd_server: EtcdServer, namespace: str) -> None:
     """Re-putting every value to drop a pending lease would double etcd's backend size per save."""
-    from kvckpt.stores import etcd_wire as pb
-    from kvckpt.stores.etcd import EtcdStore
+    from kvckpt.stores.etcd import wire as pb
+    from kvckpt.stores.etcd.store import EtcdStore
 
     kvckpt.save({f"t{i}": torch.ones(100) for i in range(10)}, etcd_server.url(namespace))
     store = open_store(etcd_server.url("inspect"))
@@ -48,13 +49,13 @@ def test_data_is_written_once_without_pending_expiry(etcd_server: EtcdServer, na
         keys = list(store.scan_prefix(namespace + "/g"))
         assert len(keys) == 10
         for key in keys:
-            reply = store._rpc(pb.RANGE, pb.join(pb.range_request(key.encode())), action="test")
+            reply = store.client.rpc(pb.RANGE, pb.join(pb.range_request(key.encode())), action="test")
             (kv,) = pb.parse_range_response(reply).kvs
             assert (kv.version, kv.lease) == (1, 0), key
 
 
 def test_quota_exhausted_mid_save_commits_nothing_and_cleans_up(namespace: str) -> None:
-    from kvckpt.testing.servers import EtcdServer as Server
+    from tests.harness.servers import EtcdServer as Server
 
     with Server(quota_backend_bytes=8 << 20, unsafe_no_fsync=True) as server:
         state = {f"t{i}": torch.full((256 * 1024,), float(i)) for i in range(48)}  # 48 MiB
@@ -67,13 +68,13 @@ def test_quota_exhausted_mid_save_commits_nothing_and_cleans_up(namespace: str) 
 
 
 def test_cluster_member_loss_and_quorum_loss(namespace: str) -> None:
-    from kvckpt.testing.servers import EtcdCluster
+    from tests.harness.servers import EtcdCluster
 
-    state = {"w": torch.arange(600_000, dtype=torch.float32), "step": 3}
+    state: dict[str, Any] = {"w": torch.arange(600_000, dtype=torch.float32), "step": 3}
     with EtcdCluster(size=3, unsafe_no_fsync=True) as cluster:
         kvckpt.save(state, cluster.url(f"{namespace}/a"))
         cluster.stop_member(0, kill=True)
-        loaded = {"w": torch.zeros(600_000), "step": 0}
+        loaded: dict[str, Any] = {"w": torch.zeros(600_000), "step": 0}
         kvckpt.load(loaded, cluster.url(f"{namespace}/a"))
         assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
 

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import kvckpt
 from kvckpt.dcp.hook import installed
 from kvckpt.integrations.fs import KVCheckpointFileSystem
-from kvckpt.testing.servers import RedisServer, free_port
+from tests.harness.servers import RedisServer, free_port
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import torch
 import kvckpt
 from kvckpt import layout
 from kvckpt.errors import ReplicationError, UnsafeStoreConfigWarning
-from kvckpt.stores.redis_cluster import key_slot
-from kvckpt.testing.servers import (
+from kvckpt.stores.redis.cluster import key_slot
+from tests.harness.servers import (
     REDIS_CHECKPOINT_SETTINGS,
     RedisCluster,
     RedisReplicaPair,

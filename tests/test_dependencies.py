@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from kvckpt.testing.servers import RedisServer, free_port
+from tests.harness.servers import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("kvckpt", "tests", "benchmarks", "examples")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kvckpt.testing.servers import (
+from tests.harness.servers import (
     REDIS_CHECKPOINT_SETTINGS,
     REDIS_KEEP_FREED_MEMORY_ENV,
     find_binary,

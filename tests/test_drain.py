@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import kvckpt
 from kvckpt import tiers
-from kvckpt.testing.proxy import FaultProxy
-from kvckpt.testing.servers import RedisServer, free_port
+from tests.harness.proxy import FaultProxy
+from tests.harness.servers import RedisServer, free_port
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import ROOT
 from tests.s3_server import MotoServer

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 from tests.ranks import ROOT
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
-"""RedisStore's RESP fast path (kvckpt.stores.resp) against real redis-servers, alone and under DCP.
+"""RedisStore's RESP transport (kvckpt.stores.redis.transport) on real redis-servers, alone and under DCP.
 
-The fast path moves every data byte, so it is tested where a hand-written protocol client breaks:
+The transport moves every data byte, so it is tested where a hand-written protocol client breaks:
 buffer and chunk boundaries, replies split across recv calls, ranges at odd offsets, error replies in
 the middle of a pipeline, and connections that die mid-reply (which must fail, never half-succeed).
 """
@@ -25,12 +25,13 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 import kvckpt
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore, RangeRead
-from kvckpt.stores import redis as redis_store
-from kvckpt.stores import resp
-from kvckpt.stores.redis import RedisStore
+from kvckpt.stores.redis import transport as resp
+from kvckpt.stores.redis import wrap_client
+from kvckpt.stores.redis.client import ClientStore
+from kvckpt.stores.redis.standalone import RedisStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import RedisServer
-from kvckpt.urls import parse_url
+from tests.harness.raw import RedisRaw
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -70,7 +71,7 @@ def pattern(size: int, seed: int = 0) -> bytes:
 def store(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[RedisStore]:
     url = redis_server.url("fp") if request.param == "tcp" else redis_server.unix_url("fp", db=2)
     opened = open_store(url)
-    assert isinstance(opened, RedisStore) and opened._fast is not None
+    assert isinstance(opened, RedisStore)
     yield opened
     opened.close()
 
@@ -88,56 +89,30 @@ def tiny_buffers(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 # Which path a store takes ----------------------------------------------------------------------
 
 
-def test_first_use_from_many_threads_builds_one_client(
-    redis_server: RedisServer, namespace: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """I/O threads connect lazily at once; a second redis-py client would close the first one's sockets."""
-    built: list[Any] = []
-    real = redis_store.redis.Redis
-
-    def slow_client(**kwargs: Any) -> Any:
-        time.sleep(0.05)  # widen the window in which a racing thread would build its own
-        built.append(real(**kwargs))
-        return built[-1]
-
-    monkeypatch.setattr(redis_store.redis, "Redis", slow_client)
-    store = RedisStore.from_url(parse_url(redis_server.url("x")), fast_path=False)
-    start = threading.Barrier(4)
-
-    def use() -> None:
-        start.wait()
-        store.put_many([(f"{namespace}/{threading.get_ident()}", b"x")])
-
-    threads = [threading.Thread(target=use) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(built) == 1
-    store.close()
-
-
-def test_own_plain_connections_take_the_fast_path(redis_server: RedisServer) -> None:
-    def fast(url: str, **options: Any) -> bool:
-        opened = RedisStore.from_url(parse_url(url), **options)
-        return opened._fast is not None
-
-    assert fast(redis_server.url("x"))
-    assert fast(redis_server.unix_url("x"))
-    assert not fast(redis_server.url("x"), fast_path=False)
-    assert not fast(redis_server.url("x"), health_check_interval=5)  # a redis-py option: redis-py does it
-    assert not fast(f"rediss://127.0.0.1:{redis_server.port}/0/x")
-    assert RedisStore(client=redis.Redis(port=redis_server.port))._fast is None
+def test_urls_open_the_transport_and_injected_clients_keep_theirs(redis_server: RedisServer) -> None:
+    for url in (
+        redis_server.url("x"),
+        redis_server.unix_url("x"),
+        f"rediss://127.0.0.1:{redis_server.port}/0/x",  # TLS runs over the same transport
+    ):
+        assert type(open_store(url)) is RedisStore
+    assert type(wrap_client(redis.Redis(port=redis_server.port))) is ClientStore
 
 
 class TestGenericPathOnRealServer(StoreTests):
-    """The redis-py path stays correct for TLS and injected clients, which cannot use the fast path."""
+    """The redis-py path (an injected client) stays correct against a real server too."""
+
+    picklable = False
+
+    @pytest.fixture
+    def raw(self, redis_server: RedisServer) -> RedisRaw:
+        return RedisRaw(redis.Redis(port=redis_server.port))
 
     @pytest.fixture
     def store(self, redis_server: RedisServer) -> Iterator[KVStore]:
-        opened = RedisStore.from_url(parse_url(redis_server.url("generic")), fast_path=False)
-        yield opened
-        opened.close()
+        client = redis.Redis(port=redis_server.port)
+        yield ClientStore(client=client)
+        client.close()
 
 
 # Bytes in, bytes out ----------------------------------------------------------------------------
@@ -217,7 +192,7 @@ def test_thousands_of_small_values_in_one_batch(store: RedisStore, namespace: st
 def test_error_reply_mid_pipeline_raises_and_keeps_the_connection_in_step(
     store: RedisStore, redis_server: RedisServer, namespace: str
 ) -> None:
-    raw = redis.Redis(port=redis_server.port, db=store._endpoint.db if store._endpoint else 0)
+    raw = redis.Redis(port=redis_server.port, db=store.endpoint.db)
     value = pattern(200_000)
     store.put_many([(f"{namespace}/a", value), (f"{namespace}/c", value)])
     raw.rpush(f"{namespace}/b", "not a string")
@@ -289,6 +264,7 @@ def dying(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[int]]]:
     def connect(self: resp.RespConnection) -> None:
         real_connect(self)
         if budgets:
+            assert self._sock is not None
             self._sock = DyingSocket(self._sock, budgets.pop(0), "reset" if len(budgets) % 2 else "eof")  # type: ignore[assignment]
 
     monkeypatch.setattr(resp.RespConnection, "connect", connect)
@@ -313,7 +289,7 @@ def test_connection_dying_on_every_try_fails_reads(
 ) -> None:
     store.put_many([(f"{namespace}/big", pattern(4 << 20))])
     store.close()
-    dying.extend([[budget] for _ in range(store._retries + 1)])
+    dying.extend([[budget] for _ in range(store.policy.retries + 1)])
     with pytest.raises(kvckpt.StoreUnavailableError, match="cannot reach Redis while reading"):
         store.read_into_many([RangeRead(f"{namespace}/big", 0, memoryview(bytearray(4 << 20)))])
     assert not dying  # every attempt was made on a fresh connection
@@ -395,14 +371,14 @@ def test_dcp_round_trip_with_chunks_at_odd_sizes(
     redis_server: RedisServer, namespace: str, transport: str
 ) -> None:
     url = redis_server.url(namespace) if transport == "tcp" else redis_server.unix_url(namespace)
-    state = {
+    state: dict[str, Any] = {
         "big": random_tensor((513, 1031), torch.float32, seed=1),  # ~2 MiB over chunks of 300,001 bytes
         "edge": random_tensor((resp.DIRECT_SEND + 1,), torch.uint8, seed=2),
         "many": {str(i): random_tensor((i + 1,), torch.bfloat16, seed=i) for i in range(300)},
         "step": 7,
     }
     kvckpt.save(state, url, chunk_bytes=300_001, block_bytes=65_537, io_threads=3)
-    loaded = {
+    loaded: dict[str, Any] = {
         "big": torch.zeros(513, 1031),
         "edge": torch.zeros(resp.DIRECT_SEND + 1, dtype=torch.uint8),
         "many": {k: torch.zeros_like(v) for k, v in state["many"].items()},
@@ -440,15 +416,16 @@ def test_dcp_load_cut_off_is_unavailable(
         kvckpt.load({"w": torch.zeros(1024, 1024)}, url)
 
 
-@pytest.mark.parametrize("fast_path", [True, False])
-def test_user_without_password_authenticates_as_that_user(fast_path: bool) -> None:
-    """``redis://user@host`` logs in as ``user`` (AUTH user ""), on both paths, as redis-py does."""
+@pytest.mark.parametrize("injected", [False, True], ids=["url", "injected-client"])
+def test_user_without_password_authenticates_as_that_user(injected: bool) -> None:
+    """``redis://user@host`` logs in as ``user`` (AUTH user ""), as an injected redis-py client does."""
     with RedisServer() as server:
-        admin = redis.Redis(port=server.port)
+        admin: Any = redis.Redis(port=server.port)
         admin.execute_command("ACL", "SETUSER", "ckpt-np", "reset", "on", "nopass", "~np/*", "+@all")
         admin.close()
         url = f"redis://ckpt-np@127.0.0.1:{server.port}/0/np"
-        store = open_store(url, fast_path=fast_path)
+        client = redis.Redis(port=server.port, username="ckpt-np")
+        store = ClientStore(client=client) if injected else open_store(url)
         store.put_many([("np/a", b"inside")])
         assert store.get_many(["np/a"]) == [b"inside"]
         with pytest.raises(kvckpt.KVCheckpointError, match="no permissions"):  # as default it could

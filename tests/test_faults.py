@@ -18,9 +18,9 @@ import torch.distributed.checkpoint as dcp
 import kvckpt
 from kvckpt import layout
 from kvckpt.dcp.api import unwrapped_errors
-from kvckpt.testing.proxy import FaultProxy, resp_prefix
-from kvckpt.testing.servers import REDIS_CHECKPOINT_SETTINGS, RedisServer
 from tests.faulty import QUICK, Faulty, blank, faulty, same, state
+from tests.harness.proxy import FaultProxy, resp_prefix
+from tests.harness.servers import REDIS_CHECKPOINT_SETTINGS, RedisServer
 
 __all__ = ["faulty"]  # the fixture, imported for pytest
 
@@ -169,6 +169,79 @@ def test_backoff_is_configurable(faulty: Faulty, namespace: str) -> None:
         store.get(f"{namespace}/k")
     assert time.monotonic() - started >= 0.6
     store.close()
+
+
+#: Every bulk operation of the KVStore interface, as one call on a store.
+BULK: dict[str, Callable[[Any, str], object]] = {
+    "get_many": lambda store, ns: store.get_many([f"{ns}/a", f"{ns}/b"]),
+    "read_into_many": lambda store, ns: store.read_into_many(
+        [kvckpt.RangeRead(f"{ns}/a", 0, memoryview(bytearray(8)))]
+    ),
+    "put_many": lambda store, ns: store.put_many([(f"{ns}/a", b"x"), (f"{ns}/b", b"y")], ttl=60),
+    "expire_many": lambda store, ns: store.expire_many([f"{ns}/a"], 60),
+    "persist_many": lambda store, ns: store.expire_many([f"{ns}/a"], None),
+    "delete_many": lambda store, ns: store.delete_many([f"{ns}/a", f"{ns}/b"]),
+}
+
+
+@pytest.mark.parametrize("operation", list(BULK))
+def test_every_bulk_operation_follows_the_backoff(
+    faulty: Faulty, namespace: str, operation: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two retries with a fixed 0.3 s backoff, logged as such, and at least 0.6 s spent (a lower bound)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="kvckpt")
+    store = kvckpt.open_store(
+        faulty.via_proxy(namespace), **{**QUICK, "retries": 2, "backoff": 0.3, "backoff_cap": 0.3}
+    )
+    faulty.proxy.refuse()
+    started = time.monotonic()
+    with pytest.raises(kvckpt.StoreUnavailableError, match="cannot reach"):
+        BULK[operation](store, namespace)
+    elapsed = time.monotonic() - started
+    store.close()
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 2 and all(m.endswith("in 0.30s") for m in retries), retries
+    assert elapsed >= 0.6
+
+
+@pytest.mark.parametrize("operation", ["get", "read_into_many", "put_many"])
+def test_a_hung_server_fails_within_the_total_timeout(
+    faulty: Faulty, namespace: str, operation: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that accepts but never answers: at most total_timeout / timeout attempts, each retry
+    logged, and a message that says so instead of advising a longer timeout."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="kvckpt")
+    options = {**QUICK, "timeout": 0.5, "retries": 10, "backoff": 0.01, "total_timeout": 1.2}
+    store = kvckpt.open_store(faulty.via_proxy(namespace), **options)
+    faulty.proxy.stall()
+    calls: dict[str, Callable[[Any, str], object]] = {**BULK, "get": lambda store, ns: store.get(f"{ns}/a")}
+    with pytest.raises(kvckpt.StoreUnavailableError) as info:
+        calls[operation](store, namespace)
+    store.close()
+    message = str(info.value)
+    assert "did not answer" in message and "raise timeout" not in message
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) <= 1  # 0.5 s + 0.5 s fit in 1.2 s; a third attempt would not
+    assert all("TimeoutError" in r.getMessage() for r in retries)
+
+
+def test_a_hung_server_is_retried_when_the_total_allows(
+    faulty: Faulty, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="kvckpt")
+    options = {**QUICK, "timeout": 0.3, "retries": 2, "backoff": 0.01, "total_timeout": 30}
+    store = kvckpt.open_store(faulty.via_proxy(namespace), **options)
+    faulty.proxy.stall()
+    with pytest.raises(kvckpt.StoreUnavailableError, match="did not answer"):
+        store.get(f"{namespace}/a")
+    store.close()
+    assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
 
 
 # Loads ----------------------------------------------------------------------------------------

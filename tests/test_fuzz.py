@@ -33,7 +33,8 @@ from kvckpt import record
 from kvckpt.dcp.codec import chunk_keys, decode_metadata, encode_metadata
 from kvckpt.errors import InvalidCheckpointIdError, KVCheckpointError
 from kvckpt.layout import StoredChunk, StoredItem
-from kvckpt.urls import KNOWN_SCHEMES, StoreURL, parse_url, redact
+from kvckpt.registry import parse_url, schemes
+from kvckpt.urls import StoreURL, redact
 
 #: Examples per property; the sum is what docs/reliability.md and the README report.
 EXAMPLES = {"record_bytes": 1500, "record_mutations": 800, "url_text": 1000, "url_shaped": 1000}
@@ -227,7 +228,7 @@ URL_PART = st.lists(URL_CHARS, max_size=12).map("".join)
 
 @fuzz("url_shaped")
 @given(
-    st.sampled_from([*KNOWN_SCHEMES, "http", "REDIS", "redis+"]),
+    st.sampled_from([*schemes(), "http", "REDIS", "redis+"]),
     URL_PART,
     st.sampled_from(["", "@", "u@", "u:p@", ":p@", "u:p:q@", "u:p%40@"]),
     st.sampled_from(["h", "127.0.0.1", "[::1]", "h:6379", "h:0", "h:99999", "a:1,b:2", "", "h:x"]),

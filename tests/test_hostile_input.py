@@ -65,11 +65,17 @@ def load_error(backend: Backend, namespace: str, **options: Any) -> kvckpt.Corru
 # Damaged chunks -------------------------------------------------------------------------------
 
 
+def stored(backend: Backend, key: str) -> bytes:
+    value = backend.store.get(key)
+    assert value is not None, key
+    return value
+
+
 def test_flipped_byte_in_any_chunk_is_named(backend: Backend, namespace: str) -> None:
     keys = saved(backend, namespace)
     assert len(keys) == 13  # 2 tensors x 5 chunks + 3 objects (cfg.lr, cfg.name, step)
     for n, key in enumerate(keys):
-        original = backend.store.get(key)
+        original = stored(backend, key)
         damaged = bytearray(original)
         damaged[(n * 7919) % len(damaged)] ^= 0x01
         backend.store.put(key, bytes(damaged))
@@ -89,7 +95,7 @@ def test_short_or_missing_chunk_is_named(backend: Backend, namespace: str, kind:
     if damage == "missing":
         backend.store.delete(key)
     else:
-        backend.store.put(key, backend.store.get(key)[:100])
+        backend.store.put(key, stored(backend, key)[:100])
     error = load_error(backend, namespace)
     assert error.key == key and "missing or truncated" in str(error)
 
@@ -98,7 +104,7 @@ def test_chunk_swapped_with_another_keys_value(backend: Backend, namespace: str)
     keys = saved(backend, namespace)
     first_a = next(k for k in keys if "/a/0,0/0" in k)
     first_b = next(k for k in keys if "/b/0,0/0" in k)
-    value_a, value_b = backend.store.get(first_a), backend.store.get(first_b)
+    value_a, value_b = stored(backend, first_a), stored(backend, first_b)
     assert len(value_a) == len(value_b)
     backend.store.put(first_a, value_b)
     backend.store.put(first_b, value_a)
@@ -143,7 +149,7 @@ RECORD_DAMAGE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
 def test_record_that_disagrees_with_the_data(backend: Backend, namespace: str, damage: str) -> None:
     keys = saved(backend, namespace)
     key = layout.record_key(namespace)
-    body = record.decode_record(backend.store.get(key), key)
+    body = record.decode_record(stored(backend, key), key)
     edit, named = RECORD_DAMAGE[damage]
     edit(body)
     backend.store.put(key, record.pack(body))
@@ -181,7 +187,7 @@ def test_placed_pickle_does_not_run(backend: Backend, namespace: str, tmp_path: 
     (target,) = [k for k in keys if "/cfg.name/bytes/" in k]
     backend.store.put(target, data)
     key = layout.record_key(namespace)
-    body = record.decode_record(backend.store.get(key), key)
+    body = record.decode_record(stored(backend, key), key)
     row = _item(body, "cfg.name")
     row[2] = row[5][0][1] = len(data)
     row[5][0][2] = block_sums(memoryview(data), DEFAULT_BLOCK_BYTES)
@@ -199,7 +205,7 @@ def test_placed_pickle_does_not_run(backend: Backend, namespace: str, tmp_path: 
 
 def test_unicode_spaces_globs_and_slashes_are_literal(backend: Backend, namespace: str) -> None:
     root = f"{namespace}/ü 空 x*?[y]"
-    state = {
+    state: dict[str, Any] = {
         "a/b": torch.full((3,), 1.0),
         "a": {"b": torch.full((3,), 2.0)},  # flattens to "a.b": a different fqn from "a/b"
         "sp ace/ü*": torch.full((3,), 3.0),
@@ -210,7 +216,7 @@ def test_unicode_spaces_globs_and_slashes_are_literal(backend: Backend, namespac
     kvckpt.save(state, ckpt(backend, root), **backend.options)
     kvckpt.save(child, ckpt(backend, f"{root}/child"), **backend.options)
     kvckpt.save(child, ckpt(backend, f"{namespace}/ü 空 xA?[y]"), **backend.options)  # a glob's match
-    loaded = {k: (torch.zeros(3) if k != "a" else {"b": torch.zeros(3)}) for k in state}
+    loaded: dict[str, Any] = {k: (torch.zeros(3) if k != "a" else {"b": torch.zeros(3)}) for k in state}
     kvckpt.load(loaded, ckpt(backend, root), **backend.options)
     for fqn, value in state.items():
         got = loaded[fqn]["b"] if fqn == "a" else loaded[fqn]

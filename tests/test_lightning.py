@@ -13,7 +13,7 @@ import torch
 
 import kvckpt
 from kvckpt.integrations.lightning import KVCheckpointIO, split_tensors
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 import kvckpt
 from kvckpt.dcp import safe_load
 from kvckpt.errors import PickleLoadWarning, UnsafeObjectError
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 
 
 class RunsACommand:

@@ -6,17 +6,18 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import pytest
 import redis
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import kvckpt
 from kvckpt import layout, record
-from kvckpt.testing.servers import EtcdServer, RedisServer
+from tests.harness.servers import EtcdServer, RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.test_dcp_core import assert_same, reference_state, zeros_like_state
 
@@ -181,7 +182,7 @@ def test_verify_reports_every_damaged_chunk(
     assert sum(checked) == result.nbytes
 
     keys = sorted(k for k in keys_under(raw, namespace) if not k.endswith(".metadata"))
-    flipped = bytearray(raw.get(keys[0]))
+    flipped = bytearray(cast(bytes, raw.get(keys[0])))
     flipped[150_000] ^= 1
     raw.set(keys[0], bytes(flipped))
     raw.delete(keys[1])
@@ -299,7 +300,7 @@ def test_copy_store_to_store_rechunks_and_commits_fresh(
     loaded = zeros_like_state(state)
     kvckpt.load(loaded, dst)
     assert_same(state, loaded)
-    body = record.decode_record(raw.get(layout.record_key(f"{namespace}/dst")), "k")
+    body = record.decode_record(cast(bytes, raw.get(layout.record_key(f"{namespace}/dst"))), "k")
     assert body["storage_meta"]["checkpoint_id"] == dst
     assert body["save_id"] != kvckpt.info(src).save_id
     assert body["num_keys"] < kvckpt.info(src).num_keys  # 1 MiB chunks became the default 4 MiB ones
@@ -420,29 +421,32 @@ def test_copy_of_a_sharded_multi_rank_checkpoint(
     """Shards saved by 2 real ranks travel folder -> store -> folder and load whole on one process."""
     import torch.multiprocessing as mp
 
-    from kvckpt.testing.servers import free_port
+    from tests.harness.servers import free_port
 
-    mp.spawn(_save_sharded, args=(2, free_port(), str(tmp_path / "ranks")), nprocs=2, join=True)
+    mp.spawn(  # type: ignore[no-untyped-call]
+        _save_sharded, args=(2, free_port(), str(tmp_path / "ranks")), nprocs=2, join=True
+    )
     expected = torch.arange(64 * 6, dtype=torch.float32).reshape(64, 6)
     kvckpt.copy(tmp_path / "ranks", redis_server.url(namespace))
     shards = [e for e in kvckpt.info(redis_server.url(namespace)).entries if e.fqn == "w"]
     assert shards[0].chunks == 2 and shards[0].shape == (64, 6)
-    loaded = {"w": torch.zeros(64, 6), "step": 0}
+    loaded: dict[str, Any] = {"w": torch.zeros(64, 6), "step": 0}
     kvckpt.load(loaded, redis_server.url(namespace))
     assert torch.equal(loaded["w"], expected) and loaded["step"] == 5
 
     kvckpt.copy(redis_server.url(namespace), tmp_path / "back")
-    again = {"w": torch.zeros(64, 6), "step": 0}
+    again: dict[str, Any] = {"w": torch.zeros(64, 6), "step": 0}
     dcp.load(again, storage_reader=dcp.FileSystemReader(tmp_path / "back"))
     assert torch.equal(again["w"], expected) and again["step"] == 5
-    assert len(dcp.FileSystemReader(tmp_path / "back").read_metadata().state_dict_metadata["w"].chunks) == 2
+    meta = dcp.FileSystemReader(tmp_path / "back").read_metadata().state_dict_metadata["w"]
+    assert isinstance(meta, TensorStorageMetadata) and len(meta.chunks) == 2
 
 
 def test_copy_between_redis_etcd_and_a_folder(
     redis_server: RedisServer, etcd_server: EtcdServer, namespace: str, tmp_path: Path
 ) -> None:
     """etcd's small request limit re-chunks on the way in; every hop stays bit-exact."""
-    state = {"big": random_tensor((1000, 700), torch.float32, seed=7), "step": 5}  # 2.8 MB
+    state: dict[str, Any] = {"big": random_tensor((1000, 700), torch.float32, seed=7), "step": 5}  # 2.8 MB
     src = redis_server.url(namespace)
     kvckpt.save(state, src)
     kvckpt.copy(src, etcd_server.url(namespace))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 import kvckpt
 from kvckpt import layout, record
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 from tests.ranks import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -32,7 +32,7 @@ def assert_state(state: dict[str, Any], expected: dict[str, Any], where: str) ->
 
 
 def local_scenario(rank: int, world_size: int, port: int, namespace: str) -> None:
-    server, raw = RedisServer(port=port), redis.Redis(port=port)
+    server, raw = RedisServer(port=port), cast(Any, redis.Redis(port=port))
 
     # use_collectives=False: every rank commits its own record, with its own generation.
     url = server.url(f"{namespace}/local")

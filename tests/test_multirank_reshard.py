@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 import kvckpt
 from kvckpt import layout, record
 from kvckpt.registry import open_store
-from kvckpt.testing.servers import EtcdServer, RedisServer
+from tests.harness.servers import EtcdServer, RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
 
@@ -41,7 +41,7 @@ def blank_plain() -> dict[str, Any]:
 
 
 #: Small chunks and checksum blocks, so shards straddle both and reads are partial ranges.
-WRITER_OPTIONS = {"chunk_bytes": 1024, "block_bytes": 256}
+WRITER_OPTIONS: dict[str, Any] = {"chunk_bytes": 1024, "block_bytes": 256}
 
 
 GRID = (Shard(0), Shard(1))  # on a 2x2 mesh a rank's box is a block of rows and columns

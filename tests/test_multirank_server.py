@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import kvckpt
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
 
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning"
 ROWS, COLS = 1000, 1000  # fp32 rows of 4000 bytes: never aligned to the 4 KiB checksum blocks
 FULL = random_tensor((ROWS, COLS), torch.float32, seed=7)
 NEEDED = FULL.numel() * FULL.element_size()  # every load below needs each element once in all
-OPTIONS = {"chunk_bytes": 256 << 10, "block_bytes": 4 << 10}
+OPTIONS: dict[str, Any] = {"chunk_bytes": 256 << 10, "block_bytes": 4 << 10}
 
 
 class WaitForPeers(DefaultSavePlanner):

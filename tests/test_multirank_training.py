@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import fully_shard
 
 import kvckpt
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal
 from tests.ranks import run_ranks
 
@@ -41,7 +41,7 @@ def train_step(model: nn.Module, optim: torch.optim.Optimizer, step: int) -> flo
     gen = torch.Generator().manual_seed(100 + step)
     x, y = torch.randn(32, 16, generator=gen), torch.randn(32, 4, generator=gen)
     loss = F.mse_loss(model(x), y)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     optim.step()
     optim.zero_grad()
     return float(loss.item())
@@ -67,7 +67,7 @@ def train_scenario(rank: int, world_size: int, url: str, reference: str) -> None
 def resume_scenario(rank: int, world_size: int, url: str, reference: str) -> None:
     model, optim = build(seed=1)  # other weights: only the checkpoint can make the runs agree
     model_state, optim_state = get_state_dict(model, optim)
-    state = {"model": model_state, "optim": optim_state, "trainer": {"step": None}}
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state, "trainer": {"step": None}}
     kvckpt.load(state, url)
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     assert state["trainer"]["step"] == SAVED_AT

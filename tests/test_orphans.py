@@ -25,8 +25,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 import kvckpt
 from kvckpt import layout
 from kvckpt.errors import CorruptCheckpointError, StoreFullError
-from kvckpt.testing.servers import EtcdServer, RedisServer
 from tests.conftest import Backend
+from tests.harness.servers import EtcdServer, RedisServer
 from tests.ranks import run_ranks
 from tests.stalled_save import STATE
 from tests.test_cli import kvckpt_cli

@@ -24,8 +24,8 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 import kvckpt
 from kvckpt.testing.fake_server import TcpServer
-from kvckpt.testing.servers import RedisServer
 from tests.conftest import Backend
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
 

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks.etcd_bench import measure
 from kvckpt.errors import (
     CheckpointTooLargeError,
     KVCheckpointError,
@@ -23,11 +24,11 @@ from kvckpt.errors import (
 )
 from kvckpt.registry import backend_for, open_store
 from kvckpt.store import KVStore, RangeRead
-from kvckpt.stores import etcd_wire as pb
-from kvckpt.stores.etcd import EtcdStore, prefix_end
+from kvckpt.stores.etcd import wire as pb
+from kvckpt.stores.etcd.store import EtcdStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.etcd_bench import measure
-from kvckpt.testing.servers import EtcdCluster, EtcdServer, find_binary, free_port
+from tests.harness.raw import EtcdRaw
+from tests.harness.servers import EtcdCluster, EtcdServer, find_binary, free_port
 
 MiB = 1 << 20
 
@@ -35,6 +36,10 @@ MiB = 1 << 20
 class TestEtcd(StoreTests):
     # etcd leases are whole seconds and at least ~2 s; expiry is checked every 500 ms.
     expiry_wait = 4.0
+
+    @pytest.fixture
+    def raw(self, etcd_server: EtcdServer) -> EtcdRaw:
+        return EtcdRaw(etcd_server.endpoint)
 
     @pytest.fixture
     def store(self, etcd_server: EtcdServer) -> Iterator[KVStore]:
@@ -56,7 +61,7 @@ def prefix() -> str:
 
 
 def _parse(url: str):  # type: ignore[no-untyped-def]
-    from kvckpt.urls import parse_url
+    from kvckpt.registry import parse_url
 
     return parse_url(url)
 
@@ -78,10 +83,10 @@ def test_varint_round_trip(n: int) -> None:
 
 
 def test_prefix_end() -> None:
-    assert prefix_end(b"a/b") == b"a/c"
-    assert prefix_end(b"a\xff") == b"b"
-    assert prefix_end(b"\xff\xff") == b"\x00"
-    assert prefix_end(b"") == b"\x00"
+    assert pb.prefix_end(b"a/b") == b"a/c"
+    assert pb.prefix_end(b"a\xff") == b"b"
+    assert pb.prefix_end(b"\xff\xff") == b"\x00"
+    assert pb.prefix_end(b"") == b"\x00"
 
 
 def test_url_options_and_lazy_connect() -> None:
@@ -92,16 +97,17 @@ def test_url_options_and_lazy_connect() -> None:
     assert store.capabilities.max_value_bytes == 4 * MiB - 8 * 1024
     assert store.capabilities.native_ranges is False
     assert store.capabilities.max_batch_ops == 128
-    assert store._endpoints is None  # nothing connects until the first call
+    assert store.client.endpoints is None  # nothing connects until the first call
 
 
 def test_missing_grpc_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "grpc", None)
-    monkeypatch.delitem(sys.modules, "kvckpt.stores.etcd", raising=False)
+    for module in ("kvckpt.stores.etcd.store", "kvckpt.stores.etcd.client"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(MissingDependencyError, match=r"kvckpt\[etcd\]"):
         backend_for("etcd")
     monkeypatch.undo()
-    importlib.import_module("kvckpt.stores.etcd")
+    importlib.import_module("kvckpt.stores.etcd.store")
 
 
 # Limits -------------------------------------------------------------------------------------------
@@ -325,7 +331,11 @@ def test_cluster_survives_one_member_and_fails_fast_without_quorum(etcd_cluster:
     assert store.get("c/after-one-down") == b"ok"
 
     etcd_cluster.stop_member(1, kill=True)  # quorum lost
-    for attempt in (lambda: store.put("c/no-quorum", b"x"), lambda: store.put("c/rec2", b"x", create=True)):
+    attempts: list[Callable[[], bool]] = [
+        lambda: store.put("c/no-quorum", b"x"),
+        lambda: store.put("c/rec2", b"x", create=True),
+    ]
+    for attempt in attempts:
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError):
             attempt()

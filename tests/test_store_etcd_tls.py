@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from kvckpt.errors import InvalidCheckpointIdError, StoreUnavailableError
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import EtcdServer, TLSFiles, make_tls_files
 from kvckpt.urls import TLSOptions
+from tests.harness.raw import EtcdRaw
+from tests.harness.servers import EtcdServer, TLSFiles, make_tls_files
 from tests.helpers import bits_equal, random_tensor
 
 
@@ -36,6 +38,10 @@ class TestEtcdOverTLS(StoreTests):
     expiry_wait = 4.0  # etcd leases: whole seconds, at least ~2 s
 
     @pytest.fixture
+    def raw(self, tls_etcd: EtcdServer) -> EtcdRaw:
+        return EtcdRaw(f"https://{tls_etcd.endpoint}", tls_etcd.tls)
+
+    @pytest.fixture
     def store(self, tls_etcd: EtcdServer) -> Iterator[KVStore]:
         store = open_store(tls_etcd.url("conformance"))
         yield store
@@ -43,9 +49,9 @@ class TestEtcdOverTLS(StoreTests):
 
 
 def test_checkpoint_round_trip_over_tls(tls_etcd: EtcdServer, namespace: str) -> None:
-    reference = {"w": random_tensor((300, 70), torch.bfloat16, seed=4), "step": 7}
+    reference: dict[str, Any] = {"w": random_tensor((300, 70), torch.bfloat16, seed=4), "step": 7}
     kvckpt.save(reference, tls_etcd.url(namespace))
-    loaded = {"w": torch.zeros(300, 70, dtype=torch.bfloat16), "step": 0}
+    loaded: dict[str, Any] = {"w": torch.zeros(300, 70, dtype=torch.bfloat16), "step": 0}
     kvckpt.load(loaded, tls_etcd.url(namespace))
     assert bits_equal(loaded["w"], reference["w"]) and loaded["step"] == 7
     assert kvckpt.latest(tls_etcd.url(namespace.rsplit("/", 1)[0])) is not None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import string
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,17 +14,28 @@ import pytest
 import redis
 from redis.crc import key_slot as redis_key_slot
 
-from kvckpt.errors import ReplicationError, StoreFullError, StoreUnavailableError, UnsafeStoreConfigError
-from kvckpt.registry import open_store
+from kvckpt.errors import (
+    KVCheckpointError,
+    ReplicationError,
+    StoreFullError,
+    StoreUnavailableError,
+    UnsafeStoreConfigError,
+)
+from kvckpt.registry import open_store, parse_url
 from kvckpt.store import KVStore, RangeRead
-from kvckpt.stores.redis import RedisStore
-from kvckpt.stores.redis_cluster import CLUSTER_ACL_RULES, RedisClusterStore, key_slot
+from kvckpt.stores.redis import cluster as cluster_module
+from kvckpt.stores.redis import wrap_client
+from kvckpt.stores.redis.cluster import CLUSTER_ACL_RULES, RedisClusterStore, key_slot
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import RedisCluster, free_port, redis_call
-from kvckpt.urls import parse_url
+from tests.harness.raw import RedisRaw
+from tests.harness.servers import RedisCluster, RedisServer, free_port, redis_call
 
 
 class TestRedisCluster(StoreTests):
+    @pytest.fixture
+    def raw(self, redis_cluster: RedisCluster) -> RedisRaw:
+        return RedisRaw(redis.RedisCluster(host="127.0.0.1", port=redis_cluster.live()[0].port))
+
     @pytest.fixture
     def store(self, redis_cluster: RedisCluster) -> Iterator[KVStore]:
         store = open_store(redis_cluster.url("conformance"))
@@ -86,7 +99,7 @@ def test_injected_cluster_client_is_routed_to_cluster_store(
 ) -> None:
     client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
     try:
-        store = RedisStore(client=client)
+        store = wrap_client(client)
         assert type(store) is RedisClusterStore
         items = [(f"{namespace}/i/{i}", b"x" * i) for i in range(100)]
         store.put_many(items)
@@ -102,7 +115,7 @@ def test_injected_cluster_client_is_routed_to_cluster_store(
 def test_batches_stay_correct_while_a_slot_migrates(
     redis_cluster: RedisCluster, store: RedisClusterStore, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="kvckpt.stores.redis_cluster")
+    caplog.set_level(logging.DEBUG, logger="kvckpt.stores.redis.cluster")
     slot, slot_keys = keys_in_one_slot(f"{namespace}/m/", 6)
     old, new = slot_keys[:4], slot_keys[4:]
     others = [f"{namespace}/o/{i}" for i in range(200)]
@@ -217,7 +230,7 @@ def test_keys_survive_a_master_failover(
     redis_cluster: RedisCluster, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Kill a master once its writes are replicated; its replica takes over and every key still reads."""
-    caplog.set_level(logging.DEBUG, logger="kvckpt.stores.redis_cluster")
+    caplog.set_level(logging.DEBUG, logger="kvckpt.stores.redis.cluster")
     store = open_store(redis_cluster.url("ns"))
     stale = open_store(redis_cluster.url("ns"))
     assert isinstance(store, RedisClusterStore) and isinstance(stale, RedisClusterStore)
@@ -248,8 +261,66 @@ def test_keys_survive_a_master_failover(
 
 def test_cluster_urls_take_the_standalone_options(redis_cluster: RedisCluster, namespace: str) -> None:
     store = open_store(
-        redis_cluster.url("x"), retries=1, backoff=0.01, backoff_cap=0.1, fast_path=False, timeout=5
+        redis_cluster.url("x"), retries=1, backoff=0.01, backoff_cap=0.1, total_timeout=20, timeout=5
     )
     store.put(f"{namespace}/opt", b"ok")
     assert store.get(f"{namespace}/opt") == b"ok"
+    store.close()
+
+
+class _RedisWith:
+    """The redis module as cluster.py sees it, with RedisCluster replaced."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.RedisCluster = cluster
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(redis, name)
+
+
+def test_first_use_from_many_threads_builds_one_client(
+    redis_cluster: RedisCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """I/O threads connect lazily at once; a second redis-py client would close the first one's sockets."""
+    built: list[Any] = []
+    real = redis.RedisCluster
+
+    def slow_client(**kwargs: Any) -> Any:
+        time.sleep(0.05)  # widen the window in which a racing thread would build its own
+        built.append(real(**kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(cluster_module, "redis", _RedisWith(slow_client))
+    store = open_store(redis_cluster.url("x"))
+    start = threading.Barrier(4)
+
+    def use() -> None:
+        start.wait()
+        store.put_many([(f"{namespace}/{threading.get_ident()}", b"x")])
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1
+    store.close()
+
+
+def test_a_plain_redis_url_at_a_cluster_node_names_the_mistake(redis_cluster: RedisCluster) -> None:
+    port = redis_cluster.master_nodes()[0].port
+    store = open_store(f"redis://127.0.0.1:{port}/0/x")
+    with pytest.raises(KVCheckpointError, match=r"is a Redis Cluster node; use redis\+cluster://"):
+        store.put_many([(f"x/{i}", b"v") for i in range(50)])  # some keys live on other nodes
+    store.close()
+    store = open_store(f"redis://127.0.0.1:{port}/1/x")
+    with pytest.raises(KVCheckpointError, match=r"is a Redis Cluster node; use redis\+cluster://"):
+        store.get("x/a")  # SELECT 1 is refused in cluster mode
+    store.close()
+
+
+def test_a_cluster_url_at_a_standalone_server_names_the_mistake(redis_server: RedisServer) -> None:
+    store = open_store(f"redis+cluster://127.0.0.1:{redis_server.port}/x")
+    with pytest.raises(KVCheckpointError, match=r"is not a Redis Cluster; use redis://"):
+        store.get("x/a")
     store.close()

@@ -14,8 +14,9 @@ import redis
 
 from kvckpt.errors import ReplicationError, StoreFullError, UnsafeStoreConfigError, UnsafeStoreConfigWarning
 from kvckpt.registry import open_store
-from kvckpt.stores.redis import RedisStore
-from kvckpt.testing.servers import RedisReplicaPair, RedisServer, redis_call
+from kvckpt.stores.redis.client import ClientStore
+from kvckpt.stores.redis.standalone import RedisStore
+from tests.harness.servers import RedisReplicaPair, RedisServer, redis_call
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_evicting_policy_is_refused_or_warned(
 
 def test_unreadable_config_is_skipped_quietly() -> None:
     """fakeredis, like managed Redis with CONFIG renamed, refuses CONFIG GET: nothing to check."""
-    store = RedisStore(client=fakeredis.FakeRedis())
+    store = ClientStore(client=fakeredis.FakeRedis())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert store.check_server_settings() == {}
@@ -69,7 +70,7 @@ def test_full_server_with_noeviction_is_store_full(server: RedisServer, store: R
     chunk = memoryview(bytes(range(256)) * 2048)  # 512 KiB
     with pytest.raises(StoreFullError, match="out of memory"):
         store.put_many([(f"safety/chunk/{i}", chunk) for i in range(16)])
-    assert store.get("safety/chunk/0") == chunk  # what was acknowledged is kept: nothing evicted
+    assert store.get("safety/chunk/0") == bytes(chunk)  # what was acknowledged is kept: nothing evicted
 
 
 def test_wait_for_replicas_with_a_linked_replica(

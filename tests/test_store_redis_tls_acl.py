@@ -12,14 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from kvckpt.errors import InvalidCheckpointIdError, StoreUnavailableError
-from kvckpt.registry import open_store
+from kvckpt.registry import open_store, parse_url
 from kvckpt.store import KVStore, RangeRead
-from kvckpt.stores.redis import ACL_RULES, PASSWORD_ENV, RedisStore
+from kvckpt.stores.redis.common import ACL_RULES, PASSWORD_ENV
+from kvckpt.stores.redis.standalone import RedisStore
 from kvckpt.testing.conformance import StoreTests
-from kvckpt.testing.servers import RedisTLSServer, make_tls_files
-from kvckpt.urls import parse_url
+from tests.harness.raw import RedisRaw
+from tests.harness.servers import RedisTLSServer, make_tls_files
 
 USER = "ckpt-writer"
 PASSWORD = "Pw-9f2c!kvckpt-secret"  # distinctive, so a leak anywhere is easy to grep for
@@ -37,6 +39,10 @@ def tls_server(redis_tls_server: RedisTLSServer) -> RedisTLSServer:
 
 
 class TestRedisTLSAsACLUser(StoreTests):
+    @pytest.fixture
+    def raw(self, tls_server: RedisTLSServer) -> RedisRaw:
+        return RedisRaw(redis.Redis(unix_socket_path=tls_server.socket_path))
+
     @pytest.fixture
     def store(self, tls_server: RedisTLSServer) -> Iterator[KVStore]:
         store = open_store(tls_server.url("conformance", user=f"{USER}:{PASSWORD}"))
@@ -155,4 +161,5 @@ def test_least_privilege_acl_user_can_do_everything_the_store_needs(tls_server: 
     assert sorted(store.scan_prefix("least/")) == ["least/a", "least/rec"]
     assert store.delete_prefix("least/") == 2
     assert store.wait_for_replicas(0, 1.0) == 0
+    assert isinstance(store, RedisStore)
     assert store.check_server_settings() == {store.description: "noeviction"}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kvckpt.dcp.tensor_bytes import byte_view, writable_byte_view
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

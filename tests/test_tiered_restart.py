@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import kvckpt
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 from tests.ranks import run_ranks
 from tests.test_multirank_training import assert_same, build, full_state, train_step
 

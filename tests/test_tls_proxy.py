@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from kvckpt.testing.servers import RedisServer, TLSFiles, make_tls_files
+from tests.harness.servers import RedisServer, TLSFiles, make_tls_files
 from tests.harness.tls_proxy import TLSProxy
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kvckpt
-from kvckpt.testing.servers import RedisServer, free_port
+from tests.harness.servers import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

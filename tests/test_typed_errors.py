@@ -22,7 +22,7 @@ from kvckpt.errors import (
     StateDictMismatchError,
     UnpicklableValueError,
 )
-from kvckpt.testing.servers import RedisServer
+from tests.harness.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvckpt.errors import InvalidCheckpointIdError
-from kvckpt.urls import parse_url, redact
+from kvckpt.registry import parse_url
+from kvckpt.urls import redact
 
 
 def test_redis_tcp_form() -> None:

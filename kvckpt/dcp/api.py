@@ -39,8 +39,7 @@ from kvckpt.errors import (
     UnpicklableValueError,
 )
 from kvckpt.humanize import printable
-from kvckpt.registry import owns
-from kvckpt.urls import parse_url
+from kvckpt.registry import owns, parse_url
 
 Diagnosis = Callable[[], KVCheckpointError | None]
 

@@ -20,7 +20,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from kvckpt.errors import CorruptCheckpointError
-from kvckpt.layout import StoredChunk, StoredItem
+from kvckpt.layout import StoredItem
+from kvckpt.record import RecordItem, decode_items
 from kvckpt.record import chunk_keys as chunk_keys  # re-exported: the writer imports it from here
 
 DTYPES: dict[str, torch.dtype] = {
@@ -63,10 +64,8 @@ def _encode_entry(meta: TensorStorageMetadata | BytesStorageMetadata) -> dict[st
 
 
 def _encode_item(index: MetadataIndex, item: StoredItem) -> list[Any]:
-    offset = None if index.offset is None else list(index.offset)
-    chunks = [[c.key, c.nbytes, list(c.sums)] for c in item.chunks]
-    shape = None if item.shape is None else list(item.shape)
-    return [index.fqn, offset, item.nbytes, item.dtype, shape, chunks]
+    offset = None if index.offset is None else tuple(index.offset)
+    return RecordItem(index.fqn, offset, item.nbytes, item.dtype, item.shape, item.chunks).to_row()
 
 
 def encode_metadata(metadata: Metadata, items: dict[MetadataIndex, StoredItem]) -> dict[str, Any]:
@@ -112,32 +111,11 @@ def _size(values: Any) -> torch.Size:
     return torch.Size(values)
 
 
-def _decode_item(row: list[Any]) -> tuple[MetadataIndex, StoredItem]:
-    fqn, offset, nbytes, dtype, shape, chunks = row
-    if not isinstance(fqn, str) or type(nbytes) is not int:
-        raise ValueError("bad item row")
-    if dtype is not None:
-        _lookup(DTYPES, dtype, "dtype")
-    stored = tuple(_decode_chunk(chunk) for chunk in chunks)
-    if sum(c.nbytes for c in stored) != nbytes:
-        raise ValueError(f"chunk sizes of {fqn!r} do not add up to {nbytes}")
-    item = StoredItem(
-        nbytes=nbytes,
-        chunks=stored,
-        dtype=dtype,
-        shape=None if shape is None else tuple(_size(shape)),
-    )
-    index = MetadataIndex(fqn, None if offset is None else _size(offset))
-    return index, item
-
-
-def _decode_chunk(row: Any) -> StoredChunk:
-    key, size, sums = row
-    if not isinstance(key, str) or type(size) is not int or size < 0:
-        raise ValueError(f"bad chunk {row!r:.200}")
-    if not isinstance(sums, list) or not all(type(s) is int and 0 <= s < 2**64 for s in sums):
-        raise ValueError(f"bad checksums for chunk {key!r}")
-    return StoredChunk(key=key, nbytes=size, sums=tuple(sums))
+def _decode_item(item: RecordItem) -> tuple[MetadataIndex, StoredItem]:
+    if item.dtype is not None:
+        _lookup(DTYPES, item.dtype, "dtype")
+    stored = StoredItem(nbytes=item.nbytes, chunks=item.chunks, dtype=item.dtype, shape=item.shape)
+    return MetadataIndex(item.fqn, None if item.offset is None else torch.Size(item.offset)), stored
 
 
 def _check_consistent(
@@ -186,7 +164,7 @@ def decode_metadata(body: dict[str, Any], key: str) -> Metadata:
             )
         )
         state = {str(fqn): _decode_entry(entry) for fqn, entry in body["state_dict"]}
-        items = dict(_decode_item(row) for row in body["items"])
+        items = dict(_decode_item(item) for item in decode_items(body, key))
         _check_consistent(state, items)
         return Metadata(
             state_dict_metadata=state,

@@ -56,7 +56,7 @@ from kvckpt.errors import (
     InvalidCheckpointIdError,
     KVCheckpointError,
 )
-from kvckpt.registry import BACKENDS, owns
+from kvckpt.registry import owns, schemes
 from kvckpt.tiers import open_fsspec
 from kvckpt.urls import redact, scheme_of
 
@@ -213,10 +213,10 @@ class _Feed:
 
 def _folder(location: str | os.PathLike[str], role: str) -> Path:
     scheme = scheme_of(location)
-    if scheme is not None and scheme not in BACKENDS:
+    if scheme is not None and scheme not in schemes():
         raise InvalidCheckpointIdError(
             f"cannot copy {role} {redact(str(location))!r}: kvckpt copies between kvckpt URLs "
-            f"({', '.join(BACKENDS)}) and local DCP folders"
+            f"({', '.join(schemes())}) and local DCP folders"
         )
     return Path(location)
 

@@ -19,8 +19,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from kvckpt import humanize, manage
 from kvckpt.dcp.api import load, save
-from kvckpt.testing.servers import RedisServer
-from kvckpt.urls import parse_url
+from kvckpt.local_server import RedisServer, find_redis_server
+from kvckpt.registry import parse_url
 
 WIDTH, BATCH = 1024, 32
 
@@ -67,7 +67,7 @@ def run_demo(
     crash_at = steps - max(1, every // 2)  # a few steps after the last checkpoint before it
     server = None
     if url is None:
-        server = RedisServer().start()
+        server = RedisServer(binary=find_redis_server()).start()
         prefix = server.unix_url("demo/run1")
         say(f"store     private redis-server ({server.binary}), unix socket {server.socket_path}")
     else:

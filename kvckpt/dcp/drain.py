@@ -43,8 +43,9 @@ from kvckpt.errors import (
     KVCheckpointError,
 )
 from kvckpt.manage import CheckpointInfo
+from kvckpt.registry import parse_url
 from kvckpt.tiers import IN_PROGRESS, MARKER, Destination
-from kvckpt.urls import parse_url, redact
+from kvckpt.urls import redact
 
 log = logging.getLogger("kvckpt.drain")
 

@@ -262,10 +262,7 @@ class KVStorageReader(Addressed, StorageReader):
         store, namespace = self.target.store, self.target.namespace
         wanted = [(item, self._stored(item)) for item in items]
         keys = [layout.full_key(namespace, c.key) for _, stored in wanted for c in stored.chunks]
-        step = store.capabilities.max_batch_ops
-        values: list[bytes | None] = []
-        for start in range(0, len(keys), step):
-            values += store.get_many(keys[start : start + step])
+        values = store.get_many(keys)  # the store splits the batch as its server needs
         found = iter(zip(keys, values, strict=True))
         for item, stored in wanted:
             parts = []

@@ -4,6 +4,14 @@ class TestMyStore(StoreTests):
     @pytest.fixture
     def store(self):
         yield MyStore(...)
+
+    @pytest.fixture
+    def raw(self):  # optional: reads the server directly (kvckpt.testing.stateful.RawAccess)
+        return MyServerReader(...)
+
+With ``raw`` the suite also checks, on the server itself, that keys arrive as their UTF-8 bytes and
+that TTLs are set and cleared; ``test_contract_against_a_model`` (needs hypothesis) runs random
+operation sequences against a dict model (kvckpt.testing.stateful).
 """
 
 from __future__ import annotations
@@ -13,11 +21,15 @@ import pickle
 import time
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from kvckpt.errors import KVCheckpointError
 from kvckpt.store import KVStore, RangeRead
+
+if TYPE_CHECKING:
+    from kvckpt.testing.stateful import RawAccess
 
 
 class StoreTests:
@@ -31,8 +43,42 @@ class StoreTests:
         raise NotImplementedError("a backend's test class supplies the store fixture")
 
     @pytest.fixture
+    def raw(self) -> RawAccess | None:
+        """A reader of the server that bypasses the store; None where the backend's test has none."""
+        return None
+
+    @pytest.fixture
     def prefix(self) -> str:
         return f"conformance/{uuid.uuid4().hex}/"
+
+    def test_keys_reach_the_server_as_written(
+        self, store: KVStore, raw: RawAccess | None, prefix: str
+    ) -> None:
+        if raw is None:
+            pytest.skip("this backend's test supplies no raw access to its server")
+        keys = [prefix + "plain", prefix + "ключ ✓/€", prefix + "a*b?[c]\\d", prefix + "sp ace"]
+        store.put_many([(k, k.encode()) for k in keys])
+        assert [raw.get(k) for k in keys] == [k.encode() for k in keys]
+        assert raw.get(prefix + "never") is None
+
+    def test_ttls_reach_the_server(self, store: KVStore, raw: RawAccess | None, prefix: str) -> None:
+        if raw is None:
+            pytest.skip("this backend's test supplies no raw access to its server")
+        store.put_many([(prefix + "t", b"1")], ttl=60)
+        store.put(prefix + "p", b"2")
+        first = raw.ttl(prefix + "t")
+        assert first is not None and 50 < first <= 60
+        assert raw.ttl(prefix + "p") is None
+        assert store.expire_many([prefix + "p"], 120) == [True]
+        second = raw.ttl(prefix + "p")
+        assert second is not None and 100 < second <= 120
+        assert store.expire_many([prefix + "t"], None) == [True]
+        assert raw.ttl(prefix + "t") is None
+
+    def test_contract_against_a_model(self, store: KVStore, raw: RawAccess | None) -> None:
+        from kvckpt.testing.stateful import check_contract
+
+        check_contract(store, raw)
 
     def test_missing_key_is_none(self, store: KVStore, prefix: str) -> None:
         assert store.get(prefix + "nope") is None

@@ -2,20 +2,28 @@
 
 ``fakeredis://NAME/NAMESPACE`` names an in-process fakeredis server: every URL with the same NAME in
 one process reaches the same data, whatever opens it (KVStorageWriter, kvckpt.load, the management
-API, DCP after ``kvckpt.install()``). Other processes cannot see it; for them ``serve_tcp(NAME)``
+API, DCP after ``kvckpt.install()``). Other processes cannot see it; for them ``TcpServer(NAME)``
 serves the same data over loopback TCP at a ``redis://`` URL, no redis-server binary needed.
+
+For code that takes a client instead, ``fake_client``/``fake_store``: every ``fakeredis.FakeRedis()``
+is its own server unless several share a ``fakeredis.FakeServer``, so pass the same ``server`` to
+clients that must see each other's keys.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from typing import Any
+from urllib.parse import unquote
 
-from kvckpt.errors import KVCheckpointError, MissingDependencyError
+from kvckpt.errors import InvalidCheckpointIdError, KVCheckpointError, MissingDependencyError
 from kvckpt.store import KVStore
-from kvckpt.stores.redis import RedisStore
-from kvckpt.urls import StoreURL
+from kvckpt.stores.redis.client import ClientStore
+from kvckpt.urls import StoreURL, redact, require_namespace, split_url
+
+USAGE = "use fakeredis://NAME/NAMESPACE (NAME: letters, digits, '_', '.' or '-')"
 
 try:
     import fakeredis
@@ -48,8 +56,29 @@ def fresh_url(namespace: str = "checkpoints", prefix: str = "test") -> str:
     return f"fakeredis://{prefix}-{uuid.uuid4().hex[:12]}/{namespace}"
 
 
+def fake_client(fake_server: Any = None) -> Any:
+    """A ``fakeredis.FakeRedis`` on ``fake_server`` (a ``fakeredis.FakeServer``; a new one by default)."""
+    return fakeredis.FakeRedis(server=fake_server or fakeredis.FakeServer())
+
+
+def fake_store(fake_server: Any = None) -> KVStore:
+    """A KVStore over ``fake_client(fake_server)``; ``kvckpt.save(state, "ns", client=store)`` uses it."""
+    return ClientStore(client=fake_client(fake_server), description="fakeredis")
+
+
 class FakeRedisStore:
-    """The registry's factory for ``fakeredis://``: a RedisStore on the named in-process server."""
+    """The registry's backend for ``fakeredis://``: a store on the named in-process server."""
+
+    @classmethod
+    def parse_url(cls, text: str) -> StoreURL:
+        parts = split_url(text, USAGE)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", parts.netloc):
+            raise InvalidCheckpointIdError(
+                f"{redact(text)!r}: a fakeredis server NAME is missing or odd; {USAGE}"
+            )
+        namespace = unquote("/".join(parts.segments()))
+        require_namespace(namespace, text, USAGE)
+        return StoreURL(parts.scheme, namespace, hosts=((parts.netloc, 0),), query=parts.options())
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> KVStore:
@@ -58,8 +87,7 @@ class FakeRedisStore:
                 f"{url}: a fakeredis:// store takes no options (got {', '.join(sorted(options))})"
             )
         (name, _), *_ = url.hosts
-        client = fakeredis.FakeRedis(server=server(name))
-        return RedisStore(client=client, description=f"fakeredis://{name}")
+        return ClientStore(client=fakeredis.FakeRedis(server=server(name)), description=f"fakeredis://{name}")
 
 
 class _BulkWriter(Writer):

@@ -38,9 +38,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from kvckpt.testing.servers import RedisServer
 from tests.dcp_semantics.compare import assert_same
 from tests.dcp_semantics.places import Place, folder, store
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
 

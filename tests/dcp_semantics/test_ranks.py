@@ -59,9 +59,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import StateDictType, fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from kvckpt.testing.servers import RedisServer
 from tests.dcp_semantics.compare import assert_same, rank_failure, upload_of
 from tests.dcp_semantics.places import Place, folder, store
+from tests.harness.servers import RedisServer
 from tests.helpers import bits_equal, random_tensor
 from tests.ranks import run_ranks
 

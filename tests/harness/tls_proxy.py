@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvckpt.testing.servers import RedisServer, RedisTLSServer, TLSFiles, make_tls_files
+from tests.harness.servers import RedisServer, RedisTLSServer, TLSFiles, make_tls_files
 
 #: Bytes read from a socket or the TLS layer at a time.
 _PIECE = 256 << 10

@@ -1,20 +1,23 @@
-"""RESP2 on a plain socket for RedisStore's bulk traffic: values leave from, and land in, the caller's memory.
+"""The RESP2 transport of every connection kvckpt opens to a standalone Redis (TCP, TLS, unix socket).
 
-redis-py hands every reply back as a new bytes object (one copy there, another into the tensor) and
-sends each memoryview argument with its own ``sendall`` (10,000 small values: 10,000 syscalls). Here a
-batch is one write of its small parts, large values go out straight from the tensor's memory, and
-each GETRANGE reply is received straight into its destination (``recv_into``).
+Values leave from, and land in, the caller's memory. redis-py hands every reply back as a new bytes
+object (one copy there, another into the tensor) and sends each memoryview argument with its own
+``sendall`` (10,000 small values: 10,000 syscalls). Here a batch is one write of its small parts,
+large values go out straight from the tensor's memory, and each GETRANGE reply is received straight
+into its destination (``recv_into``, which works on an ``SSLSocket`` too).
 
-RedisStore uses this only on connections it opens itself (TCP or unix socket, not TLS); an injected
-client keeps the generic redis-py path. Failures are raised as redis-py's exception classes, so
-RedisStore translates both paths into kvckpt's errors the same way.
+Failures are raised as redis-py's exception classes, so the stores translate them into kvckpt's errors
+the same way whether they came from here or from a redis-py client (Cluster, an injected client).
+Every operation retries through one ``RetryPolicy``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket
+import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +25,9 @@ from typing import TypeAlias, TypeVar
 
 import redis.exceptions as rex
 
+from kvckpt._buffers import byte_view, key_bytes
 from kvckpt.store import Buffer, RangeRead
+from kvckpt.stores.redis.retry import RetryPolicy
 
 #: A value at least this large is sent from its own memory rather than copied into the batch buffer.
 DIRECT_SEND = 64 << 10
@@ -40,7 +45,7 @@ MAX_LINE = 64 << 10
 
 #: A reply: status line (str), integer, bulk string (bytes, None when nil), array, or an error reply.
 Reply: TypeAlias = "str | int | bytes | list[Reply] | rex.RedisError | None"
-Arg: TypeAlias = "str | bytes | int"
+Arg: TypeAlias = "str | bytes | int | Buffer"
 T = TypeVar("T")
 
 _ERROR_CODES: dict[bytes, type[rex.RedisError]] = {
@@ -63,8 +68,10 @@ def _arg(value: Arg) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    return str(value).encode()
+        return key_bytes(value)
+    if isinstance(value, int):
+        return str(value).encode()
+    return bytes(byte_view(value))
 
 
 def pack(*args: Arg) -> bytes:
@@ -73,11 +80,6 @@ def pack(*args: Arg) -> bytes:
     for arg in map(_arg, args):
         parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(parts)
-
-
-def byte_view(value: Buffer) -> memoryview:
-    view = value if isinstance(value, memoryview) else memoryview(value)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,18 @@ class Endpoint:
     password: str | None = field(default=None, repr=False)
     timeout: float | None = 30.0
     connect_timeout: float | None = 3.0
+    #: TLS: on when ``tls``; ``ca`` verifies the server (else the system's CAs), ``cert``/``key`` are
+    #: the client's certificate.
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.cert:
+            context.load_cert_chain(self.cert, self.key)
+        return context
 
 
 class RespConnection:
@@ -122,6 +136,12 @@ class RespConnection:
             sock = socket.create_connection((ep.host, ep.port), timeout=ep.connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if ep.tls:
+                try:
+                    sock = ep.tls_context().wrap_socket(sock, server_hostname=ep.host)
+                except BaseException:
+                    sock.close()
+                    raise
         sock.settimeout(ep.timeout)
         self._sock, self._pos, self._end = sock, 0, 0
         setup: list[tuple[Arg, ...]] = []
@@ -140,6 +160,11 @@ class RespConnection:
                 if command[0] == "AUTH":  # "ERR invalid password" on servers without ACLs
                     raise rex.AuthenticationError(str(reply))
                 raise reply
+
+    def drop_if_stale(self) -> None:
+        """Close an idle connection the server closed (or wrote to unasked): reuse would fail mid-batch."""
+        if self._sock is not None and select.select([self._sock], [], [], 0)[0]:
+            self.close()
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
@@ -314,37 +339,73 @@ class RespConnection:
         raise rex.InvalidResponse(f"unknown reply type {line[:40]!r}")
 
 
-class RespPool:
-    """Connections for concurrent callers (one per I/O thread), with whole-batch retries.
+class Transport:
+    """Connections for concurrent callers (one per I/O thread), each operation retried by one policy.
 
-    Every batch kvckpt sends is idempotent (SET of the same bytes, GETRANGE, PERSIST, PEXPIRE, EXISTS,
-    UNLINK), so after a dropped connection the batch is sent again whole on a fresh one; a batch
-    either completes or raises, never half-succeeds.
+    Every batch kvckpt sends through ``run`` is idempotent (SET of the same bytes, GET, GETRANGE,
+    PERSIST, PEXPIRE, EXISTS, UNLINK, SCAN), so after a dropped connection it is sent again whole on a
+    fresh one; a batch either completes or raises, never half-succeeds. A commit goes through
+    ``once`` instead: sent exactly once, and fenced when its reply is lost.
     """
 
-    def __init__(self, endpoint: Endpoint, retries: int = 2) -> None:
+    def __init__(self, endpoint: Endpoint, policy: RetryPolicy, where: str) -> None:
         self.endpoint = endpoint
-        self.retries = retries
+        self.policy = policy
+        self.where = where
         self._idle: list[RespConnection] = []
         self._lock = threading.Lock()
 
-    def run(self, operation: Callable[[RespConnection], T]) -> T:
-        for attempt in range(self.retries + 1):
+    def _take(self) -> RespConnection:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else RespConnection(self.endpoint)
+        conn.drop_if_stale()
+        return conn
+
+    def _give(self, conn: RespConnection) -> None:
+        if conn.connected:
             with self._lock:
-                conn = self._idle.pop() if self._idle else RespConnection(self.endpoint)
+                self._idle.append(conn)
+
+    def run(self, operation: Callable[[RespConnection], T], what: str = "a batch") -> T:
+        def attempt() -> T:
+            conn = self._take()
             try:
                 return operation(conn)
-            except rex.AuthenticationError:
-                raise
-            except (OSError, rex.ConnectionError, rex.TimeoutError):
-                if attempt == self.retries:
-                    raise
             finally:
-                if conn.connected:
-                    with self._lock:
-                        self._idle.append(conn)
-            time.sleep(min(1.0, 0.05 * 2**attempt))
-        raise AssertionError("unreachable")
+                self._give(conn)
+
+        return self.policy.run(attempt, where=self.where, what=what)
+
+    def once(self, command: tuple[Arg, ...]) -> Reply:
+        """Send a commit exactly once; after a lost reply, fence it so it can never run late.
+
+        A re-sent conditional commit could reinstate a record whose data another writer already
+        retired. After a lost reply the connection is killed server-side (CLIENT KILL ID), so the
+        commit either has run or never will, and the caller learns which by reading the record
+        (docs/reliability.md). Without the CLIENT permission it is sent once, unfenced.
+        """
+        conn = self._take()
+        try:
+            conn_id = self._client_id(conn)
+            try:
+                (reply,) = conn.execute([command])
+            except (OSError, rex.ConnectionError, rex.TimeoutError):
+                conn.close()
+                if conn_id is not None:
+                    with contextlib.suppress(Exception):
+                        self.run(lambda other: other.execute([("CLIENT", "KILL", "ID", conn_id)]), "fencing")
+                raise
+        finally:
+            self._give(conn)
+        RespConnection._raise_first([reply])
+        return reply
+
+    def _client_id(self, conn: RespConnection) -> int | None:
+        """This connection's id on the server (connecting first, with retries); None if not allowed."""
+        (reply,) = self.policy.run(
+            lambda: conn.execute([("CLIENT", "ID")]), where=self.where, what="connecting"
+        )
+        return reply if isinstance(reply, int) else None
 
     def close(self) -> None:
         with self._lock:
@@ -352,16 +413,8 @@ class RespPool:
         for conn in idle:
             conn.close()
 
-    # The store's bulk operations.
-
-    def set_many(self, items: Sequence[tuple[str, Buffer]], px: int | None) -> None:
-        self.run(lambda conn: conn.set_many(items, px))
-
-    def getrange_into(self, reads: Sequence[RangeRead]) -> list[int]:
-        return self.run(lambda conn: conn.getrange_into(reads))
-
-    def execute(self, commands: Sequence[tuple[Arg, ...]]) -> list[Reply]:
+    def execute(self, commands: Sequence[tuple[Arg, ...]], what: str = "a batch") -> list[Reply]:
         """Small commands in one round trip; raises the first error reply."""
-        replies = self.run(lambda conn: conn.execute(commands))
+        replies = self.run(lambda conn: conn.execute(commands), what)
         RespConnection._raise_first(replies)
         return replies

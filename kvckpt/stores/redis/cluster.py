@@ -18,33 +18,32 @@ from __future__ import annotations
 import binascii
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import redis
 import redis.exceptions as rex
-from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode
-from redis.retry import Retry
 
-from kvckpt.errors import ReplicationError, StoreUnavailableError
-from kvckpt.store import Buffer, RangeRead
-from kvckpt.stores.redis import (
+from kvckpt._buffers import key_bytes, key_str
+from kvckpt.errors import KVCheckpointError, ReplicationError, StoreUnavailableError
+from kvckpt.store import Buffer
+from kvckpt.stores.redis.client import ClientStore, pipeline_runner
+from kvckpt.stores.redis.common import (
     ACL_RULES,
-    RedisStore,
-    _check_wait_args,
-    _ms,
-    as_bytes_view,
-    connection_kwargs,
-    copy_replies,
+    check_wait_args,
     glob_escape,
     password_of,
     replication_message,
     wait_on,
 )
-from kvckpt.urls import StoreURL
+from kvckpt.stores.redis.retry import RetryPolicy
+from kvckpt.stores.redis.url import parse_cluster_url
+from kvckpt.urls import StoreURL, tls_of
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ T = TypeVar("T")
 
 def key_slot(key: str | bytes) -> int:
     """The cluster hash slot of ``key`` (CRC16/XMODEM of the hash tag or key, in C via binascii)."""
-    data = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+    data = key_bytes(key) if isinstance(key, str) else key
     start = data.find(b"{")
     if start != -1:
         end = data.find(b"}", start + 1)
@@ -71,8 +70,11 @@ def key_slot(key: str | bytes) -> int:
     return binascii.crc_hqx(data, 0) % SLOTS
 
 
-class RedisClusterStore(RedisStore):
+class RedisClusterStore(ClientStore):
     """KVStore over a Redis Cluster (``redis+cluster://`` or an injected ``redis.RedisCluster``)."""
+
+    cluster = True
+    parse_url = staticmethod(parse_cluster_url)
 
     def __init__(
         self,
@@ -80,14 +82,18 @@ class RedisClusterStore(RedisStore):
         client: Any = None,
         client_kwargs: dict[str, Any] | None = None,
         description: str = "injected redis cluster client",
-        rounds: int = 3,
+        policy: RetryPolicy | None = None,
         max_workers: int = 16,
     ) -> None:
-        super().__init__(client=client, client_kwargs=client_kwargs, description=description)
-        self._rounds = max(1, rounds)
+        if client is None and client_kwargs is None:
+            raise TypeError("RedisClusterStore needs client= or client_kwargs=")
+        super().__init__(client=client, description=description)
+        self._injected = client is not None
+        self._client_kwargs = client_kwargs or {}
+        self.policy = policy or RetryPolicy()
         self._max_workers = max_workers
         self._executor: ThreadPoolExecutor | None = None
-        self._written: set[str] = set()  # primaries that took writes since the last WAIT
+        self._written: set[str] = set()  # primaries written since the last wait_for_replicas
         self._written_unknown = False  # some write went through a redirection: WAIT on every primary
 
     @classmethod
@@ -97,22 +103,33 @@ class RedisClusterStore(RedisStore):
         *,
         timeout: float = 30.0,
         connect_timeout: float = 3.0,
+        total_timeout: float = 60.0,
         retries: int = 2,
         backoff: float = 0.05,
         backoff_cap: float = 1.0,
         password: str | None = None,
-        fast_path: bool = True,
         **client_kwargs: Any,
     ) -> RedisClusterStore:
-        """``url.hosts`` are startup nodes (one reachable is enough); ``retries`` bounds re-routing.
-
-        The same options as RedisStore.from_url are accepted; ``fast_path`` has no effect here (bulk
-        I/O goes through per-node redis-py pipelines)."""
-        retry = Retry(ExponentialBackoff(cap=backoff_cap, base=backoff), max(1, retries))
-        kwargs = connection_kwargs(url, password_of(url, password), timeout, connect_timeout, retry)
-        kwargs.update(startup_nodes=list(url.hosts), socket_keepalive=True)
-        kwargs.update(client_kwargs)
-        return cls(client_kwargs=kwargs, description=str(url.server), rounds=1 + max(0, retries))
+        """``url.hosts`` are startup nodes (one reachable is enough); ``retries`` bounds re-routing
+        rounds and redis-py's own retries, with the same backoff (one RetryPolicy). Other keywords go
+        to ``redis.RedisCluster`` (e.g. ``address_remap=``)."""
+        policy = RetryPolicy(retries, backoff, backoff_cap, timeout, connect_timeout, total_timeout)
+        tls = tls_of(url)
+        files = {"ssl_ca_certs": tls.ca, "ssl_certfile": tls.cert, "ssl_keyfile": tls.key} if tls else {}
+        kwargs: dict[str, Any] = {
+            "username": url.username,
+            "password": password_of(url, password),
+            "socket_timeout": timeout,
+            "socket_connect_timeout": connect_timeout,
+            "retry": replace(policy, retries=max(1, retries)).redis_py(),  # redis-py follows MOVED
+            "health_check_interval": 0,
+            "startup_nodes": list(url.hosts),
+            "socket_keepalive": True,
+            **({"ssl": True} if tls else {}),
+            **{name: path for name, path in files.items() if path},
+            **client_kwargs,
+        }
+        return cls(client_kwargs=kwargs, description=str(url.server), policy=policy)
 
     # Connection lifecycle -------------------------------------------------------------------
 
@@ -144,12 +161,24 @@ class RedisClusterStore(RedisStore):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        super().close()
+        if self._client is not None and not self._injected:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.update(_executor=None, _written=set(), _written_unknown=False)
+        if self._injected:
+            return super().__getstate__()  # raises: an injected client does not cross processes
+        state = self.__dict__.copy()
+        state.update(_client=None, _executor=None, _written=set(), _written_unknown=False)
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def _reply_timeout(self) -> float | None:
+        return self.policy.timeout
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -157,6 +186,11 @@ class RedisClusterStore(RedisStore):
             try:
                 yield
             except (rex.ClusterDownError, rex.RedisClusterException) as exc:
+                if "Cluster mode is not enabled" in str(exc) or "cluster support disabled" in str(exc):
+                    raise KVCheckpointError(
+                        f"{self.description} is not a Redis Cluster; use redis://host:port/DB/NAMESPACE "
+                        f"(the server said: {exc})"
+                    ) from exc
                 raise StoreUnavailableError(
                     f"{self.description}: the cluster cannot serve every slot while {action} "
                     f"({type(exc).__name__}); check CLUSTER INFO on its nodes"
@@ -198,7 +232,7 @@ class RedisClusterStore(RedisStore):
         replies: list[Any] = [None] * len(commands)
         todo: list[int] = list(range(len(commands)))
         one_by_one: list[int] = []
-        for attempt in range(self._rounds):
+        for attempt in range(self.policy.retries + 1):
             groups = self._by_node(commands, todo)
 
             def send(group: tuple[Any, Any, list[int]]) -> list[Any]:
@@ -238,12 +272,12 @@ class RedisClusterStore(RedisStore):
                 attempt + 1,
             )
             assert failure is not None
-            if attempt + 1 == self._rounds:
+            if attempt == self.policy.retries:
                 if not isinstance(failure, rex.MovedError):
                     raise failure
                 one_by_one += todo  # still MOVED: let the cluster client follow the redirections
                 break
-            time.sleep(min(1.0, 0.05 * 2**attempt))
+            time.sleep(self.policy.delay(attempt))
             client.nodes_manager.initialize()
         if one_by_one:
             logger.debug(
@@ -255,38 +289,6 @@ class RedisClusterStore(RedisStore):
         return replies
 
     # KVStore --------------------------------------------------------------------------------
-
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        if not keys:
-            return []
-        with self._errors("reading"):
-            return self._run([("GET", key) for key in keys], writes=False)
-
-    def value_sizes(self, keys: Sequence[str]) -> list[int]:
-        if not keys:
-            return []
-        with self._errors("reading sizes"):
-            return [int(n) for n in self._run([("STRLEN", key) for key in keys], writes=False)]
-
-    def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
-        copied = [0] * len(reads)
-        todo = [i for i, r in enumerate(reads) if len(r.into)]
-        if not todo:
-            return copied
-        with self._errors("reading"):
-            commands = []
-            for i in todo:
-                r = reads[i]
-                commands.append(("GETRANGE", r.key, r.offset, r.offset + r.into.nbytes - 1))
-            copy_replies(reads, todo, self._run(commands, writes=False), copied)
-        return copied
-
-    def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:
-        if not items:
-            return
-        expiry = ("PX", _ms(ttl)) if ttl is not None else ()
-        with self._errors("writing"):
-            self._run([("SET", key, as_bytes_view(value), *expiry) for key, value in items], writes=True)
 
     def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
         written = super().put(key, value, create=create, ttl=ttl)
@@ -315,22 +317,6 @@ class RedisClusterStore(RedisStore):
             return
         self._written_unknown = True
 
-    def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
-        if not keys:
-            return []
-        with self._errors("setting expiry"):
-            if ttl is None:  # PERSIST is 0 for a key without expiry too: EXISTS decides
-                commands = [c for key in keys for c in (("PERSIST", key), ("EXISTS", key))]
-                return [bool(e) for e in self._run(commands, writes=True)[1::2]]
-            replies = self._run([("PEXPIRE", key, _ms(ttl)) for key in keys], writes=True)
-            return [bool(r) for r in replies]
-
-    def delete_many(self, keys: Sequence[str]) -> None:
-        if not keys:
-            return
-        with self._errors("deleting"):  # one UNLINK per key: a multi-key UNLINK cannot cross slots
-            self._run([("UNLINK", key) for key in keys], writes=True)
-
     def scan_prefix(self, prefix: str) -> Iterator[str]:
         """SCAN every primary; a node that fails mid-scan gets one rescan after a topology refresh."""
         pattern = glob_escape(prefix) + "*"
@@ -341,7 +327,7 @@ class RedisClusterStore(RedisStore):
                     for node in self.client.get_primaries():
                         node_client = self.client.get_redis_connection(node)
                         for raw in node_client.scan_iter(match=pattern, count=1000):
-                            key = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+                            key = key_str(raw)
                             if key.startswith(prefix) and key not in seen:
                                 seen.add(key)
                                 yield key
@@ -370,7 +356,7 @@ class RedisClusterStore(RedisStore):
         another instance) waits on every primary. A node that took writes but is no longer a primary
         was failed over: writes it had not replicated may be lost, so that is a ReplicationError too.
         """
-        _check_wait_args(replicas, timeout)
+        check_wait_args(replicas, timeout)
         with self._errors("waiting for replicas"):
             client = self.client
             client.nodes_manager.initialize()  # current primaries: failovers since the writes show
@@ -388,7 +374,10 @@ class RedisClusterStore(RedisStore):
                     )
                 nodes = [primaries[name] for name in sorted(self._written)]
             waits = [(client.get_redis_connection(n), self._fence_on(n, fence_key)) for n in nodes]
-            outcomes = self._map(lambda cw: wait_on(cw[0], replicas, timeout, cw[1]), waits)
+            outcomes = self._map(
+                lambda cw: wait_on(pipeline_runner(cw[0]), replicas, timeout, cw[1], self.policy.timeout),
+                waits,
+            )
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome

@@ -397,3 +397,11 @@ def parse_authenticate_response(data: bytes | memoryview) -> str:
         if field == 2 and isinstance(v, memoryview):
             return bytes(v).decode()
     return ""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix`` (b"\\0" = no upper bound)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return b"\x00"
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])

@@ -1,4 +1,4 @@
-"""EtcdStore throughput on 1 MiB values: ``python -m kvckpt.testing.etcd_bench``.
+"""EtcdStore throughput on 1 MiB values: ``python -m benchmarks.etcd_bench``.
 
 Starts its own etcd (with and without ``--unsafe-no-fsync``) unless given ``--url``; prints MB/s for
 ``put_many`` and ``get_many`` over ``--total-mib`` of values. The project's main benchmark can call
@@ -16,7 +16,7 @@ from typing import Any
 
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore
-from kvckpt.testing.servers import EtcdServer
+from tests.harness.servers import EtcdServer
 
 MiB = 1 << 20
 

@@ -1,0 +1,1 @@
+"""Runnable examples from the README and docs (each file is a script; tests import them too)."""

@@ -1,0 +1,267 @@
+"""What standalone Redis, Redis Cluster and an injected client share: errors, WAIT, the eviction check.
+
+Both I/O paths (kvckpt's RESP transport and redis-py) raise redis-py's exception classes, so one
+translation serves every store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import redis.exceptions as rex
+
+from kvckpt.errors import (
+    KVCheckpointError,
+    StoreFullError,
+    StoreUnavailableError,
+    UnsafeStoreConfigError,
+    UnsafeStoreConfigWarning,
+)
+from kvckpt.store import Buffer, RangeRead
+from kvckpt.stores.redis.retry import GaveUp
+from kvckpt.urls import StoreURL
+
+logger = logging.getLogger("kvckpt.stores.redis")
+
+REDIS_MAX_VALUE = 512 * 1024 * 1024
+PASSWORD_ENV = "REDISCLI_AUTH"
+#: The only maxmemory-policy under which Redis never drops a key it acknowledged.
+SAFE_MAXMEMORY_POLICY = "noeviction"
+#: The least an ACL user needs (``ACL SETUSER name on >password ~NAMESPACE/* -@all`` + these);
+#: ``config|get`` only serves check_server_settings, which skips quietly without it. Commit fencing
+#: after a lost reply also needs ``+client|id +client|kill``; without them commits are sent once, unfenced.
+ACL_RULES = (
+    "+get", "+set", "+getrange", "+getdel", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping",
+    "+wait", "+strlen",
+    "+config|get",
+)  # fmt: skip
+
+
+def glob_escape(text: str) -> str:
+    """Make ``text`` literal inside a Redis MATCH pattern (Redis escapes with backslash)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def as_bytes_view(value: Buffer) -> Buffer:
+    """A 1-D byte view: redis-py measures arguments with len(), which counts items, not bytes."""
+    if isinstance(value, memoryview) and (value.ndim != 1 or value.itemsize != 1):
+        return value.cast("B")
+    return value
+
+
+def copy_replies(
+    reads: Sequence[RangeRead], todo: list[int], replies: list[bytes], copied: list[int]
+) -> None:
+    """Copy each GETRANGE reply into its read's buffer; a short reply means a missing or short value."""
+    for i, data in zip(todo, replies, strict=True):
+        into = reads[i].into.cast("B") if reads[i].into.format != "B" else reads[i].into
+        n = min(len(data), into.nbytes)
+        into[:n] = data[:n]
+        copied[i] = n
+
+
+def ms(ttl: float) -> int:
+    return max(1, round(ttl * 1000))
+
+
+def px(ttl: float | None) -> list[Any]:
+    """``PX milliseconds`` for a SET, or nothing."""
+    return [] if ttl is None else ["PX", ms(ttl)]
+
+
+def str_of(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def password_of(url: StoreURL, password: str | None) -> str | None:
+    """The password: given explicitly, else in the URL, else in REDISCLI_AUTH (as redis-cli reads it)."""
+    return password or url.password or os.environ.get(PASSWORD_ENV) or None
+
+
+def expiry_commands(keys: Sequence[str], ttl: float | None) -> list[tuple[Any, ...]]:
+    """PEXPIRE each key, or PERSIST + EXISTS (PERSIST is 0 for a key without expiry too)."""
+    if ttl is None:
+        return [c for key in keys for c in (("PERSIST", key), ("EXISTS", key))]
+    return [("PEXPIRE", key, ms(ttl)) for key in keys]
+
+
+def expiry_results(replies: Sequence[Any], ttl: float | None) -> list[bool]:
+    return [bool(r) for r in (replies[1::2] if ttl is None else replies)]
+
+
+# Errors ---------------------------------------------------------------------------------------
+
+_TO_CLUSTER = "is a Redis Cluster node; use redis+cluster://host:port/NAMESPACE"
+_TO_STANDALONE = "is not a Redis Cluster; use redis://host:port/DB/NAMESPACE"
+#: Error replies that mean the URL names the wrong kind of server, and what to write instead.
+_WRONG_KIND = (
+    ("SELECT is not allowed in cluster mode", _TO_CLUSTER),
+    ("Cluster mode is not enabled", _TO_STANDALONE),
+    ("cluster support disabled", _TO_STANDALONE),
+)
+
+
+def wrong_kind(exc: BaseException) -> str | None:
+    """What to write instead when ``exc`` says the server is not the kind the URL names."""
+    text = str(exc)
+    if isinstance(exc, rex.AskError) or text.split(" ", 1)[0] in ("MOVED", "ASK", "CLUSTERDOWN"):
+        return _TO_CLUSTER
+    return next((advice for marker, advice in _WRONG_KIND if marker in text), None)
+
+
+@contextlib.contextmanager
+def translated(
+    where: str, action: str, timeout: float | None = None, *, cluster: bool = False
+) -> Iterator[None]:
+    """Translate redis-py's exception classes into kvckpt's types by class (and a few by reply text).
+
+    ``cluster`` says which kind of server the store expects, so a reply that shows the other kind is
+    explained as a wrong URL scheme."""
+    try:
+        yield
+    except KVCheckpointError:
+        raise
+    except GaveUp as gave_up:
+        cause = gave_up.__cause__
+        assert isinstance(cause, BaseException)
+        raise _translate(cause, where, action, timeout, f" after {gave_up}", cluster) from cause
+    except Exception as exc:
+        raise _translate(exc, where, action, timeout, "", cluster) from exc
+
+
+def _translate(
+    exc: BaseException, where: str, action: str, timeout: float | None, tries: str, cluster: bool
+) -> Exception:
+    if isinstance(exc, rex.OutOfMemoryError):
+        return StoreFullError(
+            f"{where}: Redis is out of memory while {action} (maxmemory reached); "
+            "free memory or raise maxmemory, and use maxmemory-policy noeviction"
+        )
+    if isinstance(exc, rex.AuthenticationError):
+        return StoreUnavailableError(
+            f"{where}: authentication failed while {action}; check user and password"
+        )
+    if isinstance(exc, rex.ResponseError | rex.RedisClusterException):
+        text = str(exc)
+        advice = wrong_kind(exc)
+        if advice == (_TO_STANDALONE if cluster else _TO_CLUSTER):
+            return KVCheckpointError(f"{where} {advice} (the server said: {text[:120]})")
+        if "DB index is out of range" in text:
+            return KVCheckpointError(
+                f"{where}: the server has no such database ({text}); its databases are numbered from 0 "
+                "to its 'databases' setting minus one (16 by default: 0-15)"
+            )
+    if isinstance(exc, rex.TimeoutError | TimeoutError):
+        waited = f" within {timeout:g}s" if timeout else ""
+        return StoreUnavailableError(
+            f"{where}: the server did not answer{waited} while {action} (TimeoutError{tries}); it accepts "
+            "connections but does not reply: check that it is not stuck, overloaded or paused"
+        )
+    if isinstance(exc, rex.ConnectionError | OSError):
+        return StoreUnavailableError(
+            f"{where}: cannot reach Redis while {action} ({type(exc).__name__}{tries}); "
+            "check the server is up and the URL"
+        )
+    if isinstance(exc, rex.RedisError):
+        return KVCheckpointError(f"{where}: Redis error while {action}: {exc}")
+    if isinstance(exc, Exception):
+        return exc
+    raise exc
+
+
+# Server safety --------------------------------------------------------------------------------
+
+
+def eviction_problem(where: str, settings: dict[str, str]) -> str | None:
+    """Why ``settings`` (a CONFIG GET reply) can lose checkpoint keys, or None when they cannot.
+
+    Any policy but noeviction is refused even with maxmemory 0 (no limit today): maxmemory can be set
+    at runtime (CONFIG SET, a managed service's resize), and eviction then drops chunks of committed
+    checkpoints silently. volatile-* policies are no safer: they evict the keys kvckpt gives a TTL,
+    the previous generation that readers may still be loading.
+    """
+    policy = settings.get("maxmemory-policy", SAFE_MAXMEMORY_POLICY)
+    if policy == SAFE_MAXMEMORY_POLICY:
+        return None
+    limit = settings.get("maxmemory", "?")
+    return (
+        f"{where}: maxmemory-policy is {policy!r} (maxmemory {limit}): when memory runs short Redis "
+        "silently evicts keys, which can leave a committed checkpoint whose chunks are gone. Set "
+        "'maxmemory-policy noeviction' so a full server refuses writes instead (kvckpt then raises "
+        "StoreFullError), or pass allow_eviction=True to accept the risk"
+    )
+
+
+def check_settings(
+    servers: Sequence[tuple[str, Callable[[], dict[str, str]]]], allow_eviction: bool
+) -> dict[str, str]:
+    """Refuse a server that may evict checkpoint keys; with ``allow_eviction`` only warn.
+
+    ``servers`` are (name, CONFIG GET maxmemory*). CONFIG may be denied (ACL, managed Redis, a renamed
+    command): that server is then skipped with a debug log, since refusing would make kvckpt
+    unusable there and the user cannot change the policy anyway.
+    """
+    policies: dict[str, str] = {}
+    for name, config_get in servers:
+        try:
+            settings = config_get()
+        except rex.ResponseError as exc:  # NOPERM, unknown command: CONFIG is off limits
+            logger.debug("%s: cannot read maxmemory-policy (%s)", name, type(exc).__name__)
+            continue
+        policies[name] = settings.get("maxmemory-policy", "")
+        problem = eviction_problem(name, settings)
+        if problem and not allow_eviction:
+            raise UnsafeStoreConfigError(problem, server=name, policy=policies[name])
+        if problem:
+            warnings.warn(problem, UnsafeStoreConfigWarning, stacklevel=3)
+    return policies
+
+
+def wait_on(
+    run: Callable[[list[tuple[Any, ...]]], list[Any]],
+    replicas: int,
+    timeout: float,
+    fence_key: str | None = None,
+    socket_timeout: float | None = None,
+) -> int:
+    """Redis ``WAIT`` on one server: how many replicas acknowledged every write made before the call.
+
+    ``run`` sends commands on one connection and returns their replies. WAIT waits for the replication
+    offset of the *connection* it runs on, as of that connection's last write (Redis 7.2+ moves it
+    only on commands that propagate; older servers on any command). A pooled connection may not have
+    carried our writes, so a small write to ``fence_key`` (removed right after, and expiring in a
+    minute anyway) goes first on the same connection: its offset then covers every write any
+    connection made before. Without a fence key a PING does that on servers before 7.2. Long
+    timeouts are cut into slices shorter than the socket timeout so the reply never times out.
+    """
+    deadline = time.monotonic() + timeout
+    step = socket_timeout * 0.8 if socket_timeout else timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        first: tuple[Any, ...] = ("PING",) if fence_key is None else ("SET", fence_key, b"wait", "PX", 60_000)
+        commands = [first, ("WAIT", replicas, max(1, int(min(remaining, step) * 1000)))]
+        if fence_key is not None:
+            commands.append(("UNLINK", fence_key))
+        acked = int(run(commands)[1])
+        if acked >= replicas or time.monotonic() >= deadline:
+            return acked
+
+
+def check_wait_args(replicas: int, timeout: float) -> None:
+    if replicas < 0 or not timeout > 0:
+        raise ValueError(f"wait_for_replicas needs replicas >= 0 and timeout > 0, got {replicas}, {timeout}")
+
+
+def replication_message(where: str, acked: int, wanted: int, timeout: float) -> str:
+    return (
+        f"{where}: only {acked} of {wanted} replica(s) acknowledged the writes within {timeout:g}s; a "
+        "failover now could lose them. Check the replicas are up and linked (INFO replication) and "
+        "that the replica output buffer limit is not cutting them off, or require fewer replicas"
+    )

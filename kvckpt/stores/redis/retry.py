@@ -1,0 +1,96 @@
+"""One retry policy for every Redis operation: how often, how long apart, and for how long in all.
+
+A dropped link is worth retrying at once; a server that accepts connections but never answers is not
+worth waiting on ``retries + 1`` times. So the policy bounds both: ``retries`` re-sends, ``backoff``
+doubling up to ``backoff_cap`` between them, and ``total_timeout``: no attempt starts that could not
+finish (one ``timeout``) within it. A hung server therefore fails within ``max(timeout,
+total_timeout)``; each retry is logged (INFO, logger ``kvckpt.stores.redis``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.exceptions as rex
+
+logger = logging.getLogger("kvckpt.stores.redis")
+
+T = TypeVar("T")
+
+#: Failures after which an idempotent operation is sent again on a fresh connection.
+RETRYABLE: tuple[type[BaseException], ...] = (OSError, rex.ConnectionError, rex.TimeoutError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``timeout`` bounds each reply (seconds), ``connect_timeout`` each connect; see the module doc."""
+
+    retries: int = 2
+    backoff: float = 0.05
+    backoff_cap: float = 1.0
+    timeout: float = 30.0
+    connect_timeout: float = 3.0
+    total_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0 or self.backoff_cap < 0:
+            raise ValueError("retries, backoff and backoff_cap must be >= 0")
+        if not (self.timeout > 0 and self.connect_timeout > 0 and self.total_timeout > 0):
+            raise ValueError("timeout, connect_timeout and total_timeout must be > 0")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt + 1``."""
+        return float(min(self.backoff_cap, self.backoff * 2**attempt))
+
+    def redis_py(self) -> Any:
+        """The same policy as redis-py's ``Retry`` (for connections redis-py opens: Cluster nodes)."""
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        return Retry(ExponentialBackoff(cap=self.backoff_cap, base=self.backoff), self.retries)
+
+    def run(
+        self,
+        attempt: Callable[[], T],
+        *,
+        where: str,
+        what: str,
+        retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+        give_up_on: tuple[type[BaseException], ...] = (rex.AuthenticationError,),
+    ) -> T:
+        """``attempt()`` until it returns, retrying ``retry_on`` failures within the policy's bounds."""
+        started = time.monotonic()
+        for number in range(self.retries + 1):
+            try:
+                return attempt()
+            except give_up_on:
+                raise
+            except retry_on as exc:
+                wait = self.delay(number)
+                elapsed = time.monotonic() - started
+                if number == self.retries or elapsed + wait + self.timeout > self.total_timeout:
+                    raise GaveUp(number + 1, elapsed) from exc
+                logger.info(
+                    "%s: %s failed (%s); retry %d of %d in %.2fs",
+                    where,
+                    what,
+                    type(exc).__name__,
+                    number + 1,
+                    self.retries,
+                    wait,
+                )
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+class GaveUp(Exception):
+    """The policy stopped retrying; ``__cause__`` is the last failure."""
+
+    def __init__(self, attempts: int, seconds: float) -> None:
+        super().__init__(f"{attempts} attempt(s) in {seconds:.1f}s")
+        self.attempts = attempts
+        self.seconds = seconds

@@ -1,0 +1,70 @@
+"""The Redis URL grammars: ``redis://`` and ``rediss://`` (a DB segment), ``redis+unix://`` (a socket
+path, DB and namespace in the query) and ``redis+cluster://`` (startup nodes, no DB)."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from kvckpt.errors import InvalidCheckpointIdError
+from kvckpt.urls import (
+    StoreURL,
+    parse_db,
+    parse_host_url,
+    parse_hosts,
+    redact,
+    require_namespace,
+    split_url,
+)
+
+PORT = 6379
+USAGE = (
+    "use redis://[user[:password]@]host[:port]/DB/NAMESPACE, rediss://…, "
+    "redis+unix:///path/to.sock?db=0&namespace=NAMESPACE or "
+    "redis+cluster://host:port[,host:port]/NAMESPACE"
+)
+
+
+def parse_standalone_url(text: str) -> StoreURL:
+    """``redis://``, ``rediss://`` or ``redis+unix://`` into a StoreURL (db always set)."""
+    parts = split_url(text, USAGE)
+    if parts.scheme == "redis+unix":
+        socket_path = unquote(parts.path)
+        namespace = parts.query.get("namespace", [""])[-1]
+        if parts.netloc or not socket_path.startswith("/"):
+            raise InvalidCheckpointIdError(
+                f"{redact(text)!r}: the socket path must be absolute, as in "
+                "redis+unix:///run/redis.sock?db=0&namespace=NAMESPACE"
+            )
+        db = parse_db(parts.query.get("db", ["0"])[-1], text)
+        require_namespace(namespace, text, USAGE)
+        return StoreURL(
+            parts.scheme,
+            namespace,
+            db=db,
+            socket_path=socket_path,
+            username=parts.username,
+            password=parts.password,
+            query=parts.options("db", "namespace"),
+        )
+    hosts = parse_hosts(parts.netloc, PORT, text, USAGE)
+    segments = parts.segments()
+    if not segments or not segments[0]:
+        raise InvalidCheckpointIdError(
+            f"{redact(text)!r}: missing database number; write {parts.scheme}://host:port/0/NAMESPACE"
+        )
+    db = parse_db(segments[0], text)
+    namespace = unquote("/".join(segments[1:]))
+    require_namespace(namespace, text, USAGE)
+    return StoreURL(
+        parts.scheme,
+        namespace,
+        hosts=hosts,
+        db=db,
+        username=parts.username,
+        password=parts.password,
+        query=parts.options("db", "namespace"),
+    )
+
+
+def parse_cluster_url(text: str) -> StoreURL:
+    return parse_host_url(text, PORT, USAGE)

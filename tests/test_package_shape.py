@@ -1,0 +1,118 @@
+"""Rules about the package's shape that code review would otherwise have to catch by eye."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import kvckpt
+
+PACKAGE = Path(kvckpt.__file__).parent
+#: A module longer than this holds more than one thing: split it by what it holds.
+MAX_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Every kvckpt module ``path`` imports, at module level or inside a function (a lazy import
+    still ties the two modules together); TYPE_CHECKING-only imports count too."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from pkg import module` names a module, not just pkg
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if candidate in known else node.module)
+    return {name for name in found if name in known}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    known = set(paths)
+    return {name: imports_of(path, known) - {name} for name, path in paths.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circle_in_the_package() -> None:
+    graph = import_graph()
+    assert graph.get("kvckpt.stores.redis.standalone")  # the walk sees imports at all
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_circle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_is_too_long() -> None:
+    long = {
+        module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
+
+
+def test_only_the_dcp_layer_imports_torch() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if name.startswith("kvckpt.dcp") or name == "kvckpt":
+            continue
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        if any(n == "torch" or n.startswith("torch.") for n in names):
+            offenders.append(name)
+    assert offenders == []
+
+
+def test_the_test_harness_is_not_shipped() -> None:
+    assert importlib.util.find_spec("kvckpt.testing.servers") is None
+    assert importlib.util.find_spec("kvckpt.testing.proxy") is None
+    shipped = {module_name(p) for p in (PACKAGE / "testing").rglob("*.py")}
+    assert shipped <= {
+        "kvckpt.testing",
+        "kvckpt.testing.conformance",
+        "kvckpt.testing.stateful",
+        "kvckpt.testing.fake_server",
+        "kvckpt.testing.pytest_plugin",
+    }
