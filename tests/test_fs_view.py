@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvckpt
-from kvckpt.integrations.fs import KVCheckpointFileSystem, register_fsspec
+from kvckpt.fsview import KVCheckpointFileSystem, register_fsspec
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from kvckpt.dcp.api import SafeLoadPlanner, unwrapped_errors
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
-from kvckpt.integrations.fs import register_fsspec
+from kvckpt.fsview import register_fsspec
 from kvckpt.manage import delete
 from kvckpt.registry import owns
 
