@@ -150,15 +150,24 @@ def cmd_gc(args: argparse.Namespace) -> int:
     def shown(orphan: Orphan) -> str:
         return url.with_namespace(orphan.namespace).to_url(redact=True) + "/" + orphan.save_id
 
+    verb = "would remove" if args.dry_run else "removed"
+    held = humanize.size(sum(o.nbytes for o in found))
+    return report_removal(
+        args,
+        [{"generation": shown(o), "num_keys": o.num_keys, "nbytes": o.nbytes} for o in found],
+        [f"{verb} {shown(o)}: {o.num_keys} key(s), {humanize.size(o.nbytes)}" for o in found],
+        f"{verb} {len(found)} orphaned generation(s), {held}",
+    )
+
+
+def report_removal(args: argparse.Namespace, rows: list[dict[str, Any]], lines: list[str], total: str) -> int:
+    """What gc and keep-last removed (or, with --dry-run, would): JSON rows, or a line each and a total."""
     if args.json:
-        rows = [{"generation": shown(o), "num_keys": o.num_keys, "nbytes": o.nbytes} for o in found]
         emit_json({"dry_run": args.dry_run, "removed": rows})
         return 0
-    verb = "would remove" if args.dry_run else "removed"
-    for orphan in found:
-        out(f"{verb} {shown(orphan)}: {orphan.num_keys} key(s), {humanize.size(orphan.nbytes)}")
-    held = humanize.size(sum(o.nbytes for o in found))
-    out(f"{verb} {len(found)} orphaned generation(s), {held}")
+    for line in lines:
+        out(line)
+    out(total)
     return 0
 
 
@@ -177,15 +186,17 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_keep_last(args: argparse.Namespace) -> int:
     doomed = manage.keep_last(args.prefix, args.n, dry_run=args.dry_run)
-    if args.json:
-        emit_json({"dry_run": args.dry_run, "removed": [d.to_dict() for d in doomed]})
-        return 0
     verb = "would remove" if args.dry_run else "removed"
-    for old in doomed:
-        out(f"{verb} {old.display_id} ({humanize.size(old.total_bytes)}, {humanize.age(old.created)})")
     freed = humanize.size(sum(d.total_bytes for d in doomed))
-    out(f"{verb} {len(doomed)} checkpoint(s), {freed}; kept the newest {args.n}")
-    return 0
+    lines = [
+        f"{verb} {d.display_id} ({humanize.size(d.total_bytes)}, {humanize.age(d.created)})" for d in doomed
+    ]
+    return report_removal(
+        args,
+        [d.to_dict() for d in doomed],
+        lines,
+        f"{verb} {len(doomed)} checkpoint(s), {freed}; kept the newest {args.n}",
+    )
 
 
 # Parser ----------------------------------------------------------------------------------------
