@@ -335,7 +335,10 @@ class EtcdClient:
         """Map a gRPC status code (the error's class, not its text) onto kvckpt's error types."""
         code, detail = exc.code(), exc.details()
         where = f"{self.description}: while {action}"
-        if code in (
+        # A member that lost quorum but has not yet noticed its leader is gone lets the request's
+        # server-side context expire; etcd sends that as UNKNOWN with the context's own message.
+        server_deadline = code == grpc.StatusCode.UNKNOWN and detail == "context deadline exceeded"
+        if server_deadline or code in (
             grpc.StatusCode.UNAVAILABLE,
             grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.CANCELLED,
