@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
 import textwrap
 import uuid
+from typing import Any
 
 import fsspec
 import pytest
@@ -16,7 +18,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import kvckpt
 from kvckpt.dcp.hook import installed
-from kvckpt.integrations.fs import KVCheckpointFileSystem
+from kvckpt.fsview import KVCheckpointFileSystem
 from tests.harness.servers import RedisServer, free_port
 
 
@@ -36,7 +38,7 @@ def test_save_and_load_by_url(url: str) -> None:
     weights = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     dcp.save({"w": weights, "step": 7}, checkpoint_id=f"{url}/step7")
     assert [info.namespace.rsplit("/", 1)[-1] for info in kvckpt.list_checkpoints(url)] == ["step7"]
-    loaded = {"w": torch.zeros(3, 4), "step": 0}
+    loaded: dict[str, Any] = {"w": torch.zeros(3, 4), "step": 0}
     dcp.load(loaded, checkpoint_id=f"{url}/step7")
     assert torch.equal(loaded["w"], weights) and loaded["step"] == 7
 
@@ -64,7 +66,9 @@ def test_paths_still_go_to_dcp_filesystem(tmp_path: object) -> None:
 
 
 def test_async_save_thread(url: str) -> None:
-    dcp.async_save({"w": torch.full((5,), 2.0)}, checkpoint_id=f"{url}/a").result()
+    future = dcp.async_save({"w": torch.full((5,), 2.0)}, checkpoint_id=f"{url}/a")
+    assert isinstance(future, concurrent.futures.Future)
+    future.result()
     loaded = {"w": torch.zeros(5)}
     kvckpt.load(loaded, f"{url}/a")
     assert torch.equal(loaded["w"], torch.full((5,), 2.0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_tcp_server_serves_other_processes() -> None:
     """A subprocess saves through redis://; this process reads the same data as fakeredis://."""
     with TcpServer() as server:
         subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD_SAVE), server.url("run/s3")], check=True)
-        loaded = {"w": torch.zeros(3, 1 << 18), "meta": {"step": 0}}
+        loaded: dict[str, Any] = {"w": torch.zeros(3, 1 << 18), "meta": {"step": 0}}
         kvckpt.load(loaded, f"fakeredis://{server.name}/run/s3")
         assert torch.equal(loaded["w"], torch.full((3, 1 << 18), 7.0)) and loaded["meta"] == {"step": 3}
 

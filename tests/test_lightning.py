@@ -7,12 +7,13 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 
 import kvckpt
-from kvckpt.integrations.lightning import KVCheckpointIO, split_tensors
+from kvckpt.dcp.lightning import KVCheckpointIO, split_tensors
 from tests.harness.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,18 +92,21 @@ def test_checkpoint_dict_round_trips_without_pickle(redis_server: RedisServer) -
 def test_last_checkpoint_lookup_keeps_the_url(kvckpt_url: str) -> None:
     """The stock ModelCheckpoint turns remote last.ckpt names into local paths; ours keeps URLs."""
     from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from kvckpt.integrations.lightning import KVModelCheckpoint
+    from kvckpt.dcp.lightning import KVModelCheckpoint
 
     io = KVCheckpointIO()
     for name in ("last.ckpt", "last-v1.ckpt", "step=4.ckpt", "lastly.ckpt"):
         io.save_checkpoint({"w": torch.ones(1)}, f"{kvckpt_url}/run1/{name}")
+    no_trainer = cast(Trainer, None)  # dirpath is set, so neither class looks at the trainer
     found = {}
     for cls in (ModelCheckpoint, KVModelCheckpoint):
         callback = cls(dirpath=f"{kvckpt_url}/run1")
+        assert callback.dirpath is not None
         callback._fs = get_filesystem(callback.dirpath)
-        found[cls] = callback._find_last_checkpoints(None)
+        found[cls] = callback._find_last_checkpoints(no_trainer)
     assert found[KVModelCheckpoint] == {f"{kvckpt_url}/run1/last.ckpt", f"{kvckpt_url}/run1/last-v1.ckpt"}
     assert not any("://" in path for path in found[ModelCheckpoint])
 

@@ -9,6 +9,7 @@ The cache is class-level, keyed by the planner's class name: one class here, cle
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 CHUNK = 64 << 10  # small chunks: several data keys per tensor, as a large checkpoint has
 #: Writer settings that send each chunk as soon as it is cut, as a checkpoint of many GiB does.
-SMALL = {"chunk_bytes": CHUNK, "batch_bytes": CHUNK}
+SMALL: dict[str, Any] = {"chunk_bytes": CHUNK, "batch_bytes": CHUNK}
 
 
 class CachingPlanner(DefaultSavePlanner):
@@ -156,7 +157,7 @@ def ranks_scenario(rank: int, world_size: int, url: str, only_async: bool) -> No
 
     def check(step: int, namespace: str) -> None:
         full = state_at(step)
-        target = {
+        target: dict[str, Any] = {
             "a": distribute_tensor(torch.zeros(256, 256), mesh, [Shard(0)]),
             "b": torch.zeros(300, dtype=torch.bfloat16),
             "step": None,
@@ -194,6 +195,7 @@ def ranks_scenario(rank: int, world_size: int, url: str, only_async: bool) -> No
                 planner=CachingPlanner(),
                 async_checkpointer_type=kind,
             )
+            assert isinstance(future, concurrent.futures.Future)
             future.result(timeout=120)
             dist.barrier()
             check(step, f"async-{kind.value}")
@@ -240,6 +242,10 @@ def test_reused_reader_sees_an_overwrite_between_loads(backend: Backend, namespa
     assert "a" in reader.read_metadata().state_dict_metadata  # the caller looks before loading
     cached_save(backend, namespace, 1, overwrite=True)
     for _ in range(2):  # and the same reader keeps working for later loads
-        target = {"a": torch.zeros(256, 256), "b": torch.zeros(300, dtype=torch.bfloat16), "step": None}
+        target: dict[str, Any] = {
+            "a": torch.zeros(256, 256),
+            "b": torch.zeros(300, dtype=torch.bfloat16),
+            "step": None,
+        }
         dcp.load(target, storage_reader=reader)
         assert bits_equal(target["a"], state_at(1)["a"]) and target["step"] == 1

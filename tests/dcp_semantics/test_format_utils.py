@@ -40,7 +40,8 @@ class UnevenModel(nn.Module):
         self.net3, self.net4 = nn.Linear(15, 30), nn.Linear(30, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net4(F.relu(self.net3(F.relu(self.net2(F.relu(self.net1(x)))))))
+        out: torch.Tensor = self.net4(F.relu(self.net3(F.relu(self.net2(F.relu(self.net1(x)))))))
+        return out
 
 
 def test_dcp_to_torch_save_after_a_trip_through_the_store(

@@ -17,7 +17,7 @@ refuses the key or, with ``allow_partial_load``, leaves the template's value.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -40,7 +40,7 @@ from tests.dcp_semantics.places import Place
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
-def build(seed: int, lr: float = 0.1) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(seed: int, lr: float = 0.1) -> tuple[nn.Sequential, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     return model, torch.optim.AdamW(model.parameters(), lr=lr)
@@ -110,8 +110,10 @@ def test_fine_tuning_checkpoint_without_frozen_parameters(places: list[Place]) -
         save({"model": model_state, "optim": optim_state}, storage_writer=place.writer("finetune"))
 
         resumed, resumed_optim = build(seed=1)
-        resumed[0].requires_grad_(False)
-        pretrained = resumed[0].weight.clone()
+        layer = resumed[0]  # a "pretrained" layer
+        assert isinstance(layer, nn.Linear)
+        layer.requires_grad_(False)
+        pretrained = layer.weight.clone()
         full_msd, full_osd = get_state_dict(resumed, resumed_optim)
         with pytest.raises(CheckpointException) as refused:  # the template asks for the frozen weights
             load({"model": full_msd, "optim": full_osd}, storage_reader=place.reader("finetune"))
@@ -121,7 +123,7 @@ def test_fine_tuning_checkpoint_without_frozen_parameters(places: list[Place]) -
         load({"model": msd, "optim": osd}, storage_reader=place.reader("finetune"))
         options = StateDictOptions(strict=False)
         set_state_dict(resumed, resumed_optim, model_state_dict=msd, optim_state_dict=osd, options=options)
-        assert torch.equal(resumed[0].weight, pretrained), place.name  # not in the checkpoint: untouched
+        assert torch.equal(layer.weight, pretrained), place.name  # not in the checkpoint: untouched
         assert_same(get_state_dict(resumed, resumed_optim, options=skip_frozen), (model_state, optim_state))
 
 
@@ -148,7 +150,10 @@ def test_flattened_optimizer_state_with_state_missing_for_a_parameter(places: li
             rank_failure(refused.value)
         )
         untouched: dict[str, Any] = {
-            key: value.clone() for key, value in template.items() if key.startswith("state.2.weight.")
+            # flattened, so every value is a tensor, though torch types the dict as the nested form
+            key: cast(torch.Tensor, value).clone()
+            for key, value in template.items()
+            if key.startswith("state.2.weight.")
         }
         load(
             {"optim": template},

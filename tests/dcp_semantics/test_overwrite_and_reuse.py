@@ -17,6 +17,7 @@ says which it wants.
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -112,9 +113,13 @@ def test_storage_detected_from_a_url_after_install(url_backend: Backend, namespa
     Any other scheme is still DCP's "Cannot detect"."""
     kvckpt.install()
     url = url_backend.id(f"{namespace}/detected")
-    state = {"w": random_tensor((5,), torch.float32, 4), "step": 3, "epoch": io.BytesIO(b"epoch:4")}
+    state: dict[str, Any] = {
+        "w": random_tensor((5,), torch.float32, 4),
+        "step": 3,
+        "epoch": io.BytesIO(b"epoch:4"),
+    }
     save(state, checkpoint_id=url, no_dist=True)
-    target = {"w": torch.zeros(5), "step": 0, "epoch": io.BytesIO()}
+    target: dict[str, Any] = {"w": torch.zeros(5), "step": 0, "epoch": io.BytesIO()}
     load(target, checkpoint_id=url, no_dist=True)
     assert bits_equal(target["w"], state["w"]) and target["step"] == 3
     assert target["epoch"].getvalue() == b"epoch:4"

@@ -82,7 +82,7 @@ def main() -> None:
         x = torch.randn(16, 4, generator=generator)
         loss = torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin())
         optimizers.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         optimizers.step()
         schedulers.step()
         with open(args.losses_file, "a") as out:

@@ -118,7 +118,11 @@ class RedisStore(KVStore):
             return []
         with self._errors("reading sizes"):
             replies = self._transport.execute([("STRLEN", key) for key in keys], "reading sizes")
-        return [int(n) for n in replies]
+        sizes: list[int] = []
+        for n in replies:
+            assert isinstance(n, int), n  # STRLEN always answers an integer; errors were raised
+            sizes.append(n)
+        return sizes
 
     def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
         if not any(len(r.into) for r in reads):
