@@ -68,7 +68,7 @@ def imported_top_level_names() -> dict[str, str]:
 
 
 def test_every_imported_package_is_declared() -> None:
-    local = {"kvckpt", "tests", "__future__"} | {
+    local = {*SOURCES, "__future__"} | {
         path.stem for folder in SOURCES for path in (ROOT / folder).glob("*.py")
     }  # scripts in benchmarks/ and examples/ import their neighbours
     installed = providers()
