@@ -51,6 +51,12 @@ class DrainedCheckpoint:
     created: float  # when the source was committed (Unix seconds)
     total_bytes: int
     drained_at: float
+    step: int | None = None  # the source's recorded step (kvckpt.save(..., step=N)), if any
+
+    @property
+    def order(self) -> tuple[bool, int, float]:
+        """Newest last, as the store orders its checkpoints: by step where recorded, then commit time."""
+        return (self.step is not None, self.step or 0, self.created)
 
 
 def open_fsspec(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -116,7 +122,7 @@ class Destination:
                 found.append(self._read_marker(name, self.fs.cat_file(path)))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("skipping %s: its %s cannot be read (%s)", self.url(name), MARKER, exc)
-        return sorted(found, key=lambda c: (c.created, c.name))
+        return sorted(found, key=lambda c: (*c.order, c.name))
 
     def _read_marker(self, name: str, raw: bytes) -> DrainedCheckpoint:
         body = json.loads(raw)
@@ -131,6 +137,7 @@ class Destination:
             created=float(body["created"]),
             total_bytes=int(body["total_bytes"]),
             drained_at=float(body["drained_at"]),
+            step=None if body.get("step") is None else int(body["step"]),
         )
 
     def partials(self) -> list[str]:
@@ -157,7 +164,7 @@ class Destination:
 def durable_checkpoints(
     prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
 ) -> list[DrainedCheckpoint]:
-    """Complete drained checkpoints under a durable prefix, oldest source commit first."""
+    """Complete drained checkpoints under a durable prefix, oldest first (by step, then commit time)."""
     return Destination(prefix, storage_options).checkpoints()
 
 
@@ -171,9 +178,10 @@ def newest_restorable(
 ) -> str | None:
     """The checkpoint to resume from: the newest committed one in the store, else the newest drained one.
 
-    "Newest" is the source's commit time, so a store holding something newer than the durable tier
-    wins, and a store that lost its checkpoints (flushed, restarted, expired) or cannot be reached
-    falls back to the durable tier. Returns an id ``kvckpt.load`` takes (a store URL with the prefix's
+    "Newest" is by the recorded step where one is recorded, else by the source's commit time (as
+    ``kvckpt.latest`` orders), so a store holding something newer than the durable tier wins, and a
+    store that lost its checkpoints (flushed, restarted, expired) or cannot be reached falls back to
+    the durable tier. Returns an id ``kvckpt.load`` takes (a store URL with the prefix's
     own credentials, a folder path or an fsspec URL), or None when neither tier has a checkpoint.
     """
     try:
@@ -182,7 +190,7 @@ def newest_restorable(
         log.warning("the store is unreachable (%s); resuming from the durable tier", exc)
         in_memory = []
     drained = durable_checkpoints(durable_prefix, storage_options=storage_options)
-    if in_memory and (not drained or in_memory[-1].created >= drained[-1].created):
+    if in_memory and (not drained or in_memory[-1].order()[:3] >= drained[-1].order):
         namespace = in_memory[-1].namespace
         if client is not None:
             return namespace

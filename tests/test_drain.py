@@ -280,6 +280,22 @@ def test_newest_restorable_takes_the_store_first_and_the_durable_tier_when_the_s
     assert kvckpt.newest_restorable(unreachable, prefix) == restorable
 
 
+def test_newest_restorable_orders_both_tiers_by_recorded_step(
+    redis_server: RedisServer, namespace: str, tmp_path: Path
+) -> None:
+    """A checkpoint committed later but recording an earlier step (a copy, a re-save after a
+    rollback) is not the newest, in the store as across tiers."""
+    url, prefix = redis_server.url(namespace), str(tmp_path / "durable")
+    kvckpt.save(state(4), redis_server.url(f"{namespace}/step4"), no_dist=True, step=4)
+    assert kvckpt.Drainer(url, prefix).run(once=True) == 0
+    assert [c.step for c in kvckpt.durable_checkpoints(prefix)] == [4]
+    kvckpt.delete(redis_server.url(f"{namespace}/step4"))
+    kvckpt.save(state(3), redis_server.url(f"{namespace}/step3"), no_dist=True, step=3)  # committed last
+    assert kvckpt.newest_restorable(url, prefix) == os.path.join(prefix, "step4")
+    kvckpt.save(state(5), redis_server.url(f"{namespace}/step5"), no_dist=True, step=5)
+    assert kvckpt.newest_restorable(url, prefix) == redis_server.url(f"{namespace}/step5")
+
+
 def test_load_of_a_path_without_a_checkpoint_says_what_it_expected(tmp_path: Path) -> None:
     with pytest.raises(kvckpt.CheckpointNotFoundError, match="not a kvckpt URL, nor a DCP checkpoint"):
         kvckpt.load(blank(), str(tmp_path / "nothing"), no_dist=True)

@@ -196,6 +196,7 @@ class Drainer:
                 "namespace": info.namespace,
                 "save_id": save_id or info.save_id,
                 "created": info.created,
+                "step": info.step,
                 "total_bytes": plan.nbytes,
                 "items": plan.items,
             }
