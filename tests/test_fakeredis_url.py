@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -74,3 +75,22 @@ def test_plugin_tcp_fixture(kvckpt_tcp_url: str) -> None:
 def test_plugin_real_server_fixture(kvckpt_redis_url: str) -> None:
     kvckpt.save({"w": torch.ones(2)}, f"{kvckpt_redis_url}/a")
     assert kvckpt.info(f"{kvckpt_redis_url}/a").num_tensors == 1
+
+
+def test_a_killed_save_to_the_fakeredis_tcp_server_is_never_resumed(tmp_path: Path) -> None:
+    """A training process saving through fakeredis over TCP dies mid-save: what a restart resumes
+    from is the checkpoint before, and the dead save is an orphan, not a checkpoint."""
+    from tests.test_orphans import Saver, wait_for
+
+    with TcpServer() as server:
+        prefix = server.url("run")
+        kvckpt.save({"w": torch.ones(3)}, f"{prefix}/step1", step=1)
+        saver = Saver(f"{prefix}/step2", 0.5, tmp_path / "go")  # writes all but one value, stalls
+        saver.kill()
+        assert kvckpt.latest(prefix) == f"{prefix}/step1"
+        assert [c.namespace for c in kvckpt.list_checkpoints(prefix)] == ["run/step1"]
+        wait_for(lambda: kvckpt.list_orphans(prefix), "the dead save's liveness marker to lapse")
+        assert [o.namespace for o in kvckpt.list_orphans(prefix)] == ["run/step2"]
+        loaded: dict[str, Any] = {"w": torch.zeros(3)}
+        kvckpt.load(loaded, kvckpt.latest(prefix) or "")
+        assert torch.equal(loaded["w"], torch.ones(3))
