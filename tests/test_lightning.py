@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import cast
@@ -15,21 +13,13 @@ import torch
 import kvckpt
 from kvckpt.dcp.lightning import KVCheckpointIO, split_tensors
 from tests.harness.servers import RedisServer
+from tests.jobs import finish, start
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def job(url: str, losses: Path, steps: int, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "tests.jobs.lightning_job", url, str(losses), str(steps), *extra]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def finish(process: subprocess.Popen[bytes]) -> int:
-    output, _ = process.communicate(timeout=240)
-    if process.returncode not in (0, -9):
-        pytest.fail(f"training job failed ({process.returncode}):\n{output.decode()[-3000:]}")
-    return process.returncode
+    return start("lightning_job", url, str(losses), str(steps), *extra)
 
 
 def losses_of(path: Path) -> list[tuple[int, float]]:

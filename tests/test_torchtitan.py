@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -12,22 +10,13 @@ import pytest
 
 import kvckpt
 from tests.harness.servers import RedisServer, free_port
+from tests.jobs import finish, start
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def job(folder: str, losses: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "tests.jobs.torchtitan_job", folder, str(losses), "8"]
-    command += ["--port", str(free_port()), *extra]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def finish(process: subprocess.Popen[bytes]) -> int:
-    output, _ = process.communicate(timeout=240)
-    if process.returncode not in (0, -9):
-        pytest.fail(f"training job failed ({process.returncode}):\n{output.decode()[-3000:]}")
-    return process.returncode
+    return start("torchtitan_job", folder, str(losses), "8", "--port", str(free_port()), *extra)
 
 
 def steps_in(url: str) -> list[str]:
