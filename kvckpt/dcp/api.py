@@ -133,15 +133,20 @@ def load(
     reader: StorageReader
     chosen = planner or SafeLoadPlanner(allow_pickle=allow_pickle)
     if client is None and not owns(checkpoint_id):
-        reader = durable_reader(checkpoint_id, **reader_options)
-        with unwrapped_errors("load"):
-            metadata = read_durable_metadata(reader, checkpoint_id)
+        durable = reader = durable_reader(checkpoint_id, **reader_options)
+
+        def metadata() -> Metadata:  # read again only to say what went wrong, as DCP read it
+            return read_durable_metadata(durable, checkpoint_id)
     else:
         reader = KVStorageReader(checkpoint_id, client=client, allow_pickle=allow_pickle, **reader_options)
         rank = 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group)
         with unwrapped_errors("load"):
-            metadata = _check_committed(reader, rank)
-    with unwrapped_errors("load", lambda: _mismatch(state_dict, metadata, chosen)):
+            committed = _check_committed(reader, rank)  # DCP's load reuses this fetch
+
+        def metadata() -> Metadata:
+            return committed
+
+    with unwrapped_errors("load", lambda: _mismatch(state_dict, metadata(), chosen)):
         dcp_load(
             state_dict,
             storage_reader=reader,
