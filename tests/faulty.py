@@ -7,6 +7,7 @@ joins every scenario by adding a parameter to ``faulty`` and a ``Faulty`` built 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from kvckpt import layout
 from tests.harness.proxy import FaultProxy, resp_prefix
-from tests.harness.servers import RedisServer
+from tests.harness.servers import RedisCluster, RedisServer
 from tests.helpers import bits_equal, random_tensor
 
 #: Store options that make a dead link fail in about a second instead of the 30 s default.
@@ -67,6 +68,48 @@ def faulty(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterato
         backend = redis_faulty(redis_server, proxy)
         yield backend
         backend.raw.close()
+
+
+@dataclass
+class Proxied:
+    """A Redis server, or every node of a Redis Cluster, behind FaultProxies: the same faults for
+    both Redis stores (a Cluster store reaches the proxies through ``address_remap``)."""
+
+    name: str
+    url: Callable[[str], str]
+    proxies: list[FaultProxy]
+    options: dict[str, Any]
+
+    def refuse(self) -> None:
+        """Every node looks down: open links dropped, new ones refused."""
+        for proxy in self.proxies:
+            proxy.refuse()
+            proxy.cut()
+
+    def stall(self) -> None:
+        """Every node accepts but never answers."""
+        for proxy in self.proxies:
+            proxy.stall()
+
+
+@pytest.fixture(params=["redis", "redis+cluster"])
+def proxied(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Proxied]:
+    with contextlib.ExitStack() as stack:
+        if request.param == "redis":
+            proxy = stack.enter_context(FaultProxy(redis_server.port))
+            yield Proxied("redis", lambda ns: f"redis://127.0.0.1:{proxy.port}/0/{ns}", [proxy], {})
+            return
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        by_port = {node.port: stack.enter_context(FaultProxy(node.port)) for node in cluster.live()}
+
+        def remap(address: tuple[str, int]) -> tuple[str, int]:
+            return "127.0.0.1", by_port[address[1]].port
+
+        startup = ",".join(f"127.0.0.1:{p.port}" for p in list(by_port.values())[:2])
+        proxies = list(by_port.values())
+        yield Proxied(
+            "redis+cluster", lambda ns: f"redis+cluster://{startup}/{ns}", proxies, {"address_remap": remap}
+        )
 
 
 def state(generation: int, tensors: int = 4) -> dict[str, Any]:

@@ -18,11 +18,11 @@ import torch.distributed.checkpoint as dcp
 import kvckpt
 from kvckpt import layout
 from kvckpt.dcp.api import unwrapped_errors
-from tests.faulty import QUICK, Faulty, blank, faulty, same, state
+from tests.faulty import QUICK, Faulty, Proxied, blank, faulty, proxied, same, state
 from tests.harness.proxy import FaultProxy, resp_prefix
 from tests.harness.servers import REDIS_CHECKPOINT_SETTINGS, RedisServer
 
-__all__ = ["faulty"]  # the fixture, imported for pytest
+__all__ = ["faulty", "proxied"]  # the fixtures, imported for pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -186,16 +186,18 @@ BULK: dict[str, Callable[[Any, str], object]] = {
 
 @pytest.mark.parametrize("operation", list(BULK))
 def test_every_bulk_operation_follows_the_backoff(
-    faulty: Faulty, namespace: str, operation: str, caplog: pytest.LogCaptureFixture
+    proxied: Proxied, namespace: str, operation: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Two retries with a fixed 0.3 s backoff, logged as such, and at least 0.6 s spent (a lower bound)."""
+    """Two retries with a fixed 0.3 s backoff, logged as such, and at least 0.6 s spent (a lower bound);
+    on a Cluster too, whose store re-reads the slot table between rounds."""
     import logging
 
     caplog.set_level(logging.INFO, logger="kvckpt")
-    store = kvckpt.open_store(
-        faulty.via_proxy(namespace), **{**QUICK, "retries": 2, "backoff": 0.3, "backoff_cap": 0.3}
-    )
-    faulty.proxy.refuse()
+    options = {**QUICK, **proxied.options, "retries": 2, "backoff": 0.3, "backoff_cap": 0.3}
+    store = kvckpt.open_store(proxied.url(namespace), **options)
+    if proxied.name == "redis+cluster":
+        store.get(f"{namespace}/warm")  # the slot table is read and links are open before the fault
+    proxied.refuse()
     started = time.monotonic()
     with pytest.raises(kvckpt.StoreUnavailableError, match="cannot reach"):
         BULK[operation](store, namespace)
@@ -208,20 +210,33 @@ def test_every_bulk_operation_follows_the_backoff(
 
 @pytest.mark.parametrize("operation", ["get", "read_into_many", "put_many"])
 def test_a_hung_server_fails_within_the_total_timeout(
-    faulty: Faulty, namespace: str, operation: str, caplog: pytest.LogCaptureFixture
+    proxied: Proxied, namespace: str, operation: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A server that accepts but never answers: at most total_timeout / timeout attempts, each retry
-    logged, and a message that says so instead of advising a longer timeout."""
+    """A server (or every Cluster node) that accepts but never answers: at most total_timeout /
+    timeout attempts, each retry logged, and a message that says so instead of advising a longer
+    timeout. A Cluster store asks no node for a new slot table that could not answer in time."""
     import logging
 
     caplog.set_level(logging.INFO, logger="kvckpt")
-    options = {**QUICK, "timeout": 0.5, "retries": 10, "backoff": 0.01, "total_timeout": 1.2}
-    store = kvckpt.open_store(faulty.via_proxy(namespace), **options)
-    faulty.proxy.stall()
+    options = {
+        **QUICK,
+        **proxied.options,
+        "timeout": 0.5,
+        "retries": 10,
+        "backoff": 0.01,
+        "total_timeout": 1.2,
+    }
+    store = kvckpt.open_store(proxied.url(namespace), **options)
+    if proxied.name == "redis+cluster":
+        store.get(f"{namespace}/warm")
+    proxied.stall()
     calls: dict[str, Callable[[Any, str], object]] = {**BULK, "get": lambda store, ns: store.get(f"{ns}/a")}
+    started = time.monotonic()
     with pytest.raises(kvckpt.StoreUnavailableError) as info:
         calls[operation](store, namespace)
+    elapsed = time.monotonic() - started
     store.close()
+    assert elapsed < 1.2 + 1.0  # total_timeout, and slack for a loaded machine (hung: 7 s and more)
     message = str(info.value)
     assert "did not answer" in message and "raise timeout" not in message
     retries = [r for r in caplog.records if "retry" in r.getMessage()]

@@ -23,8 +23,9 @@ from kvckpt.errors import (
 )
 from kvckpt.registry import open_store, parse_url
 from kvckpt.store import KVStore, RangeRead
-from kvckpt.stores.redis import cluster as cluster_module
+from kvckpt.stores.redis import slots as slots_module
 from kvckpt.stores.redis import wrap_client
+from kvckpt.stores.redis.client_cluster import ClientClusterStore
 from kvckpt.stores.redis.cluster import CLUSTER_ACL_RULES, RedisClusterStore, key_slot
 from kvckpt.testing.conformance import StoreTests
 from tests.harness.raw import RedisRaw
@@ -94,13 +95,11 @@ def test_batch_spreads_over_every_master(
     assert store.get_many([k for k, _ in items]) == [v for _, v in items]
 
 
-def test_injected_cluster_client_is_routed_to_cluster_store(
-    redis_cluster: RedisCluster, namespace: str
-) -> None:
+def test_injected_cluster_client_gets_a_cluster_store(redis_cluster: RedisCluster, namespace: str) -> None:
     client = redis.RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
     try:
         store = wrap_client(client)
-        assert type(store) is RedisClusterStore
+        assert type(store) is ClientClusterStore
         items = [(f"{namespace}/i/{i}", b"x" * i) for i in range(100)]
         store.put_many(items)
         assert store.get_many([k for k, _ in items]) == [v for _, v in items]
@@ -210,14 +209,16 @@ def test_least_privilege_acl_user_on_every_node(redis_cluster: RedisCluster, nam
             redis_call(node.port, "ACL", "DELUSER", "ckpt-min")
 
 
-def test_url_options_reach_the_client() -> None:
+def test_url_options_reach_every_node_connection() -> None:
     url = parse_url("redis+cluster://ckpt:s3cret@10.0.0.1:7000,10.0.0.2/ns?tls=true&ca=/etc/ca.pem")
-    store = RedisClusterStore.from_url(url, timeout=5.0)
-    kwargs = store._client_kwargs
-    assert kwargs["startup_nodes"] == [("10.0.0.1", 7000), ("10.0.0.2", 6379)]
-    assert (kwargs["username"], kwargs["password"]) == ("ckpt", "s3cret")
-    assert (kwargs["ssl"], kwargs["ssl_ca_certs"], kwargs["socket_timeout"]) == (True, "/etc/ca.pem", 5.0)
-    assert "s3cret" not in repr(store) and "s3cret" not in str(url)
+    store = RedisClusterStore.from_url(url, timeout=5.0, retries=4, total_timeout=9.0)
+    state = store.__getstate__()  # what a pickled store carries to another process
+    assert state["startup"] == (("10.0.0.1", 7000), ("10.0.0.2", 6379))
+    endpoint = state["endpoint"]
+    assert (endpoint.username, endpoint.password) == ("ckpt", "s3cret")
+    assert (endpoint.tls, endpoint.ca, endpoint.timeout) == (True, "/etc/ca.pem", 5.0)
+    assert (state["policy"].retries, state["policy"].total_timeout) == (4, 9.0)
+    assert "s3cret" not in repr(store) and "s3cret" not in str(url) and "s3cret" not in repr(endpoint)
 
 
 def test_unreachable_cluster_is_unavailable() -> None:
@@ -268,29 +269,19 @@ def test_cluster_urls_take_the_standalone_options(redis_cluster: RedisCluster, n
     store.close()
 
 
-class _RedisWith:
-    """The redis module as cluster.py sees it, with RedisCluster replaced."""
-
-    def __init__(self, cluster: Any) -> None:
-        self.RedisCluster = cluster
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(redis, name)
-
-
-def test_first_use_from_many_threads_builds_one_client(
+def test_first_use_from_many_threads_reads_the_slot_table_once(
     redis_cluster: RedisCluster, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """I/O threads connect lazily at once; a second redis-py client would close the first one's sockets."""
-    built: list[Any] = []
-    real = redis.RedisCluster
+    """I/O threads start at once: one of them reads CLUSTER SLOTS, the others wait for its table."""
+    reads: list[int] = []
+    real = slots_module.SlotTable.parse
 
-    def slow_client(**kwargs: Any) -> Any:
-        time.sleep(0.05)  # widen the window in which a racing thread would build its own
-        built.append(real(**kwargs))
-        return built[-1]
+    def slow_parse(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.05)  # widen the window in which a racing thread would read its own
+        reads.append(threading.get_ident())
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(cluster_module, "redis", _RedisWith(slow_client))
+    monkeypatch.setattr(slots_module.SlotTable, "parse", slow_parse)
     store = open_store(redis_cluster.url("x"))
     start = threading.Barrier(4)
 
@@ -303,7 +294,8 @@ def test_first_use_from_many_threads_builds_one_client(
         t.start()
     for t in threads:
         t.join()
-    assert len(built) == 1
+    assert len(reads) == 1
+    assert len(list(store.scan_prefix(namespace + "/"))) == 4
     store.close()
 
 

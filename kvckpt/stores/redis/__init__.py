@@ -1,5 +1,6 @@
-"""Redis backends: standalone (standalone.py, over kvckpt's RESP transport), Cluster (cluster.py) and
-an injected redis-py-compatible client (client.py). See docs/design.md for how they fit together."""
+"""Redis backends: standalone (standalone.py) and Cluster (cluster.py, slots.py), both over kvckpt's
+RESP transport (transport.py, retry.py), and an injected redis-py-compatible client (client.py;
+client_cluster.py for a ``redis.RedisCluster``). See docs/design.md for how they fit together."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from kvckpt.store import KVStore
 
 
 def wrap_client(client: Any) -> KVStore:
-    """A KVStore around a redis-py-compatible client; a ``redis.RedisCluster`` gets per-node batches."""
+    """A KVStore around a redis-py-compatible client; a ``redis.RedisCluster`` sends to each key's node."""
     import redis.cluster
 
     if isinstance(client, redis.cluster.RedisCluster):
-        from kvckpt.stores.redis.cluster import RedisClusterStore
+        from kvckpt.stores.redis.client_cluster import ClientClusterStore
 
-        return RedisClusterStore(client=client)
+        return ClientClusterStore(client=client)
     from kvckpt.stores.redis.client import ClientStore
 
     return ClientStore(client=client)

@@ -70,21 +70,21 @@ class RetryPolicy:
             except give_up_on:
                 raise
             except retry_on as exc:
-                wait = self.delay(number)
-                elapsed = time.monotonic() - started
-                if number == self.retries or elapsed + wait + self.timeout > self.total_timeout:
-                    raise GaveUp(number + 1, elapsed) from exc
-                logger.info(
-                    "%s: %s failed (%s); retry %d of %d in %.2fs",
-                    where,
-                    what,
-                    type(exc).__name__,
-                    number + 1,
-                    self.retries,
-                    wait,
-                )
-                time.sleep(wait)
+                self.pause(number, started, exc, where=where, what=what)
         raise AssertionError("unreachable")
+
+    def pause(self, number: int, started: float, failure: BaseException, *, where: str, what: str) -> None:
+        """After failed attempt ``number`` (from 0) of something begun at ``started`` (monotonic):
+        log and sleep before the next one, or raise GaveUp from ``failure`` when none may follow."""
+        wait = self.delay(number)
+        elapsed = time.monotonic() - started
+        if number >= self.retries or elapsed + wait + self.timeout > self.total_timeout:
+            raise GaveUp(number + 1, elapsed) from failure
+        kind = type(failure).__name__
+        logger.info(
+            "%s: %s failed (%s); retry %d of %d in %.2fs", where, what, kind, number + 1, self.retries, wait
+        )
+        time.sleep(wait)
 
 
 class GaveUp(Exception):

@@ -29,7 +29,7 @@ from kvckpt.stores.redis.common import (
     wait_on,
 )
 from kvckpt.stores.redis.retry import RetryPolicy
-from kvckpt.stores.redis.transport import Endpoint, Transport
+from kvckpt.stores.redis.transport import Endpoint, Transport, raise_first
 from kvckpt.stores.redis.url import parse_standalone_url
 from kvckpt.urls import StoreURL, tls_of
 
@@ -128,14 +128,15 @@ class RedisStore(KVStore):
         if not any(len(r.into) for r in reads):
             return [0] * len(reads)
         with self._errors("reading"):
-            return self._transport.run(lambda conn: conn.getrange_into(reads), "reading")
+            counts = raise_first(self._transport.run(lambda conn: conn.getrange_into(reads), "reading"))
+        return [n for n in counts if isinstance(n, int)]
 
     def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:
         if not items:
             return
         expiry = common.ms(ttl) if ttl is not None else None
         with self._errors("writing"):
-            self._transport.run(lambda conn: conn.set_many(items, expiry), "writing")
+            raise_first(self._transport.run(lambda conn: conn.set_many(items, expiry), "writing"))
 
     def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
         with self._errors("writing"):

@@ -55,13 +55,23 @@ _ERROR_CODES: dict[bytes, type[rex.RedisError]] = {
     b"NOPERM": rex.NoPermissionError,
     b"READONLY": rex.ReadOnlyError,
     b"LOADING": rex.BusyLoadingError,
+    b"TRYAGAIN": rex.TryAgainError,
+    b"CLUSTERDOWN": rex.ClusterDownError,
 }
+
+
+#: Cluster redirections: the exception is built from the text after the code ("SLOT HOST:PORT").
+_REDIRECTIONS: dict[bytes, type[rex.AskError]] = {b"MOVED": rex.MovedError, b"ASK": rex.AskError}
 
 
 def server_error(line: bytes) -> rex.RedisError:
     """An error reply (after its '-') as the redis-py exception for its code (the reply's first word)."""
-    code = line.split(b" ", 1)[0]
-    return _ERROR_CODES.get(code, rex.ResponseError)(line.decode("utf-8", "replace"))
+    code, _, rest = line.partition(b" ")
+    text = line.decode("utf-8", "replace")
+    redirection = _REDIRECTIONS.get(code)
+    if redirection is not None and rest.count(b" ") == 1 and b":" in rest:
+        return redirection(rest.decode("utf-8", "replace"))
+    return _ERROR_CODES.get(code, rex.ResponseError)(text)
 
 
 def _arg(value: Arg) -> bytes:
@@ -80,6 +90,14 @@ def pack(*args: Arg) -> bytes:
     for arg in map(_arg, args):
         parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(parts)
+
+
+def raise_first(replies: Sequence[T]) -> list[T]:
+    """``replies`` as a list, once none of them is an error reply (else the first one is raised)."""
+    for reply in replies:
+        if isinstance(reply, rex.RedisError):
+            raise reply
+    return list(replies)
 
 
 @dataclass(frozen=True)
@@ -194,8 +212,8 @@ class RespConnection:
             sock.sendall(b"".join(pack(*command) for command in commands))
             return [self._reply() for _ in commands]
 
-    def set_many(self, items: Sequence[tuple[str, Buffer]], px: int | None) -> None:
-        """SET each key (with PX when given); raises the first error reply after reading every reply."""
+    def set_many(self, items: Sequence[tuple[str, Buffer]], px: int | None) -> list[Reply]:
+        """SET each key (with PX when given); error replies come back as exception objects, in place."""
         head = b"*3\r\n$3\r\nSET\r\n" if px is None else b"*5\r\n$3\r\nSET\r\n"
         tail = b"\r\n" if px is None else b"\r\n$2\r\nPX\r\n" + b"$%d\r\n%d\r\n" % (len(str(px)), px)
         with self._io() as sock:
@@ -216,10 +234,11 @@ class RespConnection:
                     out.clear()
             if out:
                 sock.sendall(out)
-            self._raise_first([self._reply() for _ in items])
+            return [self._reply() for _ in items]
 
-    def getrange_into(self, reads: Sequence[RangeRead]) -> list[int]:
-        """GETRANGE each read's bytes straight into its buffer; returns how many bytes each got."""
+    def getrange_into(self, reads: Sequence[RangeRead]) -> list[int | rex.RedisError]:
+        """GETRANGE each read's bytes straight into its buffer; returns how many bytes each got, or
+        the error reply one of its pieces got."""
         with self._io() as sock:
             out = bytearray()
             pieces: list[tuple[int, memoryview]] = []  # (read, where its piece lands), in reply order
@@ -231,24 +250,19 @@ class RespConnection:
                     out += pack(b"GETRANGE", r.key, first, first + piece.nbytes - 1)
                     pieces.append((i, piece))
             sock.sendall(out)
-            counts = [0] * len(reads)
-            errors: list[Reply] = []
+            counts: list[int | rex.RedisError] = [0] * len(reads)
             for i, piece in pieces:
                 line = self._line()
                 if line[:1] == b"$":
-                    counts[i] += self._bulk_into(int(line[1:]), piece)
+                    got = self._bulk_into(int(line[1:]), piece)
+                    count = counts[i]
+                    if isinstance(count, int):
+                        counts[i] = count + got
                 elif line[:1] == b"-":
-                    errors.append(server_error(line[1:]))
+                    counts[i] = server_error(line[1:])
                 else:
                     raise rex.InvalidResponse(f"unexpected reply {line[:40]!r} to GETRANGE")
-            self._raise_first(errors)
             return counts
-
-    @staticmethod
-    def _raise_first(replies: list[Reply]) -> None:
-        for reply in replies:
-            if isinstance(reply, rex.RedisError):
-                raise reply
 
     # Reading -----------------------------------------------------------------------------------
 
@@ -376,19 +390,20 @@ class Transport:
 
         return self.policy.run(attempt, where=self.where, what=what)
 
-    def once(self, command: tuple[Arg, ...]) -> Reply:
+    def once(self, command: tuple[Arg, ...], *, asking: bool = False) -> Reply:
         """Send a commit exactly once; after a lost reply, fence it so it can never run late.
 
         A re-sent conditional commit could reinstate a record whose data another writer already
         retired. After a lost reply the connection is killed server-side (CLIENT KILL ID), so the
         commit either has run or never will, and the caller learns which by reading the record
-        (docs/reliability.md). Without the CLIENT permission it is sent once, unfenced.
+        (docs/reliability.md). Without the CLIENT permission it is sent once, unfenced. ``asking``
+        sends ASKING first (a Cluster node importing the key's slot serves it only then).
         """
         conn = self._take()
         try:
             conn_id = self._client_id(conn)
             try:
-                (reply,) = conn.execute([command])
+                reply = conn.execute([("ASKING",), command] if asking else [command])[-1]
             except (OSError, rex.ConnectionError, rex.TimeoutError):
                 conn.close()
                 if conn_id is not None:
@@ -397,7 +412,7 @@ class Transport:
                 raise
         finally:
             self._give(conn)
-        RespConnection._raise_first([reply])
+        raise_first([reply])
         return reply
 
     def _client_id(self, conn: RespConnection) -> int | None:
@@ -415,6 +430,4 @@ class Transport:
 
     def execute(self, commands: Sequence[tuple[Arg, ...]], what: str = "a batch") -> list[Reply]:
         """Small commands in one round trip; raises the first error reply."""
-        replies = self.run(lambda conn: conn.execute(commands), what)
-        RespConnection._raise_first(replies)
-        return replies
+        return raise_first(self.run(lambda conn: conn.execute(commands), what))

@@ -1,0 +1,86 @@
+"""Which Redis Cluster node serves a key: hash slots and the slot table read from CLUSTER SLOTS.
+
+A table is immutable; a store swaps in a new one after a refresh, so I/O threads routing a batch never
+see it half-updated. Nodes are named ``host:port`` after the caller's ``address_remap``, the name every
+other part of the Cluster store uses.
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvckpt._buffers import key_bytes
+
+SLOTS = 16384
+
+Address = tuple[str, int]
+#: Maps the address a node announces to the one to connect to (NAT, port forwarding, proxies).
+AddressRemap = Callable[[Address], Address]
+
+
+def key_slot(key: str | bytes) -> int:
+    """The cluster hash slot of ``key`` (CRC16/XMODEM of the hash tag or key, in C via binascii)."""
+    data = key_bytes(key) if isinstance(key, str) else key
+    start = data.find(b"{")
+    if start != -1:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % SLOTS
+
+
+def node_name(address: Address) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+@dataclass(frozen=True)
+class SlotTable:
+    """Slot → primary, and every node's address (primaries and the replicas CLUSTER SLOTS lists)."""
+
+    owners: tuple[str | None, ...] = (None,) * SLOTS
+    addresses: dict[str, Address] = field(default_factory=dict)
+    primaries: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, reply: Any, asked: Address, remap: AddressRemap | None = None) -> SlotTable:
+        """A CLUSTER SLOTS reply, from the node at ``asked``: an empty host means that node's host."""
+        if not isinstance(reply, list):
+            raise ValueError(f"CLUSTER SLOTS answered {type(reply).__name__}, not a list of ranges")
+        owners: list[str | None] = [None] * SLOTS
+        addresses: dict[str, Address] = {}
+        primaries: list[str] = []
+
+        def name_of(entry: Any) -> str:
+            host = entry[0].decode() if isinstance(entry[0], bytes) else str(entry[0])
+            address: Address = (host if host and host != "?" else asked[0], int(entry[1]))
+            if remap is not None:
+                address = remap(address)
+            name = node_name(address)
+            addresses[name] = address
+            return name
+
+        for first, last, primary, *replicas in reply:
+            owner = name_of(primary)
+            if owner not in primaries:
+                primaries.append(owner)
+            owners[int(first) : int(last) + 1] = [owner] * (int(last) - int(first) + 1)
+            for replica in replicas:
+                name_of(replica)
+        return cls(tuple(owners), addresses, tuple(primaries))
+
+    def owner(self, slot: int) -> str | None:
+        return self.owners[slot]
+
+    def moved(self, slot: int, address: Address) -> SlotTable:
+        """This table with ``slot`` served by ``address`` (as a MOVED reply says)."""
+        name = node_name(address)
+        owners = list(self.owners)
+        owners[slot] = name
+        primaries = self.primaries if name in self.primaries else (*self.primaries, name)
+        return SlotTable(tuple(owners), {**self.addresses, name: address}, primaries)
+
+    def replicas(self) -> tuple[str, ...]:
+        return tuple(name for name in self.addresses if name not in self.primaries)
