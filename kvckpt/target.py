@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import os
@@ -120,14 +121,19 @@ def _named(func: Any) -> tuple[set[str], bool]:
 def check_store_options(scheme: str, options: dict[str, Any]) -> None:
     """Refuse an option the backend would only trip over when it first connects (a typo, usually).
 
-    A backend's ``from_url`` names its own options; what else it takes goes to the class it builds,
-    whose constructor names the rest. A backend that passes any other keyword on to a client
-    library of its own (Cluster, to redis-py) is left to that library.
+    A backend's ``from_url`` names its own options, or takes ``**options`` that a dataclass in its
+    ``store_options`` attribute names (the Redis stores share theirs); what else it takes goes to the
+    class it builds, whose constructor names the rest. A backend that passes any other keyword on to
+    a client library of its own is left to that library.
     """
     if not options:
         return
     factory = backend_for(scheme)
     known, open_ended = _named(factory.from_url)
+    declared = getattr(factory, "store_options", None)
+    if open_ended and isinstance(declared, type) and dataclasses.is_dataclass(declared):
+        known |= {f.name for f in dataclasses.fields(declared)}
+        open_ended = False
     own = sorted(known)
     if open_ended:
         extra, open_ended = _named(factory)

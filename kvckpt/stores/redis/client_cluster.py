@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from kvckpt._buffers import key_str
-from kvckpt.errors import ReplicationError
 from kvckpt.stores.redis.client import ClientStore, pipeline_runner
-from kvckpt.stores.redis.common import check_wait_args, glob_escape, replication_message, wait_on
+from kvckpt.stores.redis.common import check_wait_args, fewest_acks, glob_escape, wait_on
 from kvckpt.stores.redis.slots import key_slot
 
 
@@ -66,13 +65,4 @@ class ClientClusterStore(ClientStore):
                     )
                 run = pipeline_runner(client.get_redis_connection(node))
                 acks[node.name] = wait_on(run, replicas, timeout, fence, self._reply_timeout())
-        short = {name: n for name, n in acks.items() if n < replicas}
-        if short:
-            name, acked = min(short.items(), key=lambda item: item[1])
-            raise ReplicationError(
-                replication_message(f"{self.description} primary {name}", acked, replicas, timeout),
-                acked=acked,
-                wanted=replicas,
-                nodes=sorted(short),
-            )
-        return min(acks.values(), default=replicas)
+        return fewest_acks(self.description, acks, replicas, timeout)

@@ -21,35 +21,32 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import redis.exceptions as rex
 
-from kvckpt._buffers import key_str
 from kvckpt.errors import ReplicationError, StoreUnavailableError
-from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
+from kvckpt.store import Buffer, RangeRead
+from kvckpt.stores.redis.base import Command, Options, RespStore, scan_keys
 from kvckpt.stores.redis.common import (
     ACL_RULES,
-    REDIS_MAX_VALUE,
     check_settings,
     check_wait_args,
-    expiry_commands,
-    expiry_results,
+    fewest_acks,
     glob_escape,
     ms,
-    password_of,
     px,
-    replication_message,
     str_of,
     translated,
     wait_on,
 )
-from kvckpt.stores.redis.retry import GaveUp, RetryPolicy
-from kvckpt.stores.redis.routing import Command, Router
-from kvckpt.stores.redis.slots import Address, AddressRemap, SlotTable, key_slot
-from kvckpt.stores.redis.transport import Endpoint, Reply, RespConnection, raise_first
+from kvckpt.stores.redis.retry import GaveUp
+from kvckpt.stores.redis.routing import Router
+from kvckpt.stores.redis.slots import AddressRemap, SlotTable, key_slot
+from kvckpt.stores.redis.transport import Reply, RespConnection, raise_first
 from kvckpt.stores.redis.url import parse_cluster_url
-from kvckpt.urls import StoreURL, tls_of
+from kvckpt.urls import StoreURL
 
 __all__ = ["CLUSTER_ACL_RULES", "RedisClusterStore", "key_slot"]
 
@@ -59,69 +56,42 @@ CLUSTER_ACL_RULES = (*ACL_RULES, "+cluster|slots", "+asking")
 _UNSERVED = (rex.ClusterDownError, rex.TryAgainError, rex.AskError)
 
 
-class RedisClusterStore(KVStore):
+class RedisClusterStore(RespStore):
     """KVStore over a Redis Cluster: one RESP transport per node, one retry policy for all."""
 
-    capabilities = Capabilities(max_value_bytes=REDIS_MAX_VALUE, native_ranges=True, ttl=True)
     parse_url = staticmethod(parse_cluster_url)
 
-    def __init__(
-        self,
-        startup: Sequence[Address],
-        endpoint: Endpoint,
-        policy: RetryPolicy,
-        description: str,
-        address_remap: AddressRemap | None = None,
-        max_workers: int = 16,
-    ) -> None:
-        self._router = Router(startup, endpoint, policy, description, address_remap, max_workers)
-        self.policy = policy
-        self.description = description
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.policy = router.policy
+        self.description = router.description
 
     @classmethod
     def from_url(
-        cls,
-        url: StoreURL,
-        *,
-        timeout: float = 30.0,
-        connect_timeout: float = 3.0,
-        total_timeout: float = 60.0,
-        retries: int = 2,
-        backoff: float = 0.05,
-        backoff_cap: float = 1.0,
-        password: str | None = None,
-        address_remap: AddressRemap | None = None,
+        cls, url: StoreURL, *, address_remap: AddressRemap | None = None, **options: Any
     ) -> RedisClusterStore:
-        """``url.hosts`` are startup nodes (one that answers is enough); the options are those of
-        ``redis://`` URLs (kvckpt.stores.redis.standalone). ``address_remap`` maps each address the
-        nodes announce, ``(host, port)``, to the one to connect to."""
-        tls = tls_of(url)
-        endpoint = Endpoint(
-            username=url.username,
-            password=password_of(url, password),
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            tls=tls is not None,
-            ca=tls.ca if tls else None,
-            cert=tls.cert if tls else None,
-            key=tls.key if tls else None,
-        )
-        policy = RetryPolicy(retries, backoff, backoff_cap, timeout, connect_timeout, total_timeout)
-        return cls(url.hosts, endpoint, policy, str(url.server), address_remap)
+        """``url.hosts`` are startup nodes (one that answers is enough); ``options`` are those of every
+        Redis URL (kvckpt.stores.redis.base.Options). ``address_remap`` maps each address the nodes
+        announce, ``(host, port)``, to the one to connect to (NAT, port forwarding); startup nodes are
+        used as given."""
+        settings = Options(**options)
+        router = Router(url.hosts, settings.endpoint(url), settings.policy(), str(url.server), address_remap)
+        return cls(router)
 
     def close(self) -> None:
         self._router.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        router = self._router
-        names = ("startup", "endpoint", "policy", "description", "address_remap", "max_workers")
-        return {name: getattr(router, name) for name in names}
+        return {"router": self._router}  # the router pickles without its sockets
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.description})"
+    def _commands(self, commands: Sequence[Command], what: str) -> list[Reply]:
+        return self._router.commands(commands, what=what)
+
+    def _once(self, command: Command) -> Reply:
+        return self._router.once(command)
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
@@ -138,22 +108,6 @@ class RedisClusterStore(KVStore):
                 ) from cause
 
     # KVStore --------------------------------------------------------------------------------
-
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        if not keys:
-            return []
-        with self._errors("reading"):
-            replies = self._router.commands([("GET", key) for key in keys], writes=False, what="reading")
-        return [r if isinstance(r, bytes) else None for r in replies]
-
-    def value_sizes(self, keys: Sequence[str]) -> list[int]:
-        if not keys:
-            return []
-        with self._errors("reading sizes"):
-            replies = self._router.commands(
-                [("STRLEN", key) for key in keys], writes=False, what="reading sizes"
-            )
-        return [int(n) if isinstance(n, int) else 0 for n in replies]
 
     def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
         todo = [i for i, r in enumerate(reads) if len(r.into)]
@@ -194,35 +148,6 @@ class RedisClusterStore(KVStore):
         with self._errors("writing"):
             raise_first(self._router.route([k for k, _ in items], send, command, writes=True, what="writing"))
 
-    def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
-        with self._errors("writing"):
-            if create:
-                return self._router.once(("SET", key, value, "NX", *px(ttl))) is not None
-            self._router.commands([("SET", key, value, *px(ttl))], writes=True, what="writing")
-            return True
-
-    def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
-        with self._errors("writing"):
-            previous = self._router.once(("SET", key, value, "GET", *px(ttl)))
-        return previous if isinstance(previous, bytes) else None
-
-    def take(self, key: str) -> bytes | None:
-        with self._errors("deleting"):
-            (value,) = self._router.commands([("GETDEL", key)], writes=True, what="deleting")
-        return value if isinstance(value, bytes) else None
-
-    def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
-        if not keys:
-            return []
-        with self._errors("setting expiry"):
-            replies = self._router.commands(expiry_commands(keys, ttl), writes=True, what="setting expiry")
-        return expiry_results(replies, ttl)
-
-    def delete_many(self, keys: Sequence[str]) -> None:
-        if keys:
-            with self._errors("deleting"):
-                self._router.commands([("UNLINK", key) for key in keys], writes=True, what="deleting")
-
     def scan_prefix(self, prefix: str) -> Iterator[str]:
         """SCAN every primary; a node that fails mid-scan gets one rescan after a table refresh."""
         pattern = glob_escape(prefix) + "*"
@@ -231,8 +156,9 @@ class RedisClusterStore(KVStore):
             for attempt in range(2):
                 try:
                     for name in self._router.table().primaries:
-                        for key in self._scan_node(name, pattern):
-                            if key.startswith(prefix) and key not in seen:
+                        execute = partial(self._router.transport(name).execute, what="listing keys")
+                        for key in scan_keys(execute, prefix, pattern):
+                            if key not in seen:
                                 seen.add(key)
                                 yield key
                     return
@@ -240,18 +166,6 @@ class RedisClusterStore(KVStore):
                     if attempt:
                         raise
                     self._router.refresh(time.monotonic())
-
-    def _scan_node(self, name: str, pattern: str) -> Iterator[str]:
-        cursor: Reply = b"0"
-        while True:
-            command = ("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-            (reply,) = self._router.transport(name).execute([command], "listing keys")  # type: ignore[list-item]
-            assert isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
-            cursor = reply[0]
-            for raw in reply[1]:
-                yield key_str(raw if isinstance(raw, bytes) else str(raw))
-            if cursor in (b"0", "0", 0):
-                return
 
     # Server safety --------------------------------------------------------------------------
 
@@ -295,9 +209,8 @@ class RedisClusterStore(KVStore):
         """
         check_wait_args(replicas, timeout)
         with self._errors("waiting for replicas"):
-            table = self._router.refresh(
-                time.monotonic()
-            )  # current primaries: failovers since the writes show
+            # Current primaries: failovers since the writes show.
+            table = self._router.refresh(time.monotonic())
             serving = {owner for owner in table.owners if owner is not None}
             lost = sorted(self._router.written - serving)
             if lost:
@@ -322,14 +235,6 @@ class RedisClusterStore(KVStore):
                 if isinstance(outcome, Exception):
                     raise outcome
         acks = {name: n for name, n in zip(nodes, outcomes, strict=True) if isinstance(n, int)}
-        short = {name: n for name, n in acks.items() if n < replicas}
-        if short:
-            name, acked = min(short.items(), key=lambda item: item[1])
-            raise ReplicationError(
-                replication_message(f"{self.description} primary {name}", acked, replicas, timeout),
-                acked=acked,
-                wanted=replicas,
-                nodes=sorted(short),
-            )
+        fewest = fewest_acks(self.description, acks, replicas, timeout)
         self._router.written.clear()
-        return min(acks.values(), default=replicas)
+        return fewest

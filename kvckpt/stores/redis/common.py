@@ -19,6 +19,7 @@ import redis.exceptions as rex
 
 from kvckpt.errors import (
     KVCheckpointError,
+    ReplicationError,
     StoreFullError,
     StoreUnavailableError,
     UnsafeStoreConfigError,
@@ -265,3 +266,18 @@ def replication_message(where: str, acked: int, wanted: int, timeout: float) -> 
         "failover now could lose them. Check the replicas are up and linked (INFO replication) and "
         "that the replica output buffer limit is not cutting them off, or require fewer replicas"
     )
+
+
+def fewest_acks(where: str, acks: dict[str, int], wanted: int, timeout: float) -> int:
+    """The fewest acknowledgements of the primaries in ``acks`` (node name → replicas that acked);
+    raises ReplicationError naming every primary short of ``wanted``."""
+    short = {name: n for name, n in acks.items() if n < wanted}
+    if short:
+        name, acked = min(short.items(), key=lambda item: item[1])
+        raise ReplicationError(
+            replication_message(f"{where} primary {name}", acked, wanted, timeout),
+            acked=acked,
+            wanted=wanted,
+            nodes=sorted(short),
+        )
+    return min(acks.values(), default=wanted)

@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 import redis.exceptions as rex
 
 from kvckpt._buffers import key_str
+from kvckpt.stores.redis.base import Command
 from kvckpt.stores.redis.retry import GaveUp, RetryPolicy
 from kvckpt.stores.redis.slots import Address, AddressRemap, SlotTable, key_slot, node_name
-from kvckpt.stores.redis.transport import Arg, Endpoint, Reply, RespConnection, Transport, raise_first
+from kvckpt.stores.redis.transport import Endpoint, Reply, RespConnection, Transport, raise_first
 
 logger = logging.getLogger("kvckpt.stores.redis.cluster")
 
@@ -26,7 +27,8 @@ MAX_REDIRECTS = 5
 #: Replies after which the slot table is re-read and the key sent again after a backoff.
 RETRY_REPLIES = (rex.ClusterDownError, rex.TryAgainError)
 
-Command = tuple[Arg, ...]  # ("SET", key, value, ...): the key is always args[1]
+#: Commands that change a key: the nodes they reach are waited on by wait_for_replicas.
+_WRITES = frozenset({"SET", "GETDEL", "PEXPIRE", "PERSIST", "UNLINK"})
 T = TypeVar("T")
 #: Sends the commands of some batch indices on one connection; a reply (or error reply) per index.
 Send = Callable[[RespConnection, list[int]], Sequence[Reply]]
@@ -76,6 +78,13 @@ class Router:
         self._executor: ThreadPoolExecutor | None = None
         #: Primaries that took writes since the store last waited for replicas.
         self.written: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        names = ("startup", "endpoint", "policy", "description", "address_remap", "max_workers")
+        return {name: getattr(self, name) for name in names}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
 
     def close(self) -> None:
         if self._executor is not None:
@@ -271,8 +280,9 @@ class Router:
         replies = self.transport(*node).run(lambda conn: conn.execute(interleaved), what)
         return replies[1::2]
 
-    def commands(self, commands: Sequence[Command], *, writes: bool, what: str) -> list[Reply]:
+    def commands(self, commands: Sequence[Command], *, what: str) -> list[Reply]:
         """Small single-key commands, routed; raises the first error reply."""
+        writes = any(str(c[0]).upper() in _WRITES for c in commands)
         keys = [key_str(c[1]) if isinstance(c[1], bytes) else str(c[1]) for c in commands]
         replies = self.route(
             keys, lambda conn, idxs: conn.execute([commands[i] for i in idxs]), commands.__getitem__,

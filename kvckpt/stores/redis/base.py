@@ -1,0 +1,159 @@
+"""What the standalone and Cluster stores share over kvckpt's RESP transport: their options, and every
+KVStore operation that is a batch of small single-key commands.
+
+The two differ only in where a command goes (one server, or the node serving the key's slot), so each
+supplies ``_commands`` (idempotent, retried by the policy) and ``_once`` (a commit, sent once).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kvckpt._buffers import key_str
+from kvckpt.store import Buffer, Capabilities, KVStore
+from kvckpt.stores.redis.common import REDIS_MAX_VALUE, expiry_commands, expiry_results, password_of, px
+from kvckpt.stores.redis.retry import RetryPolicy
+from kvckpt.stores.redis.transport import Arg, Endpoint, Reply
+from kvckpt.urls import StoreURL, tls_of
+
+Command = tuple[Arg, ...]  # ("SET", key, value, ...): the key is always args[1]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The store options every Redis URL takes (``open_store(url, **options)``, ``store_options=``).
+
+    ``timeout`` bounds each reply; ``retries`` re-sends idempotent commands on a dropped link, waiting
+    ``backoff`` seconds, doubling up to ``backoff_cap``; no retry starts that could not end within
+    ``total_timeout`` (kvckpt.stores.redis.retry). Commits are never re-sent. The ``ssl_*`` keywords
+    (redis-py's names) give TLS files the URL's ``?ca=&cert=&key=`` do not.
+    """
+
+    timeout: float = 30.0
+    connect_timeout: float = 3.0
+    total_timeout: float = 60.0
+    retries: int = 2
+    backoff: float = 0.05
+    backoff_cap: float = 1.0
+    password: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            self.retries,
+            self.backoff,
+            self.backoff_cap,
+            self.timeout,
+            self.connect_timeout,
+            self.total_timeout,
+        )
+
+    def endpoint(self, url: StoreURL, **where: Any) -> Endpoint:
+        """Connection settings from ``url`` and these options; ``where`` sets host, port, socket or DB."""
+        tls = tls_of(url)
+        given = {"ca": self.ssl_ca_certs, "cert": self.ssl_certfile, "key": self.ssl_keyfile}
+        if tls is not None and any(given.values()):
+            tls = replace(tls, **{k: v for k, v in given.items() if v and not getattr(tls, k)})
+        return Endpoint(
+            username=url.username,
+            password=password_of(url, self.password),
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            tls=tls is not None,
+            ca=tls.ca if tls else None,
+            cert=tls.cert if tls else None,
+            key=tls.key if tls else None,
+            **where,
+        )
+
+
+def scan_keys(execute: Callable[[list[Command]], list[Reply]], prefix: str, pattern: str) -> Iterator[str]:
+    """Every key under ``prefix`` on one server, by SCAN with MATCH ``pattern``."""
+    cursor: Reply = b"0"
+    while True:
+        (reply,) = execute([("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)])  # type: ignore[list-item]
+        assert isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)
+        cursor = reply[0]
+        for raw in reply[1]:
+            key = key_str(raw if isinstance(raw, bytes) else str(raw))
+            if key.startswith(prefix):
+                yield key
+        if cursor in (b"0", "0", 0):
+            return
+
+
+class RespStore(KVStore):
+    """The KVStore operations made of small single-key commands, for stores on the RESP transport."""
+
+    capabilities = Capabilities(max_value_bytes=REDIS_MAX_VALUE, native_ranges=True, ttl=True)
+    #: The options ``from_url`` takes (kvckpt.target checks them before anything connects).
+    store_options = Options
+    description: str
+    policy: RetryPolicy
+
+    @abc.abstractmethod
+    def _errors(self, action: str) -> Any:
+        """A context that translates failures while doing ``action`` into kvckpt's errors."""
+
+    @abc.abstractmethod
+    def _commands(self, commands: Sequence[Command], what: str) -> list[Reply]:
+        """Replies to idempotent ``commands`` (retried by the policy); raises the first error reply."""
+
+    @abc.abstractmethod
+    def _once(self, command: Command) -> Reply:
+        """The reply to a commit, sent exactly once (fenced when its reply is lost)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description})"
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        with self._errors("reading"):
+            replies = self._commands([("GET", key) for key in keys], "reading")
+        return [r if isinstance(r, bytes) else None for r in replies]
+
+    def value_sizes(self, keys: Sequence[str]) -> list[int]:
+        if not keys:
+            return []
+        with self._errors("reading sizes"):
+            replies = self._commands([("STRLEN", key) for key in keys], "reading sizes")
+        sizes: list[int] = []
+        for n in replies:
+            assert isinstance(n, int), n  # STRLEN always answers an integer; errors were raised
+            sizes.append(n)
+        return sizes
+
+    def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
+        with self._errors("writing"):
+            if create:
+                return self._once(("SET", key, value, "NX", *px(ttl))) is not None
+            self._commands([("SET", key, value, *px(ttl))], "writing")
+            return True
+
+    def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
+        with self._errors("writing"):
+            previous = self._once(("SET", key, value, "GET", *px(ttl)))
+        return previous if isinstance(previous, bytes) else None
+
+    def take(self, key: str) -> bytes | None:
+        with self._errors("deleting"):
+            (value,) = self._commands([("GETDEL", key)], "deleting")
+        return value if isinstance(value, bytes) else None
+
+    def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
+        if not keys:
+            return []
+        with self._errors("setting expiry"):
+            replies = self._commands(expiry_commands(keys, ttl), "setting expiry")
+        return expiry_results(replies, ttl)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        if keys:
+            with self._errors("deleting"):  # one UNLINK per key: a multi-key UNLINK cannot cross slots
+                self._commands([("UNLINK", key) for key in keys], "deleting")
