@@ -1,6 +1,6 @@
 """kvckpt vs DCP's FileSystemWriter/Reader on /dev/shm, side by side in one run.
 
-    python benchmarks/bench.py [--quick] [--scenarios large,small,model] [--repeat 3]
+    python benchmarks/bench.py [--quick] [--scenarios large,small,model] [--targets tcp,cluster] [--repeat 3]
 
 Starts its own redis-server, then for every scenario and target runs each phase (save, then load of
 what was just saved) in a fresh Python process, so timings and peak RSS of one phase never include
@@ -14,6 +14,8 @@ purges jemalloc, so each save faults in fresh memory (a new server's first check
 ``unix-kept`` runs with ``REDIS_KEEP_FREED_MEMORY_ENV`` (docs/operations-redis.md), is emptied with
 UNLINK as ``kvckpt.delete``/``keep_last`` do, and has held a checkpoint of the scenario's size before
 the first measured phase: the steady state of a server that keeps the last few checkpoints.
+``cluster`` is a Redis Cluster of three primaries (no replicas) from the same redis-server binary,
+emptied with FLUSHALL on each; ``--targets tcp,cluster`` runs only those (and ``fs``, for the ratios).
 
 Adding a target is an entry in ``open_stores`` (a checkpoint_id factory, a cleaner, the server's
 pid); adding a scenario is one ``Scenario`` in ``SCENARIOS``. The etcd scenario (64 MiB) runs one
@@ -37,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +128,7 @@ class Scenario:
     what: str
     build: Callable[..., dict[str, Any]]
     kwargs: dict[str, Any]
-    targets: tuple[str, ...] = ("tcp", "unix", "tcp-kept", "unix-kept", "fs")
+    targets: tuple[str, ...] = ("tcp", "unix", "tcp-kept", "unix-kept", "cluster", "fs")
     quick_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -283,7 +285,7 @@ class Stores:
 
     ids: dict[str, Callable[[str], str]]
     cleaners: list[Callable[[], object]]
-    server_pids: dict[str, int]
+    server_pids: dict[str, list[int]]
 
     def clean(self) -> None:
         for clean in self.cleaners:
@@ -291,25 +293,27 @@ class Stores:
 
     def server_usage(self, target: str) -> tuple[float, int]:
         """CPU seconds and minor page faults of the target's server so far (0 without a server)."""
-        pid = self.server_pids.get(target)
-        if pid is None:
-            return 0.0, 0
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks, int(fields[7])  # utime+stime, minflt
+        cpu, faults = 0.0, 0
+        for pid in self.server_pids.get(target, []):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks = os.sysconf("SC_CLK_TCK")
+            cpu += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+            faults += int(fields[7])  # minflt
+        return cpu, faults
 
 
 @contextlib.contextmanager
 def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
     import redis
 
-    from tests.harness.servers import REDIS_KEEP_FREED_MEMORY_ENV, EtcdServer, RedisServer
+    from tests.harness.servers import REDIS_KEEP_FREED_MEMORY_ENV, EtcdServer, RedisCluster, RedisServer
 
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(RedisServer(binary=redis_binary))
         kept = stack.enter_context(RedisServer(binary=redis_binary, environment=REDIS_KEEP_FREED_MEMORY_ENV))
         etcd = stack.enter_context(EtcdServer())
         nofsync = stack.enter_context(EtcdServer(unsafe_no_fsync=True))
+        cluster = stack.enter_context(RedisCluster(masters=3, replicas=0, binary=redis_binary))
         client = stack.enter_context(contextlib.closing(redis.Redis(port=server.port)))
         kept_client = stack.enter_context(contextlib.closing(redis.Redis(port=kept.port)))
         assert server.process is not None and kept.process is not None
@@ -318,6 +322,7 @@ def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
             "unix": server.unix_url,
             "tcp-kept": kept.url,
             "unix-kept": kept.unix_url,
+            "cluster": cluster.url,
             "fs": lambda ns: str(scratch / ns),
         }
         cleaners: list[Callable[[], object]] = [
@@ -325,11 +330,14 @@ def open_stores(scratch: Path, redis_binary: str = "") -> Iterator[Stores]:
             functools.partial(_unlink_all, kept_client),
             lambda: shutil.rmtree(scratch, True),
         ]
-        pids = {"tcp": server.process.pid, "unix": server.process.pid}
-        pids |= {"tcp-kept": kept.process.pid, "unix-kept": kept.process.pid}
+        for node in cluster.master_nodes():
+            cleaners.append(functools.partial(_flush, node.port))
+        pids = {"tcp": [server.process.pid], "unix": [server.process.pid]}
+        pids |= {"tcp-kept": [kept.process.pid], "unix-kept": [kept.process.pid]}
+        pids["cluster"] = [n.process.pid for n in cluster.master_nodes() if n.process is not None]
         for name, member in (("etcd", etcd), ("etcd-nofsync", nofsync)):
             assert member.process is not None
-            ids[name], pids[name] = member.url, member.process.pid
+            ids[name], pids[name] = member.url, [member.process.pid]
             cleaners.append(functools.partial(_empty_etcd, member))
         yield Stores(ids, cleaners, pids)
 
@@ -342,6 +350,12 @@ def _unlink_all(client: Any) -> None:
         client.unlink(*keys[start : start + 1000])
     while int(client.info("memory").get("lazyfree_pending_objects", 0)):
         time.sleep(0.01)
+
+
+def _flush(port: int) -> None:
+    from tests.harness.servers import redis_call
+
+    redis_call(port, "FLUSHALL")
 
 
 def _empty_etcd(member: Any) -> None:
@@ -408,6 +422,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         with open_stores(scratch / "ckpt", args.redis_server) as stores:
             for name in args.scenarios:
                 scenario = SCENARIOS[name]
+                if args.targets:
+                    wanted = [t for t in scenario.targets if t in args.targets or t == "fs"]
+                    scenario = replace(scenario, targets=tuple(wanted))
                 kwargs = {**scenario.kwargs, **(scenario.quick_kwargs if args.quick else {})}
                 runs: dict[tuple[str, str], list[dict[str, Any]]] = {
                     (target, phase): [] for target in scenario.targets for phase in PHASES
@@ -527,6 +544,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smaller state dicts, for a smoke run")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
+    parser.add_argument(
+        "--targets", default="", help="comma-separated subset of targets (fs is always kept, for the ratios)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per phase (median reported)")
     parser.add_argument("--fs-dir", default="/dev/shm", help="where FileSystemWriter writes")
     parser.add_argument("--redis-server", default="", help="redis-server binary (default: from PATH)")
@@ -537,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_phase(json.loads(args.child))))
         return
     args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.targets = [t for t in args.targets.split(",") if t]
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {sorted(SCENARIOS)}")

