@@ -157,6 +157,9 @@ class Router:
             except GaveUp as exc:
                 failure = exc.__cause__ or exc
                 continue
+            except rex.BusyLoadingError as exc:  # a restarted node still loading its data: ask another
+                failure = exc
+                continue
             table = SlotTable.parse(reply, address, self.address_remap)
             self._table = table
             return table
@@ -191,9 +194,11 @@ class Router:
 
         if len(items) <= 1:
             return [guarded(item) for item in items]
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="kvckpt-cluster")
-        return list(self._executor.map(guarded, items))
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="kvckpt-cluster")
+            executor = self._executor
+        return list(executor.map(guarded, items))
 
     def route(
         self, keys: Sequence[str], send: Send, command: Callable[[int], Command], *, writes: bool, what: str
