@@ -108,6 +108,11 @@ def test_injected_cluster_client_gets_a_cluster_store(redis_cluster: RedisCluste
         assert store.get_many([k for k, _ in items]) == [v for _, v in items]
         assert store.value_sizes([k for k, _ in items]) == [len(v) for _, v in items]
         assert sorted(store.scan_prefix(namespace + "/")) == sorted(k for k, _ in items)
+        record = f"{namespace}/.metadata"
+        assert store.put(record, b"1", create=True) and not store.put(record, b"2", create=True)
+        assert store.swap(record, b"3") == b"1" and store.get(record) == b"3"
+        assert len(store.check_server_settings()) == len(redis_cluster.live())
+        assert store.wait_for_replicas(1, 5.0, fence_key=f"{namespace}/.wait") == 1
         store.close()  # an injected client is the caller's to close
         assert client.get(items[5][0]) == items[5][1]
     finally:
