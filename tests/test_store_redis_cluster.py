@@ -16,7 +16,8 @@ import redis
 from redis.crc import key_slot as redis_key_slot
 
 from kvckpt.errors import (
-    KVCheckpointError,
+    InvalidCheckpointIdError,
+    InvalidStoreOptionError,
     ReplicationError,
     StoreFullError,
     StoreUnavailableError,
@@ -310,18 +311,20 @@ def test_first_use_from_many_threads_reads_the_slot_table_once(
 def test_a_plain_redis_url_at_a_cluster_node_names_the_mistake(redis_cluster: RedisCluster) -> None:
     port = redis_cluster.master_nodes()[0].port
     store = open_store(f"redis://127.0.0.1:{port}/0/x")
-    with pytest.raises(KVCheckpointError, match=r"is a Redis Cluster node; use redis\+cluster://"):
+    with pytest.raises(InvalidCheckpointIdError, match=r"is a Redis Cluster node; use redis\+cluster://"):
         store.put_many([(f"x/{i}", b"v") for i in range(50)])  # some keys live on other nodes
+    with pytest.raises(InvalidCheckpointIdError, match=r"is a Redis Cluster node; use redis\+cluster://"):
+        list(store.scan_prefix("x/"))  # SCAN would list this node's keys only, silently
     store.close()
     store = open_store(f"redis://127.0.0.1:{port}/1/x")
-    with pytest.raises(KVCheckpointError, match=r"is a Redis Cluster node; use redis\+cluster://"):
+    with pytest.raises(InvalidCheckpointIdError, match=r"is a Redis Cluster node; use redis\+cluster://"):
         store.get("x/a")  # SELECT 1 is refused in cluster mode
     store.close()
 
 
 def test_a_cluster_url_at_a_standalone_server_names_the_mistake(redis_server: RedisServer) -> None:
     store = open_store(f"redis+cluster://127.0.0.1:{redis_server.port}/x")
-    with pytest.raises(KVCheckpointError, match=r"is not a Redis Cluster; use redis://"):
+    with pytest.raises(InvalidCheckpointIdError, match=r"is not a Redis Cluster; use redis://"):
         store.get("x/a")
     store.close()
 
@@ -361,3 +364,57 @@ def test_every_node_over_tls_with_address_remap(
         with pytest.raises(StoreUnavailableError):
             plain.get(f"{namespace}/tls/0")  # plain text to a TLS port: the handshake fails
         plain.close()
+
+
+def test_a_dead_replica_does_not_stop_a_save(
+    redis_cluster: RedisCluster, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Right after a replica dies the cluster still lists it (until cluster-node-timeout): the
+    settings check skips it with a warning naming it, and the save goes ahead."""
+    import torch
+
+    import kvckpt
+
+    redis_cluster.wait_healthy()
+    replica = redis_cluster.replica_of(redis_cluster.master_nodes()[0])
+    assert replica.process is not None
+    replica.process.kill()
+    replica.process.wait()
+    replica.process = None
+    try:
+        state = {"w": torch.arange(1000, dtype=torch.float32)}
+        kvckpt.save(state, redis_cluster.url(f"{namespace}/dead-replica"))
+        assert f"{replica.port} did not answer" in caplog.text
+        loaded = {"w": torch.zeros(1000)}
+        kvckpt.load(loaded, redis_cluster.url(f"{namespace}/dead-replica"))
+        assert torch.equal(loaded["w"], state["w"])
+    finally:
+        redis_cluster.restart(replica)
+
+
+def test_wrong_option_types_are_named(redis_cluster: RedisCluster) -> None:
+    url = redis_cluster.url("x")
+    with pytest.raises(InvalidStoreOptionError, match=r"timeout='abc'.*number of seconds"):
+        open_store(url, timeout="abc")
+    with pytest.raises(InvalidStoreOptionError, match=r"retries=1\.5.*whole number"):
+        open_store(url, retries=1.5)
+    with pytest.raises(InvalidStoreOptionError, match=r"address_remap.*got dict"):
+        open_store(url, address_remap={("127.0.0.1", 1): ("127.0.0.1", 2)})
+    with pytest.raises(InvalidStoreOptionError, match=r"backoff=-1"):
+        open_store(url.replace("redis+cluster://", "redis://").split(",")[0] + "/0/x", backoff=-1)
+
+
+def test_an_acl_user_outside_its_keys_is_told_why(redis_cluster: RedisCluster, namespace: str) -> None:
+    nodes = redis_cluster.live()
+    for node in nodes:
+        rules = ["reset", "on", ">c-pw", f"~{namespace}/*", "-@all", *CLUSTER_ACL_RULES]
+        redis_call(node.port, "ACL", "SETUSER", "ckpt-narrow", *rules)
+    try:
+        store = open_store(redis_cluster.url(namespace).replace("://", "://ckpt-narrow:c-pw@"))
+        with pytest.raises(StoreUnavailableError, match=r"ACL user may not .*~NAMESPACE/\*") as info:
+            store.put_many([("elsewhere/a", b"x")])
+        assert "c-pw" not in str(info.value)
+        store.close()
+    finally:
+        for node in nodes:
+            redis_call(node.port, "ACL", "DELUSER", "ckpt-narrow")

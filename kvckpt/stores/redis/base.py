@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kvckpt._buffers import key_str
+from kvckpt.errors import InvalidStoreOptionError
 from kvckpt.store import Buffer, Capabilities, KVStore
 from kvckpt.stores.redis.common import REDIS_MAX_VALUE, expiry_commands, expiry_results, password_of, px
 from kvckpt.stores.redis.retry import RetryPolicy
@@ -42,6 +43,26 @@ class Options:
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a wrong type or range now, named, rather than as a TypeError deep in a save."""
+        for name in ("timeout", "connect_timeout", "total_timeout", "backoff", "backoff_cap", "retries"):
+            value = getattr(self, name)
+            whole = name == "retries"
+            kind = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+                what = "a whole number >= 0" if whole else "a number of seconds"
+                raise InvalidStoreOptionError(
+                    f"store option {name}={value!r}: expected {what}", options=[name]
+                )
+        for name in ("timeout", "connect_timeout", "total_timeout"):
+            if not getattr(self, name) > 0:
+                raise InvalidStoreOptionError(
+                    f"store option {name}=0: expected more than 0 seconds", options=[name]
+                )
+        for name in ("password", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if not isinstance(getattr(self, name), str | None):
+                raise InvalidStoreOptionError(f"store option {name}: expected a string", options=[name])
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(

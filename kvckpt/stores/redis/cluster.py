@@ -19,6 +19,7 @@ server; only a redirection, after which nothing ran, sends it again.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -26,7 +27,7 @@ from typing import Any
 
 import redis.exceptions as rex
 
-from kvckpt.errors import ReplicationError, StoreUnavailableError
+from kvckpt.errors import InvalidStoreOptionError, ReplicationError, StoreUnavailableError
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis.base import Command, Options, RespStore, scan_keys
 from kvckpt.stores.redis.common import (
@@ -42,13 +43,15 @@ from kvckpt.stores.redis.common import (
     wait_on,
 )
 from kvckpt.stores.redis.retry import GaveUp
-from kvckpt.stores.redis.routing import Router
+from kvckpt.stores.redis.routing import Router, naming
 from kvckpt.stores.redis.slots import AddressRemap, SlotTable, key_slot
 from kvckpt.stores.redis.transport import Reply, RespConnection, raise_first
 from kvckpt.stores.redis.url import parse_cluster_url
 from kvckpt.urls import StoreURL
 
 __all__ = ["CLUSTER_ACL_RULES", "RedisClusterStore", "key_slot"]
+
+logger = logging.getLogger(__name__)
 
 #: An ACL user on every node needs these too: the slot table, and ASKING while a slot migrates.
 CLUSTER_ACL_RULES = (*ACL_RULES, "+cluster|slots", "+asking")
@@ -74,6 +77,12 @@ class RedisClusterStore(RespStore):
         Redis URL (kvckpt.stores.redis.base.Options). ``address_remap`` maps each address the nodes
         announce, ``(host, port)``, to the one to connect to (NAT, port forwarding); startup nodes are
         used as given."""
+        if address_remap is not None and not callable(address_remap):
+            raise InvalidStoreOptionError(
+                f"store option address_remap: expected a function (host, port) -> (host, port), got "
+                f"{type(address_remap).__name__}",
+                options=["address_remap"],
+            )
         settings = Options(**options)
         router = Router(url.hosts, settings.endpoint(url), settings.policy(), str(url.server), address_remap)
         return cls(router)
@@ -149,46 +158,76 @@ class RedisClusterStore(RespStore):
             raise_first(self._router.route([k for k, _ in items], send, command, writes=True, what="writing"))
 
     def scan_prefix(self, prefix: str) -> Iterator[str]:
-        """SCAN every primary; a node that fails mid-scan gets one rescan after a table refresh."""
+        """SCAN every primary. A node that fails mid-scan is retried as the policy says, after the
+        slot table is re-read (a promoted replica then serves its keys); keys already yielded are
+        not yielded again."""
         pattern = glob_escape(prefix) + "*"
         seen: set[str] = set()  # a key migrating during the scan can show up on two nodes
+        scanned: set[str] = set()
+        started = time.monotonic()
+        failures = 0
         with self._errors("listing keys"):
-            for attempt in range(2):
+            while True:
+                name = ""
                 try:
                     for name in self._router.table().primaries:
+                        if name in scanned:
+                            continue
                         execute = partial(self._router.transport(name).execute, what="listing keys")
                         for key in scan_keys(execute, prefix, pattern):
                             if key not in seen:
                                 seen.add(key)
                                 yield key
+                        scanned.add(name)
                     return
-                except GaveUp:
-                    if attempt:
-                        raise
-                    self._router.refresh(time.monotonic())
+                except GaveUp as exc:
+                    with naming({name}):
+                        failures = self._router.next_round(
+                            failures, started, exc.__cause__ or exc, "listing keys", avoid={name}
+                        )
 
     # Server safety --------------------------------------------------------------------------
 
     def check_server_settings(self, *, allow_eviction: bool = False) -> dict[str, str]:
         """Every node, replicas included (a promoted replica brings its own maxmemory-policy); the
-        slot table is re-read first so a node that failed since the last command is not asked."""
+        slot table is re-read first so a node that failed since is not asked. A node that does not
+        answer is skipped with a warning: it stores nothing meanwhile, and the cluster marks it
+        failed within cluster-node-timeout (a dead primary fails the writes themselves)."""
 
-        def config_get(name: str) -> Callable[[], dict[str, str]]:
-            def get() -> dict[str, str]:
+        def config_get(name: str) -> dict[str, str] | Exception:
+            try:
                 (reply,) = self._router.transport(name).execute(
                     [("CONFIG", "GET", "maxmemory*")], "reading settings"
                 )
-                assert isinstance(reply, list)
-                return {str_of(k): str_of(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
+            except rex.ResponseError as exc:  # NOPERM, a renamed CONFIG: check_settings skips it
+                return exc
+            assert isinstance(reply, list)
+            return {str_of(k): str_of(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
+
+        def getter(settings: dict[str, str] | Exception) -> Callable[[], dict[str, str]]:
+            def get() -> dict[str, str]:
+                if isinstance(settings, Exception):
+                    raise settings
+                return settings
 
             return get
 
         with self._errors("reading server settings"):
             table = self._router.refresh(time.monotonic())
             nodes = [*table.primaries, *table.replicas()]
-            return check_settings(
-                [(f"{self.description} node {n}", config_get(n)) for n in nodes], allow_eviction
-            )
+            outcomes = self._router.map(config_get, nodes)
+            servers = []
+            for name, outcome in zip(nodes, outcomes, strict=True):
+                if isinstance(outcome, GaveUp):
+                    logger.warning(
+                        "%s: node %s did not answer (%s); its maxmemory-policy is not checked",
+                        self.description, name, type(outcome.__cause__).__name__,
+                    )  # fmt: skip
+                    continue
+                if isinstance(outcome, Exception) and not isinstance(outcome, rex.ResponseError):
+                    raise outcome
+                servers.append((f"{self.description} node {name}", getter(outcome)))
+            return check_settings(servers, allow_eviction)
 
     def _fence_on(self, name: str, fence_key: str | None, table: SlotTable) -> str | None:
         """A key for WAIT's fencing write that ``name`` owns: ``fence_key`` plus a hash tag."""

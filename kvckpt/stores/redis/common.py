@@ -18,6 +18,7 @@ from typing import Any
 import redis.exceptions as rex
 
 from kvckpt.errors import (
+    InvalidCheckpointIdError,
     KVCheckpointError,
     ReplicationError,
     StoreFullError,
@@ -99,13 +100,13 @@ def expiry_results(replies: Sequence[Any], ttl: float | None) -> list[bool]:
 
 # Errors ---------------------------------------------------------------------------------------
 
-_TO_CLUSTER = "is a Redis Cluster node; use redis+cluster://host:port/NAMESPACE"
-_TO_STANDALONE = "is not a Redis Cluster; use redis://host:port/DB/NAMESPACE"
+TO_CLUSTER = "is a Redis Cluster node; use redis+cluster://host:port/NAMESPACE"
+TO_STANDALONE = "is not a Redis Cluster; use redis://host:port/DB/NAMESPACE"
 #: Error replies that mean the URL names the wrong kind of server, and what to write instead.
 _WRONG_KIND = (
-    ("SELECT is not allowed in cluster mode", _TO_CLUSTER),
-    ("Cluster mode is not enabled", _TO_STANDALONE),
-    ("cluster support disabled", _TO_STANDALONE),
+    ("SELECT is not allowed in cluster mode", TO_CLUSTER),
+    ("Cluster mode is not enabled", TO_STANDALONE),
+    ("cluster support disabled", TO_STANDALONE),
 )
 
 
@@ -113,7 +114,7 @@ def wrong_kind(exc: BaseException) -> str | None:
     """What to write instead when ``exc`` says the server is not the kind the URL names."""
     text = str(exc)
     if isinstance(exc, rex.AskError) or text.split(" ", 1)[0] in ("MOVED", "ASK", "CLUSTERDOWN"):
-        return _TO_CLUSTER
+        return TO_CLUSTER
     return next((advice for marker, advice in _WRONG_KIND if marker in text), None)
 
 
@@ -145,6 +146,12 @@ def _translate(
             f"{where}: Redis is out of memory while {action} (maxmemory reached); "
             "free memory or raise maxmemory, and use maxmemory-policy noeviction"
         )
+    if isinstance(exc, rex.NoPermissionError):
+        return StoreUnavailableError(
+            f"{where}: the ACL user may not do this while {action} ({str(exc)[:120]}); give it the key "
+            "pattern of every namespace it uses (~NAMESPACE/*) and the commands in "
+            "docs/operations-redis.md (ACL users and passwords)"
+        )
     if isinstance(exc, rex.AuthenticationError):
         return StoreUnavailableError(
             f"{where}: authentication failed while {action}; check user and password"
@@ -152,10 +159,10 @@ def _translate(
     if isinstance(exc, rex.ResponseError | rex.RedisClusterException):
         text = str(exc)
         advice = wrong_kind(exc)
-        if advice == (_TO_STANDALONE if cluster else _TO_CLUSTER):
-            return KVCheckpointError(f"{where} {advice} (the server said: {text[:120]})")
+        if advice == (TO_STANDALONE if cluster else TO_CLUSTER):
+            return InvalidCheckpointIdError(f"{where} {advice} (the server said: {text[:120]})")
         if "DB index is out of range" in text:
-            return KVCheckpointError(
+            return InvalidCheckpointIdError(
                 f"{where}: the server has no such database ({text}); its databases are numbered from 0 "
                 "to its 'databases' setting minus one (16 by default: 0-15)"
             )

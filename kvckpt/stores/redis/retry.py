@@ -88,9 +88,15 @@ class RetryPolicy:
 
 
 class GaveUp(Exception):
-    """The policy stopped retrying; ``__cause__`` is the last failure."""
+    """The policy stopped retrying; ``__cause__`` is the last failure, ``node`` where it happened
+    when the store talks to several servers (a Cluster names the node to look at)."""
 
-    def __init__(self, attempts: int, seconds: float) -> None:
-        super().__init__(f"{attempts} attempt(s) in {seconds:.1f}s")
+    def __init__(self, attempts: int, seconds: float, node: str | None = None) -> None:
+        super().__init__(attempts, seconds, node)
         self.attempts = attempts
         self.seconds = seconds
+        self.node = node
+
+    def __str__(self) -> str:
+        at = f", the last at node {self.node}" if self.node else ""
+        return f"{self.attempts} attempt(s) in {self.seconds:.1f}s{at}"

@@ -3,11 +3,12 @@ reach every key wherever it lives (the rules are in kvckpt.stores.redis.cluster'
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -42,6 +43,16 @@ class _Left:
     asks: dict[tuple[str, Address], list[int]] = field(default_factory=dict)  # by importing node
     dead: set[str] = field(default_factory=set)  # nodes that did not answer
     failure: BaseException | None = None
+
+
+@contextlib.contextmanager
+def naming(nodes: set[str]) -> Iterator[None]:
+    """Name ``nodes`` in a GaveUp raised inside, so the error says which node to look at."""
+    try:
+        yield
+    except GaveUp as gave_up:
+        gave_up.node = gave_up.node or ", ".join(sorted(nodes)) or None
+        raise
 
 
 def _kind(exc: BaseException) -> str:
@@ -124,9 +135,10 @@ class Router:
                     self.refresh(started, first=True)
                 except GaveUp as exc:
                     failure = exc.__cause__ or exc
-                    self.policy.pause(
-                        number, started, failure, where=self.description, what="reading the slot table"
-                    )
+                    with naming({node_name(a) for a in self.startup}):
+                        self.policy.pause(
+                            number, started, failure, where=self.description, what="reading the slot table"
+                        )
         assert self._table is not None
         return self._table
 
@@ -239,12 +251,21 @@ class Router:
                 redirects += 1  # MOVED only: the table already says where the keys went
                 continue
             failure = failure or rex.ClusterDownError("CLUSTERDOWN the keys' slots keep moving")
-            self.policy.pause(failures, started, failure, where=self.description, what=what)
-            failures += 1
-            self.refresh(started, avoid=frozenset(left.dead))
-            if time.monotonic() - started + self.policy.timeout > self.policy.total_timeout:
-                raise GaveUp(failures, time.monotonic() - started) from failure
+            with naming(left.dead):
+                failures = self.next_round(failures, started, failure, what, avoid=left.dead)
         return replies
+
+    def next_round(
+        self, failures: int, started: float, failure: BaseException, what: str, avoid: set[str]
+    ) -> int:
+        """After a failed round: back off (or give up, as the policy says), re-read the slot table
+        from a node not in ``avoid``, and give up if another round could not finish in time.
+        Returns the number of failed rounds so far."""
+        self.policy.pause(failures, started, failure, where=self.description, what=what)
+        self.refresh(started, avoid=frozenset(avoid))
+        if time.monotonic() - started + self.policy.timeout > self.policy.total_timeout:
+            raise GaveUp(failures + 1, time.monotonic() - started) from failure
+        return failures + 1
 
     def _take(
         self,
@@ -315,9 +336,8 @@ class Router:
                 continue
             except (GaveUp, *RETRY_REPLIES) as exc:
                 reason = exc.__cause__ or exc if isinstance(exc, GaveUp) else exc
-                self.policy.pause(failures, started, reason, where=self.description, what="committing")
-                failures += 1
-                self.refresh(started, avoid=frozenset({name}))
+                with naming({name}):
+                    failures = self.next_round(failures, started, reason, "committing", avoid={name})
                 asking = None
                 continue
             self.written.add(name)

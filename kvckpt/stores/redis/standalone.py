@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kvckpt.errors import ReplicationError
+from kvckpt.errors import InvalidCheckpointIdError, ReplicationError
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis import common
 from kvckpt.stores.redis.base import Command, Options, RespStore, scan_keys
 from kvckpt.stores.redis.common import (
+    TO_CLUSTER,
     check_settings,
     check_wait_args,
     glob_escape,
@@ -38,6 +39,7 @@ class RedisStore(RespStore):
         self.policy = policy
         self.description = description
         self._transport = Transport(endpoint, policy, description)
+        self._kind_checked = False
 
     @classmethod
     def from_url(cls, url: StoreURL, **options: Any) -> RedisStore:
@@ -85,9 +87,23 @@ class RedisStore(RespStore):
 
     def scan_prefix(self, prefix: str) -> Iterator[str]:
         with self._errors("listing keys"):
+            self._refuse_a_cluster_node()
             yield from scan_keys(
                 lambda c: self._transport.execute(c, "listing keys"), prefix, glob_escape(prefix) + "*"
             )
+
+    def _refuse_a_cluster_node(self) -> None:
+        """Every other command on a Cluster node answers MOVED for keys elsewhere, but SCAN lists only
+        that node's keys, silently: ``kvckpt ls`` would show part of the checkpoints. So a listing asks
+        first (once per store); a user whose ACL denies CLUSTER MYID is not asked again."""
+        if self._kind_checked:
+            return
+        (reply,) = self._transport.run(lambda conn: conn.execute([("CLUSTER", "MYID")]), "listing keys")
+        if isinstance(reply, bytes | str):
+            raise InvalidCheckpointIdError(
+                f"{self.description} {TO_CLUSTER} (listing keys of one node would miss the others')"
+            )
+        self._kind_checked = True
 
     # Server safety (called by the DCP adapter around a save) ----------------------------------
 
