@@ -162,14 +162,33 @@ def parse_host_url(text: str, default_port: int, usage: str) -> StoreURL:
     parts = split_url(text, usage)
     hosts = parse_hosts(parts.netloc, default_port, text, usage)
     namespace = unquote("/".join(parts.segments()))
-    require_namespace(namespace, text, usage)
-    return StoreURL(
+    url = StoreURL(
         parts.scheme,
         namespace,
         hosts=hosts,
         username=parts.username,
         password=parts.password,
-        query=parts.options("db", "namespace"),
+        query=parts.options(),
+    )
+    refuse_db_and_namespace_options(url, parts)
+    require_namespace(namespace, text, usage)
+    return url
+
+
+def refuse_db_and_namespace_options(url: StoreURL, parts: URLParts) -> None:
+    """``?db=`` or ``?namespace=`` on a grammar without them: ignoring them would save elsewhere.
+
+    A Redis Cluster serves database 0 only and etcd has no databases; the namespace is the path.
+    """
+    given = [k for k in ("db", "namespace") if k in parts.query]
+    if not given:
+        return
+    namespace = url.namespace or parts.query.get("namespace", ["NAMESPACE"])[-1] or "NAMESPACE"
+    query = tuple((k, v) for k, v in url.query if k not in given)
+    fixed = replace(url, namespace=namespace, query=query)
+    raise InvalidCheckpointIdError(
+        f"{url}: {url.scheme}:// takes no {' or '.join(f'{k}=' for k in given)} option: it has no "
+        f"database number to choose and the namespace is the URL's path; write {fixed}"
     )
 
 

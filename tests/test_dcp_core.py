@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -92,6 +93,33 @@ def test_plain_dcp_entry_points(backend: Backend, namespace: str) -> None:
     loaded = {"w": torch.zeros(100, 10, dtype=torch.float16), "meta": {"epoch": 0}}
     dcp.load(loaded, storage_reader=kvckpt.KVStorageReader(backend.id(namespace), **backend.options))
     assert_same(state, loaded)
+
+
+class WarnsWhenSaved:
+    """A Stateful whose state_dict() warns inside dcp.save: a warning kvckpt must not swallow."""
+
+    def state_dict(self) -> dict[str, Any]:
+        warnings.warn("the caller's own warning", UserWarning, stacklevel=2)
+        return {"v": torch.ones(3)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def test_save_and_load_without_a_process_group_do_not_warn_of_it(redis_server: Any, namespace: str) -> None:
+    """The README says both work without one; torch's "assuming ... a single process" is noise there."""
+    url = redis_server.url(namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kvckpt.save({"w": torch.ones(3), "obj": WarnsWhenSaved()}, url)
+        kvckpt.save({"w": torch.ones(3)}, f"{url}-again", no_dist=True)
+        loaded = {"w": torch.zeros(3)}
+        kvckpt.load(loaded, url, planner=None)
+        kvckpt.load(loaded, f"{url}-again", no_dist=True)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "single process" in m], messages
+    assert messages.count("the caller's own warning") == 1  # every other warning still propagates
+    assert torch.equal(loaded["w"], torch.ones(3))
 
 
 def test_keys_are_readable_and_under_one_generation(backend: Backend, namespace: str) -> None:

@@ -6,6 +6,8 @@ import os
 import sys
 import threading
 import types
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import kvckpt
+from kvckpt import cli
 from kvckpt.dcp import safe_load
 from kvckpt.errors import PickleLoadWarning, UnsafeObjectError
 from tests.harness.servers import RedisServer
@@ -74,7 +77,6 @@ def test_plain_dcp_load_warns_once_pointing_to_the_safe_way(
     with pytest.warns(PickleLoadWarning, match=r"kvckpt\.load\(state_dict, checkpoint_id\)"):
         dcp_load(fresh(), storage_reader=kvckpt.KVStorageReader(url))
     assert marker.exists()  # DCP's own behaviour, now after a warning
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", PickleLoadWarning)
@@ -111,3 +113,27 @@ def test_the_refusal_names_the_class_without_terminal_escapes(
     message = str(refused.value)
     assert "\x1b" not in message
     assert "evil\\x1b[2J\\x1b[31mmod.Thing" in message
+
+
+def test_cp_to_a_folder_and_drain_copy_pickled_values_as_bytes_without_a_pickle_warning(
+    redis_server: RedisServer, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy hands stored bytes on: nothing is unpickled, so nothing warns that it would be."""
+    marker = tmp_path / "ran"
+    url = redis_server.url(f"{namespace}/step1")
+    kvckpt.save({"w": torch.ones(2), "step": 3, "payload": RunsACommand(marker)}, url)
+    copies: list[Callable[[], int]] = [
+        lambda: cli.main(["cp", url, str(tmp_path / "export")]),
+        lambda: kvckpt.Drainer(redis_server.url(namespace), str(tmp_path / "drained")).run(once=True),
+    ]
+    for copy in copies:
+        monkeypatch.setattr(safe_load, "_warned", threading.Event())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert copy() == 0
+        assert [w for w in caught if issubclass(w.category, PickleLoadWarning)] == []
+    assert not marker.exists()
+    for folder in (tmp_path / "export", tmp_path / "drained" / "step1"):
+        loaded: dict[str, Any] = {"w": torch.zeros(2), "step": 0}
+        dcp_load(loaded, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=True))
+        assert loaded["step"] == 3 and torch.equal(loaded["w"], torch.ones(2))

@@ -82,3 +82,26 @@ def test_unencoded_question_mark_in_namespace_is_refused_not_truncated() -> None
     with pytest.raises(InvalidCheckpointIdError, match="%3F"):
         open_store("redis://127.0.0.1:1/0/run?1")
     assert parse_url("redis://127.0.0.1:1/0/run%3F1").namespace == "run?1"
+
+
+@pytest.mark.parametrize(
+    ("url", "fixed"),
+    [
+        ("redis+cluster://127.0.0.1:7000/run6/j?db=1", "redis+cluster://127.0.0.1:7000/run6/j"),
+        (
+            "redis+cluster://:pw@a:7000,b:7001/run6/j?db=0&tls=true",
+            "redis+cluster://:***@a:7000,b:7001/run6/j?tls=true",
+        ),
+        ("etcd://e1:2379/ns?db=1", "etcd://e1:2379/ns"),
+        ("etcd://e1:2379?namespace=run/1", "etcd://e1:2379/run/1"),
+        ("etcd://e1:2379/ns?db=2&namespace=other", "etcd://e1:2379/ns"),
+    ],
+)
+def test_db_and_namespace_options_are_refused_where_there_are_none(url: str, fixed: str) -> None:
+    """A Cluster has only database 0 and etcd none: a silently ignored db= would save elsewhere."""
+    with pytest.raises(InvalidCheckpointIdError) as refused:
+        parse_url(url)
+    message = str(refused.value)
+    assert message.endswith(f"; write {fixed}")
+    assert "takes no" in message and "the namespace is the URL's path" in message
+    assert "pw" not in message

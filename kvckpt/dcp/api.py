@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -69,6 +70,25 @@ def unwrapped_errors(what: str = "checkpoint", diagnose: Diagnosis | None = None
         ) from exc
 
 
+#: torch's warning, on every dcp.save/dcp.load without a process group, that it assumes one process.
+_SINGLE_PROCESS = (
+    r"torch\.distributed is (disabled, )?unavailable or uninitialized, "
+    r"assuming the intent is to (save|load) in a single process"
+)
+
+
+@contextlib.contextmanager
+def single_process_quietly() -> Iterator[None]:
+    """Silence torch's single-process warning, and only it.
+
+    kvckpt.save/load document that they work without a process group, so the warning says nothing
+    the caller did not ask for; every other warning still reaches the caller.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS, category=UserWarning)
+        yield
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else ""
@@ -94,7 +114,7 @@ def save(
     """
     writer = KVStorageWriter(checkpoint_id, client=client, step=step, **writer_options)
     try:
-        with unwrapped_errors("save", lambda: _unsavable(state_dict)):
+        with unwrapped_errors("save", lambda: _unsavable(state_dict)), single_process_quietly():
             metadata: Metadata = dcp_save(
                 state_dict,
                 storage_writer=writer,
@@ -146,7 +166,10 @@ def load(
         def metadata() -> Metadata:
             return committed
 
-    with unwrapped_errors("load", lambda: _mismatch(state_dict, metadata(), chosen)):
+    with (
+        unwrapped_errors("load", lambda: _mismatch(state_dict, metadata(), chosen)),
+        single_process_quietly(),
+    ):
         dcp_load(
             state_dict,
             storage_reader=reader,

@@ -228,7 +228,9 @@ class Drainer:
     def _reader_for(self, checkpoint_id: str) -> KVStorageReader:
         """One reader for the drainer's life: it keeps its connection while the server stays the same."""
         if self._reader is None:
-            self._reader = KVStorageReader(client=self.client, store_options=self.store_options)
+            # allow_pickle=True is truthful: a copy hands non-tensor values on as the stored bytes.
+            options = self.store_options
+            self._reader = KVStorageReader(client=self.client, store_options=options, allow_pickle=True)
         self._reader.reset(checkpoint_id)
         return self._reader
 
