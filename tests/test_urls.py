@@ -105,3 +105,15 @@ def test_db_and_namespace_options_are_refused_where_there_are_none(url: str, fix
     assert message.endswith(f"; write {fixed}")
     assert "takes no" in message and "the namespace is the URL's path" in message
     assert "pw" not in message
+
+
+@pytest.mark.parametrize("query", ["?db=3", "?namespace=other", "?db=1&namespace=x"])
+def test_a_redis_url_takes_db_and_namespace_from_its_path_only(query: str) -> None:
+    """``redis://h/0/ns?db=3`` would otherwise save to database 0 while the user meant 3."""
+    for scheme in ("redis", "rediss"):
+        with pytest.raises(
+            InvalidCheckpointIdError, match=r"from the path.*write .*://host:port/DB/NAMESPACE"
+        ) as info:
+            parse_url(f"{scheme}://u:pw@127.0.0.1:6379/0/ns{query}")
+        assert "pw" not in str(info.value)
+    assert parse_url("redis+unix:///run/r.sock?db=3&namespace=ns").db == 3  # the socket form's own options

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from kvckpt.dcp.api import SafeLoadPlanner, unwrapped_errors
+from kvckpt.dcp.api import SafeLoadPlanner, single_process_quietly, unwrapped_errors
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.fsview import register_fsspec
@@ -111,7 +111,7 @@ class KVCheckpointIO(CheckpointIO):
             state[key] = tensor
             paths.append((where, key))
         state[SKELETON] = (skeleton, paths, wrapped)  # a tuple: DCP stores it as one object, unflattened
-        with unwrapped_errors():
+        with unwrapped_errors(), single_process_quietly():
             dcp_save(state, storage_writer=self.writer(url), no_dist=True)
 
     def load_checkpoint(
@@ -119,7 +119,7 @@ class KVCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         reader = KVStorageReader(os.fspath(path))
         template: dict[str, Any] = {SKELETON: None}
-        with unwrapped_errors():
+        with unwrapped_errors(), single_process_quietly():
             for fqn, meta in reader.read_metadata().state_dict_metadata.items():
                 if isinstance(meta, TensorStorageMetadata):
                     template[fqn] = torch.empty(meta.size, dtype=meta.properties.dtype)

@@ -47,6 +47,12 @@ def parse_standalone_url(text: str) -> StoreURL:
             query=parts.options("db", "namespace"),
         )
     hosts = parse_hosts(parts.netloc, PORT, text, USAGE)
+    given = [k for k in ("db", "namespace") if k in parts.query]
+    if given:  # ignoring them would save to another database or namespace than the user meant
+        raise InvalidCheckpointIdError(
+            f"{redact(text)!r}: {parts.scheme}:// takes the database and the namespace from the path, "
+            f"not {' or '.join(f'{k}=' for k in given)}; write {parts.scheme}://host:port/DB/NAMESPACE"
+        )
     segments = parts.segments()
     if not segments or not segments[0]:
         raise InvalidCheckpointIdError(
