@@ -1,7 +1,7 @@
 """KVStore over a redis-py-compatible client object the caller passes in (redis.Redis, fakeredis, …).
 
-The client keeps its own connections and retry policy; kvckpt only sends commands through it. The
-Cluster store builds on this class, since it talks to each node through a redis-py client too.
+The client keeps its own connections and retry policy; kvckpt only sends commands through it. An
+injected ``redis.RedisCluster`` gets the subclass in client_cluster.py.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class ClientStore(KVStore):
     def _pipeline(self) -> Any:
         return self.client.pipeline(transaction=False)
 
-    def _run(self, commands: Sequence[tuple[Any, ...]], *, writes: bool) -> list[Any]:
-        """Replies to ``commands`` in order, as one pipeline (the Cluster store routes per node)."""
+    def _run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Replies to ``commands`` in order, as one pipeline (a cluster client's routes per node)."""
         pipe = self._pipeline()
         for command in commands:
             pipe.execute_command(*command)
@@ -111,13 +111,13 @@ class ClientStore(KVStore):
         if not keys:
             return []
         with self._errors("reading"):
-            return self._run([("GET", key) for key in keys], writes=False)
+            return self._run([("GET", key) for key in keys])
 
     def value_sizes(self, keys: Sequence[str]) -> list[int]:
         if not keys:
             return []
         with self._errors("reading sizes"):
-            return [int(n) for n in self._run([("STRLEN", key) for key in keys], writes=False)]
+            return [int(n) for n in self._run([("STRLEN", key) for key in keys])]
 
     def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
         copied = [0] * len(reads)
@@ -129,19 +129,19 @@ class ClientStore(KVStore):
             for i in todo:
                 r = reads[i]
                 commands.append(("GETRANGE", r.key, r.offset, r.offset + r.into.nbytes - 1))
-            copy_replies(reads, todo, self._run(commands, writes=False), copied)
+            copy_replies(reads, todo, self._run(commands), copied)
         return copied
 
     def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:
         if items:
             with self._errors("writing"):
-                self._run([("SET", key, as_bytes_view(value), *px(ttl)) for key, value in items], writes=True)
+                self._run([("SET", key, as_bytes_view(value), *px(ttl)) for key, value in items])
 
     def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
         with self._errors("writing"):
             if create:  # a commit: sent once, see _once
                 return bool(self._once("SET", key, as_bytes_view(value), "NX", *px(ttl)))
-            return bool(self._run([("SET", key, as_bytes_view(value), *px(ttl))], writes=True)[0])
+            return bool(self._run([("SET", key, as_bytes_view(value), *px(ttl))])[0])
 
     def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
         with self._errors("writing"):
@@ -188,12 +188,12 @@ class ClientStore(KVStore):
         if not keys:
             return []
         with self._errors("setting expiry"):
-            return expiry_results(self._run(expiry_commands(keys, ttl), writes=True), ttl)
+            return expiry_results(self._run(expiry_commands(keys, ttl)), ttl)
 
     def delete_many(self, keys: Sequence[str]) -> None:
         if keys:
             with self._errors("deleting"):  # one UNLINK per key: a multi-key UNLINK cannot cross slots
-                self._run([("UNLINK", key) for key in keys], writes=True)
+                self._run([("UNLINK", key) for key in keys])
 
     def scan_prefix(self, prefix: str) -> Iterator[str]:
         with self._errors("listing keys"):

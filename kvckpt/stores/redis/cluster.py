@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 #: An ACL user on every node needs these too: the slot table, and ASKING while a slot migrates.
 CLUSTER_ACL_RULES = (*ACL_RULES, "+cluster|slots", "+asking")
 #: Failures that mean some slot has no node to serve it (after the retry policy gave up).
-_UNSERVED = (rex.ClusterDownError, rex.TryAgainError, rex.AskError)
+_UNSERVED = (rex.ClusterDownError, rex.TryAgainError)
 
 
 class RedisClusterStore(RespStore):

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import redis.exceptions as rex
 
@@ -45,13 +45,6 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt + 1``."""
         return float(min(self.backoff_cap, self.backoff * 2**attempt))
-
-    def redis_py(self) -> Any:
-        """The same policy as redis-py's ``Retry`` (for connections redis-py opens: Cluster nodes)."""
-        from redis.backoff import ExponentialBackoff
-        from redis.retry import Retry
-
-        return Retry(ExponentialBackoff(cap=self.backoff_cap, base=self.backoff), self.retries)
 
     def run(
         self,
