@@ -1,8 +1,10 @@
 """A backend behind a FaultProxy, for the fault and race suites.
 
 Each backend says how to address it through the proxy and directly, and which client bytes mark
-each protocol step (the commit, a data write, a data read). A new backend (etcd, Redis Cluster)
-joins every scenario by adding a parameter to ``faulty`` and a ``Faulty`` built for it.
+each protocol step (the commit, a data write, a data read). A new backend joins every scenario by
+adding a parameter to ``faulty`` and a ``Faulty`` built for it. On a Redis Cluster every node, replicas
+included, has its own FaultProxy; the proxies share one set of faults (tests/harness/proxy.py), so
+``Faulty.proxy`` acts on all of them as if the cluster sat behind one network.
 """
 
 from __future__ import annotations
@@ -24,17 +26,36 @@ from tests.helpers import bits_equal, random_tensor
 QUICK = {"timeout": 1.0, "connect_timeout": 1.0, "retries": 2, "backoff": 0.01, "backoff_cap": 0.1}
 
 
+@dataclass(frozen=True)
+class Remap:
+    """``address_remap`` for a Cluster store: each node's announced port to its proxy's port.
+
+    A class, not a closure, so it pickles into the spawned processes of a multi-process test.
+    """
+
+    ports: dict[int, int]
+
+    def __call__(self, address: tuple[str, int]) -> tuple[str, int]:
+        return "127.0.0.1", self.ports[address[1]]
+
+
 @dataclass
 class Faulty:
     name: str
-    proxy: FaultProxy
+    proxy: FaultProxy  # on a Cluster one of the node proxies, acting on all (they share their faults)
     via_proxy: Callable[[str], str]
     direct: Callable[[str], str]
     raw: Any  # a redis-py-style client on the server itself, for inspection and tampering
     commit: Callable[[str], bytes]  # client bytes that start the commit of a namespace
     data_write: Callable[[str], bytes]  # client bytes in every data write of a namespace
     data_read: bytes  # client bytes that start a ranged data read
-    options: dict[str, Any] = field(default_factory=lambda: dict(QUICK))
+    #: Store options needed to reach the store through the proxies at all (a Cluster's address_remap).
+    reach: dict[str, Any] = field(default_factory=dict)
+    #: ``reach`` plus QUICK: the store options of the saves and loads under test.
+    options: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.options = {**QUICK, **self.reach}
 
     def keys(self, namespace: str) -> set[str]:
         return {k.decode() for k in self.raw.scan_iter(match=f"{namespace}/*")}
@@ -62,12 +83,50 @@ def redis_faulty(server: RedisServer, proxy: FaultProxy) -> Faulty:
     )
 
 
-@pytest.fixture(params=["redis"])
-def faulty(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Faulty]:
-    with FaultProxy(redis_server.port) as proxy:
-        backend = redis_faulty(redis_server, proxy)
+def cluster_faulty(cluster: RedisCluster, stack: contextlib.ExitStack) -> Faulty:
+    import redis
+
+    cluster.wait_healthy()  # a test before may have failed a node over; start from a settled cluster
+    first: FaultProxy | None = None
+    proxies: dict[int, FaultProxy] = {}
+    for node in cluster.live():
+        proxies[node.port] = stack.enter_context(FaultProxy(node.port, network=first))
+        first = first or proxies[node.port]
+    assert first is not None
+    startup = ",".join(f"127.0.0.1:{proxy.port}" for proxy in list(proxies.values())[:2])
+    raw = redis.RedisCluster(host="127.0.0.1", port=cluster.live()[0].port)
+    stack.callback(raw.close)
+    return Faulty(
+        name="redis+cluster",
+        proxy=first,
+        via_proxy=lambda ns: f"redis+cluster://{startup}/{ns}",
+        direct=cluster.url,
+        raw=raw,
+        commit=lambda ns: resp_prefix("SET", layout.record_key(ns)),
+        data_write=lambda ns: f"{ns}/g".encode(),
+        data_read=resp_prefix("GETRANGE"),
+        reach={"address_remap": Remap({port: proxy.port for port, proxy in proxies.items()})},
+    )
+
+
+#: The backends every scenario runs on. A test that means nothing on some of them narrows the list
+#: with ``@pytest.mark.parametrize("faulty", [...], indirect=True)`` and says why.
+BACKENDS = ["redis", "redis+cluster"]
+
+
+@pytest.fixture(params=BACKENDS)
+def faulty(request: pytest.FixtureRequest) -> Iterator[Faulty]:
+    with contextlib.ExitStack() as stack:
+        if request.param == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            proxy = stack.enter_context(FaultProxy(server.port))
+            backend = redis_faulty(server, proxy)
+            stack.callback(backend.raw.close)
+        else:
+            backend = cluster_faulty(request.getfixturevalue("redis_cluster"), stack)
         yield backend
-        backend.raw.close()
+        backend.proxy.release()  # heal what the test left: the servers are the session's
+        backend.proxy.accept()
 
 
 @dataclass

@@ -5,9 +5,11 @@
         proxy.cut_on(resp_prefix("SET", "ns/.metadata"))   # the link drops as the commit is sent
 
 Faults are driven by what the client sends, so a test can hit an exact protocol step (a command, a
-byte count) without hooks in production code. Loopback only: it listens on 127.0.0.1 and forwards
-to a loopback port. Every loop waits with a short timeout and checks a stop flag, so no thread
-outlives ``stop()``.
+byte count) without hooks in production code. Proxies in front of the nodes of one cluster share their
+faults (``FaultProxy(port, network=first)``): rules, counters, the byte budget, refuse and stall, and
+the open connections are common, so the group acts as one network. Loopback only: it listens on
+127.0.0.1 and forwards to a loopback port. Every loop waits with a short timeout and checks a stop
+flag, so no thread outlives ``stop()``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class _Link:
 
     client: socket.socket
     upstream: socket.socket
+    owner: int  # id() of the FaultProxy that accepted it
     tail: bytes = b""
     swallow: bool = False  # discard the next reply and drop the link
     held: bytes | None = None  # client bytes waiting for release()
@@ -66,29 +69,51 @@ class _Link:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-class FaultProxy:
-    """Forwards 127.0.0.1:``port`` to a loopback server; cuts, stalls or holds traffic on demand."""
+class _Network:
+    """The fault state of one FaultProxy, or of a group of them in front of one cluster's nodes."""
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.links: list[_Link] = []
+        self.rules: list[_Rule] = []
+        self.counts: dict[bytes, int] = {}
+        self.budget: int | None = None
+        self.budget_refuse = False
+        self.refusing = False
+        self.stalled = threading.Event()
+        self.accepted = 0
+        self.fired = 0
+
+
+class FaultProxy:
+    """Forwards 127.0.0.1:``port`` to a loopback server; cuts, stalls or holds traffic on demand.
+
+    With ``network=other`` it shares ``other``'s faults: a rule fires as often as its ``times`` says
+    whichever proxy sees the bytes, the byte budget counts the client bytes of all of them, counters
+    add up, and every method acts on all of them (a "down" server is the whole group down).
+    """
+
+    def __init__(
+        self, upstream_port: int, upstream_host: str = "127.0.0.1", *, network: FaultProxy | None = None
+    ) -> None:
         if upstream_host not in _LOOPBACK:
             raise ValueError(f"FaultProxy only forwards to loopback, not {upstream_host!r}")
         self.upstream = (upstream_host, upstream_port)
         self.port = 0
-        #: Connections accepted so far, refused ones included.
-        self.accepted = 0
-        #: Faults injected so far: rules fired and byte budgets spent.
-        self.fired = 0
-        self._lock = threading.Lock()
-        self._links: list[_Link] = []
+        self._net: _Network = network._net if network is not None else _Network()
         self._threads: list[threading.Thread] = []
-        self._rules: list[_Rule] = []
-        self._counts: dict[bytes, int] = {}
-        self._budget: int | None = None
-        self._budget_refuse = False
-        self._refusing = False
-        self._stalled = threading.Event()
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted so far, refused ones included."""
+        return self._net.accepted
+
+    @property
+    def fired(self) -> int:
+        """Faults injected so far: rules fired and byte budgets spent."""
+        return self._net.fired
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -104,8 +129,8 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._stopping.set()
-        with self._lock:
-            links = list(self._links)
+        with self._net.lock:
+            links = [link for link in self._net.links if link.owner == id(self)]
         for link in links:
             link.kill()
         for thread in self._threads:
@@ -124,28 +149,28 @@ class FaultProxy:
 
     def cut(self) -> None:
         """Drop every open connection now (the client sees the link close mid-whatever)."""
-        with self._lock:
-            links = list(self._links)
+        with self._net.lock:
+            links = list(self._net.links)
         for link in links:
             link.kill()
 
     def refuse(self) -> None:
         """Drop new connections as soon as they arrive: the server looks down."""
-        self._refusing = True
+        self._net.refusing = True
 
     def accept(self) -> None:
         """Undo ``refuse`` and ``stall``; forward normally again (rules stay)."""
-        self._refusing = False
-        self._stalled.clear()
+        self._net.refusing = False
+        self._net.stalled.clear()
 
     def stall(self) -> None:
         """Stop moving bytes either way; connections stay open (a hung server or network)."""
-        self._stalled.set()
+        self._net.stalled.set()
 
     def cut_after_bytes(self, nbytes: int, *, refuse_after: bool = False) -> None:
         """Forward ``nbytes`` more client bytes (all connections together), then cut mid-stream."""
-        with self._lock:
-            self._budget, self._budget_refuse = nbytes, refuse_after
+        with self._net.lock:
+            self._net.budget, self._net.budget_refuse = nbytes, refuse_after
 
     def cut_on(
         self, pattern: bytes, *, times: int | None = 1, refuse_after: bool = False, partial: bool = False
@@ -166,12 +191,12 @@ class FaultProxy:
     def release(self, count: int | None = None, *, matching: bytes | None = None) -> None:
         """Forward what held connections sent: the first ``count`` of those whose held bytes
         contain ``matching``. A plain ``release()`` frees all and stops holding."""
-        with self._lock:
+        with self._net.lock:
             if count is None and matching is None:
-                self._rules = [r for r in self._rules if r.action != "hold"]
+                self._net.rules = [r for r in self._net.rules if r.action != "hold"]
             links = [
                 link
-                for link in self._links
+                for link in self._net.links
                 if link.held is not None and (matching is None or matching in link.held)
             ][:count]
         for link in links:
@@ -183,12 +208,12 @@ class FaultProxy:
 
     def seen(self, pattern: bytes) -> int:
         """How many times the client has sent a rule's ``pattern``, forwarded or not."""
-        with self._lock:
-            return self._counts.get(pattern, 0)
+        with self._net.lock:
+            return self._net.counts.get(pattern, 0)
 
     def held(self) -> int:
-        with self._lock:
-            return sum(link.held is not None for link in self._links)
+        with self._net.lock:
+            return sum(link.held is not None for link in self._net.links)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
@@ -200,9 +225,9 @@ class FaultProxy:
     # Internals ----------------------------------------------------------------------------
 
     def _add(self, rule: _Rule) -> None:
-        with self._lock:
-            self._rules.append(rule)
-            self._counts.setdefault(rule.pattern, 0)
+        with self._net.lock:
+            self._net.rules.append(rule)
+            self._net.counts.setdefault(rule.pattern, 0)
 
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True, name="kvckpt-proxy")
@@ -218,8 +243,9 @@ class FaultProxy:
                 continue
             except OSError:
                 return
-            self.accepted += 1
-            if self._refusing:
+            with self._net.lock:
+                self._net.accepted += 1
+            if self._net.refusing:
                 client.close()
                 continue
             try:
@@ -228,15 +254,21 @@ class FaultProxy:
                 client.close()
                 continue
             client.settimeout(_IO_TIMEOUT)
-            link = _Link(client, upstream)
-            with self._lock:
-                self._links.append(link)
+            link = _Link(client, upstream, id(self))
+            with self._net.lock:  # "down" may have come while connecting: cut() did not see this link
+                refused = self._net.refusing
+                if not refused:
+                    self._net.links.append(link)
+            if refused:
+                client.close()
+                upstream.close()
+                continue
             self._spawn(self._pump, link)
 
     def _pump(self, link: _Link) -> None:
         try:
             while not (self._stopping.is_set() or link.dead.is_set()):
-                if self._stalled.is_set() or link.held is not None:
+                if self._net.stalled.is_set() or link.held is not None:
                     time.sleep(_TICK)
                     continue
                 readable, _, _ = select.select([link.client, link.upstream], [], [], _TICK)
@@ -256,46 +288,47 @@ class FaultProxy:
             link.dead.set()
             for sock in (link.client, link.upstream):
                 sock.close()
-            with self._lock:
-                if link in self._links:
-                    self._links.remove(link)
+            with self._net.lock:
+                if link in self._net.links:
+                    self._net.links.remove(link)
 
     def _from_client(self, link: _Link, data: bytes) -> None:
         cut_at: int | None = None
         fired: _Rule | None = None
-        with self._lock:
+        net = self._net
+        with net.lock:
             window = link.tail + data
             fresh = len(link.tail)
-            for pattern in self._counts:
-                self._counts[pattern] += len(_new_ends(window, pattern, fresh))
-            for rule in self._rules:
+            for pattern in net.counts:
+                net.counts[pattern] += len(_new_ends(window, pattern, fresh))
+            for rule in net.rules:
                 ends = _new_ends(window, rule.pattern, fresh) if rule.remaining != 0 else []
                 if ends:
                     fired = rule
-                    self.fired += 1
+                    net.fired += 1
                     cut_at = ends[0] - fresh if rule.partial else 0
                     if rule.remaining is not None:
                         rule.remaining -= 1
                     break
-            longest = max((len(p) for p in self._counts), default=1)
+            longest = max((len(p) for p in net.counts), default=1)
             link.tail = window[-(longest - 1) :] if longest > 1 else b""
             down = False
-            if fired is None and self._budget is not None:
-                if len(data) >= self._budget:
-                    cut_at, self._budget, down = self._budget, None, self._budget_refuse
-                    self.fired += 1
+            if fired is None and net.budget is not None:
+                if len(data) >= net.budget:
+                    cut_at, net.budget, down = net.budget, None, net.budget_refuse
+                    net.fired += 1
                 else:
-                    self._budget -= len(data)
+                    net.budget -= len(data)
             elif fired is not None and fired.action == "cut":
                 down = fired.refuse_after
-            self._refusing = self._refusing or down
+            net.refusing = net.refusing or down
         if fired is None and cut_at is None:
             self._send(link, link.upstream, data)
         elif fired is None or fired.action == "cut":
             if cut_at:
                 self._send(link, link.upstream, data[:cut_at])
             link.kill()
-            if down:  # the server "went down": every other connection dies too
+            if down:  # the server (every node of a group) "went down": every other connection dies too
                 self.cut()
         elif fired.action == "drop_reply":
             link.swallow = True
