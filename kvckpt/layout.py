@@ -4,6 +4,8 @@
     NAMESPACE/__R.metadata                       rank R's record (use_collectives=False)
     NAMESPACE/SAVE_ID/FQN/OFFSETS/N              chunk N of one stored item
     NAMESPACE/.live/SAVE_ID                      a save in progress proves it is alive (short expiry)
+    NAMESPACE/.unfinished                        the id of the last save that began and has not
+                                                 committed (pending expiry): a hint to look for orphans
 
 Keys in the record are relative to the namespace, so a checkpoint can be copied to another one.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 RECORD_NAME = ".metadata"
 LIVE_NAME = ".live"
+UNFINISHED_NAME = ".unfinished"
 #: A generation directory (new_save_id): every data key of one save lives under one.
 GENERATION = re.compile(r"g\d{8}T\d{6}-[0-9a-f]{8}")
 
@@ -29,6 +32,13 @@ def live_key(namespace: str, save_id: str) -> str:
     """The marker a save in progress keeps refreshing, beside (not inside) its generation, so the
     generation's directory holds data keys only."""
     return f"{namespace}/{LIVE_NAME}/{save_id}"
+
+
+def unfinished_key(namespace: str) -> str:
+    """Set when a save begins, cleared when it commits: while it stands, an earlier save here may
+    have died and left an orphan. Finding orphans means listing keys, which on Redis is a SCAN of
+    the whole keyspace; the next save looks only when this says there may be something to find."""
+    return f"{namespace}/{UNFINISHED_NAME}"
 
 
 def new_save_id() -> str:

@@ -119,8 +119,8 @@ def gc(
     finds them). Never touches a generation a record names, nor a save in progress (one whose
     ``.live`` marker still exists)."""
     with catalog.Scope(prefix, client, store_options) as scope:
-        found = orphans.survey(scope.store, scope.namespace).orphans
-        return list(found) if dry_run else orphans.remove(scope.store, found)
+        found = orphans.survey(scope.store, scope.namespace)
+        return list(found.orphans) if dry_run else orphans.remove(scope.store, found.orphans, found.markers)
 
 
 # Verifying -------------------------------------------------------------------------------------
@@ -264,7 +264,8 @@ def keep_last(
         if not dry_run:
             for old in doomed:
                 _delete(scope.store, old.namespace)
-            reclaimed = orphans.remove(scope.store, orphans.survey(scope.store, scope.namespace).orphans)
+            left = orphans.survey(scope.store, scope.namespace)
+            reclaimed = orphans.remove(scope.store, left.orphans, left.markers)
             if reclaimed:
                 log.info("keep_last: removed %d orphaned generation(s) of saves that died", len(reclaimed))
         return doomed

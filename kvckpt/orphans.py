@@ -40,10 +40,12 @@ class Orphan:
 
 @dataclass(frozen=True)
 class Survey:
-    """The orphans under a prefix, and how many saves were found in progress there."""
+    """The orphans under a prefix, how many saves were found in progress there, and the
+    ``.unfinished`` markers (kvckpt.layout.unfinished_key) of namespaces where none is."""
 
     orphans: tuple[Orphan, ...]
     in_progress: int
+    markers: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -73,8 +75,12 @@ def survey(store: KVStore, prefix: str, *, only_namespace: bool = False) -> Surv
     live: set[tuple[str, str]] = set()
     protected: set[tuple[str, str]] = set()
     records: dict[str, list[str]] = defaultdict(list)
+    markers: dict[str, str] = {}
     for key in store.scan_prefix(prefix + "/" if prefix else ""):
         segments = key[start:].split("/")
+        if segments[-1] == layout.UNFINISHED_NAME:
+            markers[_join(prefix, segments[:-1])] = key
+            continue
         at = _generation_of(segments)
         if _RECORD.fullmatch(segments[-1]):
             records[_join(prefix, segments[:-1])].append(key)
@@ -99,7 +105,10 @@ def survey(store: KVStore, prefix: str, *, only_namespace: bool = False) -> Surv
             continue
         keys = data[namespace, save_id]
         orphans.append(Orphan(namespace, save_id, len(keys), _size(store, keys), tuple(keys)))
-    return Survey(tuple(orphans), len(live))
+    stale = tuple(key for namespace, key in sorted(markers.items()) if namespace not in busy)
+    if only_namespace:
+        stale = tuple(key for key in stale if key == layout.unfinished_key(prefix))
+    return Survey(tuple(orphans), len(live), stale)
 
 
 def _committed(
@@ -133,19 +142,28 @@ def _has_live_save(store: KVStore, namespace: str) -> bool:
     return next(iter(store.scan_prefix(f"{namespace}/{layout.LIVE_NAME}/")), None) is not None
 
 
-def remove(store: KVStore, orphans: Iterable[Orphan]) -> list[Orphan]:
-    """Delete orphans of namespaces where no save runs now; returns those deleted.
+def remove(store: KVStore, orphans: Iterable[Orphan], markers: Iterable[str] = ()) -> list[Orphan]:
+    """Delete orphans of namespaces where no save runs now, and those namespaces' stale
+    ``.unfinished`` ``markers`` (a Survey's); returns the orphans deleted.
 
     A scan is no snapshot: a save that began while it ran may show its data but not its marker.
     So right before deleting, the namespace is looked at again for any marker.
     """
-    removed, busy = [], {}
+    busy: dict[str, bool] = {}
+
+    def idle(namespace: str) -> bool:
+        if namespace not in busy:  # one look per namespace: a scan of the store on Redis
+            busy[namespace] = _has_live_save(store, namespace)
+        return not busy[namespace]
+
+    removed = []
     for orphan in orphans:
-        if orphan.namespace not in busy:  # one look per namespace: a scan of the store on Redis
-            busy[orphan.namespace] = _has_live_save(store, orphan.namespace)
-        if busy[orphan.namespace]:
+        if not idle(orphan.namespace):
             continue
         for part in batched(orphan.keys, store.capabilities.max_batch_ops):
             store.delete_many(part)
         removed.append(orphan)
+    stale = [key for key in markers if idle(key.rsplit("/", 1)[0])]
+    if stale:
+        store.delete_many(stale)
     return removed

@@ -77,7 +77,9 @@ def test_save_cut_with_store_down_keeps_previous(faulty: Faulty, namespace: str,
     left = faulty.keys(namespace) - keys
     markers = {k for k in left if k.startswith(f"{namespace}/{layout.LIVE_NAME}/")}
     assert all(0 < faulty.ttl_ms(k) <= 60_000 for k in markers)  # the dead save's marker lapses
-    left -= markers
+    unfinished = layout.unfinished_key(namespace)  # tells the next save to look for what this left
+    assert unfinished in left and 0 < faulty.ttl_ms(unfinished) <= PENDING * 1000
+    left -= markers | {unfinished}
     assert left, "the cut was meant to land after some data"
     if point == "during-data":  # nothing made permanent: it all expires on its own
         assert all(0 < faulty.ttl_ms(k) <= PENDING * 1000 for k in left)

@@ -319,3 +319,35 @@ def test_gc_leaves_every_rank_of_a_live_save_alone(
     thread.join()
     assert found == [[]]
     assert kvckpt.list_orphans(redis_server.url(namespace)) == []
+
+
+def _scans(server: RedisServer) -> int:
+    """SCAN commands the server has run so far (INFO commandstats)."""
+    import redis
+
+    client: Any = redis.Redis(port=server.port)
+    try:
+        return int(client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def test_a_save_lists_keys_only_after_a_save_there_died(
+    redis_server: RedisServer, namespace: str, tmp_path: Path
+) -> None:
+    """Finding orphans is a SCAN of the whole keyspace on Redis (0.6 s per million keys); a save
+    pays it only when the namespace's ``.unfinished`` marker says an earlier save never committed."""
+    url = redis_server.url(f"{namespace}/step1")
+    before = _scans(redis_server)
+    kvckpt.save(dict(STATE), url)
+    kvckpt.save(dict(STATE), url, overwrite=True)
+    assert _scans(redis_server) == before
+    backend = Backend("redis", redis_server.url, {}, kvckpt.open_store(redis_server.url("inspect")))
+    assert not backend.store.exists(layout.unfinished_key(f"{namespace}/step1"))  # cleared by the commit
+
+    dead = crashed_save(backend, f"{namespace}/step1", tmp_path, overwrite=True)
+    assert backend.store.exists(layout.unfinished_key(f"{namespace}/step1"))
+    kvckpt.save(dict(STATE), url, overwrite=True)  # the restarted job: looks, and reclaims
+    assert _scans(redis_server) > before
+    assert dead not in generations(backend, f"{namespace}/step1")
+    assert not backend.store.exists(layout.unfinished_key(f"{namespace}/step1"))

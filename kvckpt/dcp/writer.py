@@ -109,6 +109,8 @@ class KVStorageWriter(Addressed, StorageWriter):
         self._save_id = layout.new_save_id()
         #: This save's generation, drawn by prepare_global_plan on the rank that ran it, else None.
         self._generation: str | None = None
+        #: Ranks in this save, known to the rank that ran prepare_global_plan (else 0).
+        self._ranks = 0
         self._rank: int | None = None
         self._use_collectives = True
         if checkpoint_id is not None:
@@ -136,6 +138,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         self._rank = kwargs.get("rank")
         self._use_collectives = kwargs.get("use_collectives", True)
         self._generation = None  # a reused writer starts every save without one
+        self._ranks = 0
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -155,6 +158,7 @@ class KVStorageWriter(Addressed, StorageWriter):
             sum(item.tensor_storage_size() or 0 for plan in plans for item in plan.items)
         )
         self._save_id = self._generation = layout.new_save_id()
+        self._ranks = len(plans)
         self._begin_live(self.target.store)
         return plans
 
@@ -208,7 +212,8 @@ class KVStorageWriter(Addressed, StorageWriter):
                     )
                 flush()
         except BaseException:
-            self._discard(store, submitted)
+            if self._discard(store, submitted) and self._ranks == 1:  # then that was all of its data
+                self._clear_unfinished(store)
             self._end_live()  # the coordinator's own failure: this save will not commit
             raise
         future: Future[list[WriteResult]] = Future()
@@ -266,6 +271,7 @@ class KVStorageWriter(Addressed, StorageWriter):
             self._commit(store, data, keys, hint)
         finally:
             self._end_live()
+        self._clear_unfinished(store)
         if self.min_replicas:
             self._wait_for_replicas(store)
 
@@ -280,13 +286,13 @@ class KVStorageWriter(Addressed, StorageWriter):
         except StoreUnavailableError as exc:
             written, previous = self._learn_outcome(store, data, keys, exc), hint
         except KVCheckpointError:  # the server refused the commit (e.g. out of memory)
-            self._discard(store, keys)
+            self._abandon(store, keys)
             raise
         if previous is not None and written:
             self._retire(store, previous, set(keys))
         # A client that re-sends on its own may report our own commit as "exists": compare.
         if not written and store.get(self.record_key) != data:
-            self._discard(store, keys)
+            self._abandon(store, keys)
             raise CheckpointExistsError(
                 f"Checkpoint already exists: another save committed {target.display} first; this "
                 "save's data was removed",
@@ -315,7 +321,7 @@ class KVStorageWriter(Addressed, StorageWriter):
             return True
         if current is not None and not self.overwrite:
             return False
-        self._discard(store, keys)
+        self._abandon(store, keys)
         raise StoreUnavailableError(
             f"{display}: the connection failed while committing; the commit did not take effect, "
             "nothing was committed and this save's data was removed; save again",
@@ -326,11 +332,20 @@ class KVStorageWriter(Addressed, StorageWriter):
 
     def _begin_live(self, store: KVStore) -> None:
         """Before any data of the new generation is written: reclaim what earlier saves to this
-        namespace left when they died, then mark this save alive for as long as it runs."""
+        namespace left when they died, then mark this save alive for as long as it runs.
+
+        Only when the namespace's ``.unfinished`` marker says an earlier save began and never
+        committed: looking means listing keys, a SCAN of the whole keyspace on Redis (0.6 s per
+        million keys), which a save into a store shared with other data should not pay every time.
+        """
         self._end_live()
+        marker = layout.unfinished_key(self.target.namespace)
+        reclaimed: list[orphans.Orphan] = []
         try:
-            found = orphans.survey(store, self.target.namespace, only_namespace=True).orphans
-            reclaimed = orphans.remove(store, found)
+            if store.get(marker) is not None:
+                found = orphans.survey(store, self.target.namespace, only_namespace=True)
+                reclaimed = orphans.remove(store, found.orphans)
+            store.put(marker, self._save_id.encode(), ttl=self._pending_ttl(store))
         except KVCheckpointError as exc:  # reclaiming is a courtesy: the save itself may still fit
             log.warning("%s: could not look for orphaned generations: %s", self.target.display, exc)
         else:
@@ -348,13 +363,22 @@ class KVStorageWriter(Addressed, StorageWriter):
         """Right before the commit: a save whose marker lapsed may have been collected; never commit it."""
         if self._heartbeat is not None and self._heartbeat.save_id == self._save_id:
             if not self._heartbeat.confirm():
-                self._discard(store, keys)
+                self._abandon(store, keys)
                 raise CorruptCheckpointError(
                     f"{self.target.display}: this save's liveness marker lapsed (it was not refreshed "
                     f"for {self.live_ttl:g} s), so kvckpt.gc may have removed its data; nothing was "
                     "committed: save again",
                     key=self._heartbeat.key,
                 )
+
+    def _clear_unfinished(self, store: KVStore) -> None:
+        """After the commit: this save left nothing behind. A later save's marker stays."""
+        marker = layout.unfinished_key(self.target.namespace)
+        try:
+            if store.get(marker) == self._save_id.encode():
+                store.delete(marker)
+        except KVCheckpointError as exc:  # the marker only costs the next save one look
+            log.debug("%s: could not clear %s: %s", self.target.display, marker, exc)
 
     def _end_live(self) -> None:
         heartbeat, self._heartbeat = self._heartbeat, None
@@ -408,11 +432,20 @@ class KVStorageWriter(Addressed, StorageWriter):
         self._discard(store, [key for key in old if key not in keep])
 
     @staticmethod
-    def _discard(store: KVStore, keys: list[str]) -> None:
-        """Best-effort removal after a failure; what remains still expires through pending_ttl."""
+    def _discard(store: KVStore, keys: list[str]) -> bool:
+        """Best-effort removal after a failure; what remains still expires through pending_ttl.
+        True when every key is gone."""
         step = store.capabilities.max_batch_ops
         try:
             for start in range(0, len(keys), step):
                 store.delete_many(keys[start : start + step])
         except KVCheckpointError as exc:
             log.warning("could not remove %d uncommitted key(s): %s", len(keys), exc)
+            return False
+        return True
+
+    def _abandon(self, store: KVStore, keys: list[str]) -> None:
+        """This save will not commit: remove all its data (``keys``, every rank's), and then its
+        ``.unfinished`` marker, since it left nothing for the next save to look for."""
+        if self._discard(store, keys):
+            self._clear_unfinished(store)
