@@ -167,3 +167,26 @@ def remove(store: KVStore, orphans: Iterable[Orphan], markers: Iterable[str] = (
     if stale:
         store.delete_many(stale)
     return removed
+
+
+def before_save(store: KVStore, namespace: str, save_id: str, ttl: float | None) -> list[Orphan]:
+    """What a save runs before writing data: reclaim this namespace's orphans, then mark it
+    ``.unfinished`` by ``save_id`` (expiring after ``ttl``, as the save's pending data does).
+
+    It looks only when the marker is already there, i.e. an earlier save here began and never
+    committed: looking means listing keys, on Redis a SCAN of the whole keyspace (0.5 s per million
+    keys), which a save into a store shared with other data should not pay every time.
+    """
+    marker = layout.unfinished_key(namespace)
+    reclaimed = []
+    if store.get(marker) is not None:
+        reclaimed = remove(store, survey(store, namespace, only_namespace=True).orphans)
+    store.put(marker, save_id.encode(), ttl=ttl)
+    return reclaimed
+
+
+def after_save(store: KVStore, namespace: str, save_id: str) -> None:
+    """A save committed, or removed all its data: it left nothing. A later save's marker stays."""
+    marker = layout.unfinished_key(namespace)
+    if store.get(marker) == save_id.encode():
+        store.delete(marker)

@@ -332,20 +332,13 @@ class KVStorageWriter(Addressed, StorageWriter):
 
     def _begin_live(self, store: KVStore) -> None:
         """Before any data of the new generation is written: reclaim what earlier saves to this
-        namespace left when they died, then mark this save alive for as long as it runs.
-
-        Only when the namespace's ``.unfinished`` marker says an earlier save began and never
-        committed: looking means listing keys, a SCAN of the whole keyspace on Redis (0.6 s per
-        million keys), which a save into a store shared with other data should not pay every time.
-        """
+        namespace left when they died (kvckpt.orphans.before_save), then mark this save alive for
+        as long as it runs."""
         self._end_live()
-        marker = layout.unfinished_key(self.target.namespace)
-        reclaimed: list[orphans.Orphan] = []
         try:
-            if store.get(marker) is not None:
-                found = orphans.survey(store, self.target.namespace, only_namespace=True)
-                reclaimed = orphans.remove(store, found.orphans)
-            store.put(marker, self._save_id.encode(), ttl=self._pending_ttl(store))
+            reclaimed = orphans.before_save(
+                store, self.target.namespace, self._save_id, self._pending_ttl(store)
+            )
         except KVCheckpointError as exc:  # reclaiming is a courtesy: the save itself may still fit
             log.warning("%s: could not look for orphaned generations: %s", self.target.display, exc)
         else:
@@ -372,13 +365,10 @@ class KVStorageWriter(Addressed, StorageWriter):
                 )
 
     def _clear_unfinished(self, store: KVStore) -> None:
-        """After the commit: this save left nothing behind. A later save's marker stays."""
-        marker = layout.unfinished_key(self.target.namespace)
         try:
-            if store.get(marker) == self._save_id.encode():
-                store.delete(marker)
+            orphans.after_save(store, self.target.namespace, self._save_id)
         except KVCheckpointError as exc:  # the marker only costs the next save one look
-            log.debug("%s: could not clear %s: %s", self.target.display, marker, exc)
+            log.debug("%s: could not clear its .unfinished marker: %s", self.target.display, exc)
 
     def _end_live(self) -> None:
         heartbeat, self._heartbeat = self._heartbeat, None

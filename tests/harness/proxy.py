@@ -327,9 +327,9 @@ class FaultProxy:
         elif fired is None or fired.action == "cut":
             if cut_at:
                 self._send(link, link.upstream, data[:cut_at])
+            if down:  # the server (every node of a group) "went down": every other connection dies
+                self.cut()  # first, so none is left to serve what the client tries once this one dies
             link.kill()
-            if down:  # the server (every node of a group) "went down": every other connection dies too
-                self.cut()
         elif fired.action == "drop_reply":
             link.swallow = True
             self._send(link, link.upstream, data)
