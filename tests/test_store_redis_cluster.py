@@ -196,13 +196,24 @@ def test_evicting_policy_on_a_replica_is_refused(
         redis_call(replica.port, "CONFIG", "SET", "maxmemory-policy", "noeviction")
 
 
-def test_least_privilege_acl_user_on_every_node(redis_cluster: RedisCluster, namespace: str) -> None:
+@contextlib.contextmanager
+def least_privilege_user(redis_cluster: RedisCluster, namespace: str, user: str) -> Iterator[str]:
+    """The documented Cluster ACL user (keys ``namespace/*`` only) on every node, for the duration;
+    yields the cluster URL logged in as that user (password ``c-pw``)."""
     nodes = redis_cluster.live()
     for node in nodes:
         rules = ["reset", "on", ">c-pw", f"~{namespace}/*", "-@all", *CLUSTER_ACL_RULES]
-        redis_call(node.port, "ACL", "SETUSER", "ckpt-min", *rules)
+        redis_call(node.port, "ACL", "SETUSER", user, *rules)
     try:
-        store = open_store(redis_cluster.url(namespace).replace("://", "://ckpt-min:c-pw@"))
+        yield redis_cluster.url(namespace).replace("://", f"://{user}:c-pw@")
+    finally:
+        for node in nodes:
+            redis_call(node.port, "ACL", "DELUSER", user)
+
+
+def test_least_privilege_acl_user_on_every_node(redis_cluster: RedisCluster, namespace: str) -> None:
+    with least_privilege_user(redis_cluster, namespace, "ckpt-min") as url:
+        store = open_store(url)
         items = [(f"{namespace}/{i}", b"v%d" % i) for i in range(100)]
         store.put_many(items)
         assert store.get_many([k for k, _ in items]) == [v for _, v in items]
@@ -211,11 +222,8 @@ def test_least_privilege_acl_user_on_every_node(redis_cluster: RedisCluster, nam
         )
         assert store.delete_prefix(namespace + "/") == 101
         assert isinstance(store, RedisClusterStore) and store.wait_for_replicas(1, 5.0) == 1
-        assert len(store.check_server_settings()) == len(nodes)
+        assert len(store.check_server_settings()) == len(redis_cluster.live())
         store.close()
-    finally:
-        for node in nodes:
-            redis_call(node.port, "ACL", "DELUSER", "ckpt-min")
 
 
 def test_url_options_reach_every_node_connection() -> None:
@@ -405,16 +413,9 @@ def test_wrong_option_types_are_named(redis_cluster: RedisCluster) -> None:
 
 
 def test_an_acl_user_outside_its_keys_is_told_why(redis_cluster: RedisCluster, namespace: str) -> None:
-    nodes = redis_cluster.live()
-    for node in nodes:
-        rules = ["reset", "on", ">c-pw", f"~{namespace}/*", "-@all", *CLUSTER_ACL_RULES]
-        redis_call(node.port, "ACL", "SETUSER", "ckpt-narrow", *rules)
-    try:
-        store = open_store(redis_cluster.url(namespace).replace("://", "://ckpt-narrow:c-pw@"))
+    with least_privilege_user(redis_cluster, namespace, "ckpt-narrow") as url:
+        store = open_store(url)
         with pytest.raises(StoreUnavailableError, match=r"ACL user may not .*~NAMESPACE/\*") as info:
             store.put_many([("elsewhere/a", b"x")])
         assert "c-pw" not in str(info.value)
         store.close()
-    finally:
-        for node in nodes:
-            redis_call(node.port, "ACL", "DELUSER", "ckpt-narrow")

@@ -33,33 +33,20 @@ class Options:
     (redis-py's names) give TLS files the URL's ``?ca=&cert=&key=`` do not.
     """
 
-    timeout: float = 30.0
-    connect_timeout: float = 3.0
-    total_timeout: float = 60.0
-    retries: int = 2
-    backoff: float = 0.05
-    backoff_cap: float = 1.0
+    timeout: float = RetryPolicy.timeout
+    connect_timeout: float = RetryPolicy.connect_timeout
+    total_timeout: float = RetryPolicy.total_timeout
+    retries: int = RetryPolicy.retries
+    backoff: float = RetryPolicy.backoff
+    backoff_cap: float = RetryPolicy.backoff_cap
     password: str | None = None
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 
     def __post_init__(self) -> None:
-        """Refuse a wrong type or range now, named, rather than as a TypeError deep in a save."""
-        for name in ("timeout", "connect_timeout", "total_timeout", "backoff", "backoff_cap", "retries"):
-            value = getattr(self, name)
-            whole = name == "retries"
-            kind = int if whole else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
-                what = "a whole number >= 0" if whole else "a number of seconds"
-                raise InvalidStoreOptionError(
-                    f"store option {name}={value!r}: expected {what}", options=[name]
-                )
-        for name in ("timeout", "connect_timeout", "total_timeout"):
-            if not getattr(self, name) > 0:
-                raise InvalidStoreOptionError(
-                    f"store option {name}=0: expected more than 0 seconds", options=[name]
-                )
+        """Refuse a wrong type now, named; ``policy()``, which every ``from_url`` builds at once,
+        checks the numbers."""
         for name in ("password", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
             if not isinstance(getattr(self, name), str | None):
                 raise InvalidStoreOptionError(f"store option {name}: expected a string", options=[name])

@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import redis.exceptions as rex
 
+from kvckpt.errors import InvalidStoreOptionError
+
 logger = logging.getLogger("kvckpt.stores.redis")
 
 T = TypeVar("T")
@@ -37,10 +39,21 @@ class RetryPolicy:
     total_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.retries < 0 or self.backoff < 0 or self.backoff_cap < 0:
-            raise ValueError("retries, backoff and backoff_cap must be >= 0")
-        if not (self.timeout > 0 and self.connect_timeout > 0 and self.total_timeout > 0):
-            raise ValueError("timeout, connect_timeout and total_timeout must be > 0")
+        """Refuse a wrong type or range now, named as the store option it came from, rather than as
+        a TypeError deep in a save."""
+        for name in ("timeout", "connect_timeout", "total_timeout", "backoff", "backoff_cap", "retries"):
+            value = getattr(self, name)
+            whole = name == "retries"
+            kind = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+                what = "a whole number >= 0" if whole else "a number of seconds"
+                raise InvalidStoreOptionError(
+                    f"store option {name}={value!r}: expected {what}", options=[name]
+                )
+            if name in ("timeout", "connect_timeout", "total_timeout") and not value > 0:
+                raise InvalidStoreOptionError(
+                    f"store option {name}={value!r}: expected more than 0 seconds", options=[name]
+                )
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt + 1``."""

@@ -68,7 +68,7 @@ def parse_standalone_url(text: str) -> StoreURL:
         db=db,
         username=parts.username,
         password=parts.password,
-        query=parts.options("db", "namespace"),
+        query=parts.options(),  # db= and namespace= were refused above
     )
 
 
