@@ -15,9 +15,16 @@ from typing import Any
 from kvckpt._buffers import key_str
 from kvckpt.errors import InvalidStoreOptionError
 from kvckpt.store import Buffer, Capabilities, KVStore
-from kvckpt.stores.redis.common import REDIS_MAX_VALUE, expiry_commands, expiry_results, password_of, px
+from kvckpt.stores.redis.common import (
+    REDIS_MAX_VALUE,
+    expiry_commands,
+    expiry_results,
+    password_of,
+    px,
+    str_of,
+)
 from kvckpt.stores.redis.retry import RetryPolicy
-from kvckpt.stores.redis.transport import Arg, Endpoint, Reply
+from kvckpt.stores.redis.transport import Arg, Endpoint, Reply, Transport
 from kvckpt.urls import StoreURL, tls_of
 
 Command = tuple[Arg, ...]  # ("SET", key, value, ...): the key is always args[1]
@@ -93,6 +100,14 @@ def scan_keys(execute: Callable[[list[Command]], list[Reply]], prefix: str, patt
                 yield key
         if cursor in (b"0", "0", 0):
             return
+
+
+def read_settings(transport: Transport) -> dict[str, str]:
+    """``CONFIG GET maxmemory*`` on one server, as a dict (for common.check_settings); an error reply
+    (NOPERM, a renamed CONFIG) is raised."""
+    (reply,) = transport.execute([("CONFIG", "GET", "maxmemory*")], "reading server settings")
+    assert isinstance(reply, list)
+    return {str_of(k): str_of(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
 
 
 class RespStore(KVStore):

@@ -7,13 +7,13 @@ which groups commands by node and follows redirections; a commit goes to the key
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kvckpt._buffers import key_str
 from kvckpt.stores.redis.client import ClientStore, pipeline_runner
 from kvckpt.stores.redis.common import check_wait_args, fewest_acks, glob_escape, wait_on
-from kvckpt.stores.redis.slots import key_slot
+from kvckpt.stores.redis.slots import fence_key_on, key_slot
 
 
 class ClientClusterStore(ClientStore):
@@ -51,18 +51,13 @@ class ClientClusterStore(ClientStore):
         acks: dict[str, int] = {}
         with self._errors("waiting for replicas"):
             client = self.client
+            owner = client.nodes_manager.get_node_from_slot
+
+            def owned_by(name: str) -> Callable[[int], bool]:
+                return lambda slot: bool(owner(slot).name == name)
+
             for node in client.get_primaries():
-                fence = None
-                if fence_key is not None:
-                    owner = client.nodes_manager.get_node_from_slot
-                    fence = next(
-                        (
-                            k
-                            for k in (f"{fence_key}{{{t}}}" for t in range(100_000))
-                            if owner(key_slot(k)).name == node.name
-                        ),
-                        None,
-                    )
+                fence = fence_key_on(fence_key, owned_by(node.name))
                 run = pipeline_runner(client.get_redis_connection(node))
                 acks[node.name] = wait_on(run, replicas, timeout, fence, self._reply_timeout())
         return fewest_acks(self.description, acks, replicas, timeout)

@@ -29,7 +29,7 @@ import redis.exceptions as rex
 
 from kvckpt.errors import InvalidStoreOptionError, ReplicationError, StoreUnavailableError
 from kvckpt.store import Buffer, RangeRead
-from kvckpt.stores.redis.base import Command, Options, RespStore, scan_keys
+from kvckpt.stores.redis.base import Command, Options, RespStore, read_settings, scan_keys
 from kvckpt.stores.redis.common import (
     ACL_RULES,
     check_settings,
@@ -38,13 +38,12 @@ from kvckpt.stores.redis.common import (
     glob_escape,
     ms,
     px,
-    str_of,
     translated,
     wait_on,
 )
 from kvckpt.stores.redis.retry import GaveUp
 from kvckpt.stores.redis.routing import Router, naming
-from kvckpt.stores.redis.slots import AddressRemap, SlotTable, key_slot
+from kvckpt.stores.redis.slots import AddressRemap, fence_key_on, key_slot
 from kvckpt.stores.redis.transport import Reply, RespConnection, raise_first
 from kvckpt.stores.redis.url import parse_cluster_url
 from kvckpt.urls import StoreURL
@@ -196,13 +195,9 @@ class RedisClusterStore(RespStore):
 
         def config_get(name: str) -> dict[str, str] | Exception:
             try:
-                (reply,) = self._router.transport(name).execute(
-                    [("CONFIG", "GET", "maxmemory*")], "reading settings"
-                )
+                return read_settings(self._router.transport(name))
             except rex.ResponseError as exc:  # NOPERM, a renamed CONFIG: check_settings skips it
                 return exc
-            assert isinstance(reply, list)
-            return {str_of(k): str_of(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
 
         def getter(settings: dict[str, str] | Exception) -> Callable[[], dict[str, str]]:
             def get() -> dict[str, str]:
@@ -228,16 +223,6 @@ class RedisClusterStore(RespStore):
                     raise outcome
                 servers.append((f"{self.description} node {name}", getter(outcome)))
             return check_settings(servers, allow_eviction)
-
-    def _fence_on(self, name: str, fence_key: str | None, table: SlotTable) -> str | None:
-        """A key for WAIT's fencing write that ``name`` owns: ``fence_key`` plus a hash tag."""
-        if fence_key is None:
-            return None
-        for tag in range(100_000):
-            key = f"{fence_key}{{{tag}}}"
-            if table.owner(key_slot(key)) == name:
-                return key
-        return None  # a node owning no slot: WAIT falls back to PING
 
     def wait_for_replicas(self, replicas: int, timeout: float, fence_key: str | None = None) -> int:
         """WAIT on every primary that took this store's writes since the last call, in parallel.
@@ -266,7 +251,11 @@ class RedisClusterStore(RespStore):
                     return self._router.transport(name).execute(commands, "waiting for replicas")
 
                 return wait_on(
-                    run, replicas, timeout, self._fence_on(name, fence_key, table), self.policy.timeout
+                    run,
+                    replicas,
+                    timeout,
+                    fence_key_on(fence_key, lambda slot: table.owner(slot) == name),
+                    self.policy.timeout,
                 )
 
             outcomes = self._router.map(wait, nodes)

@@ -32,6 +32,15 @@ def key_slot(key: str | bytes) -> int:
     return binascii.crc_hqx(data, 0) % SLOTS
 
 
+def fence_key_on(fence_key: str | None, owns: Callable[[int], bool]) -> str | None:
+    """``fence_key`` plus the first hash tag whose slot ``owns`` accepts: a key for WAIT's fencing
+    write on one node. None without a fence key, or for a node that owns no slot (WAIT then falls
+    back to PING)."""
+    if fence_key is None:
+        return None
+    return next((k for k in (f"{fence_key}{{{t}}}" for t in range(100_000)) if owns(key_slot(k))), None)
+
+
 def node_name(address: Address) -> str:
     return f"{address[0]}:{address[1]}"
 

@@ -12,14 +12,13 @@ from typing import Any
 from kvckpt.errors import InvalidCheckpointIdError, ReplicationError
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis import common
-from kvckpt.stores.redis.base import Command, Options, RespStore, scan_keys
+from kvckpt.stores.redis.base import Command, Options, RespStore, read_settings, scan_keys
 from kvckpt.stores.redis.common import (
     TO_CLUSTER,
     check_settings,
     check_wait_args,
     glob_escape,
     replication_message,
-    str_of,
     translated,
     wait_on,
 )
@@ -107,17 +106,12 @@ class RedisStore(RespStore):
 
     # Server safety (called by the DCP adapter around a save) ----------------------------------
 
-    def _config_get(self) -> dict[str, str]:
-        (reply,) = self._transport.run(lambda conn: conn.execute([("CONFIG", "GET", "maxmemory*")]))
-        if isinstance(reply, Exception):
-            raise reply
-        assert isinstance(reply, list)
-        return {str_of(k): str_of(v) for k, v in zip(reply[::2], reply[1::2], strict=True)}
-
     def check_server_settings(self, *, allow_eviction: bool = False) -> dict[str, str]:
         """Refuse a server that may evict checkpoint keys (common.check_settings); returns its policy."""
         with self._errors("reading server settings"):
-            return check_settings([(self.description, self._config_get)], allow_eviction)
+            return check_settings(
+                [(self.description, lambda: read_settings(self._transport))], allow_eviction
+            )
 
     def wait_for_replicas(self, replicas: int, timeout: float, fence_key: str | None = None) -> int:
         """Block until ``replicas`` replicas hold every write made so far (Redis WAIT).
