@@ -42,7 +42,7 @@ from kvckpt.stores.redis.common import (
     wait_on,
 )
 from kvckpt.stores.redis.retry import GaveUp
-from kvckpt.stores.redis.routing import Router, naming
+from kvckpt.stores.redis.routing import Router
 from kvckpt.stores.redis.slots import AddressRemap, fence_key_on, key_slot
 from kvckpt.stores.redis.transport import Reply, RespConnection, raise_first
 from kvckpt.stores.redis.url import parse_cluster_url
@@ -180,10 +180,9 @@ class RedisClusterStore(RespStore):
                         scanned.add(name)
                     return
                 except GaveUp as exc:
-                    with naming({name}):
-                        failures = self._router.next_round(
-                            failures, started, exc.__cause__ or exc, "listing keys", avoid={name}
-                        )
+                    failures = self._router.next_round(
+                        failures, started, exc.__cause__ or exc, "listing keys", failed={name}
+                    )
 
     # Server safety --------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ reach every key wherever it lives (the rules are in kvckpt.stores.redis.cluster'
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
@@ -127,24 +126,20 @@ class Router:
         if table is not None:
             return table
         with self._loading:  # I/O threads start at once: one of them reads the table
-            started = time.monotonic()
-            for number in itertools.count():
-                if self._table is not None:
-                    break
+            started, failures = time.monotonic(), 0
+            while self._table is None:
                 try:
-                    self.refresh(started, first=True)
+                    self.refresh(started)
                 except GaveUp as exc:
                     failure = exc.__cause__ or exc
                     with naming({node_name(a) for a in self.startup}):
                         self.policy.pause(
-                            number, started, failure, where=self.description, what="reading the slot table"
+                            failures, started, failure, where=self.description, what="reading the slot table"
                         )
-        assert self._table is not None
-        return self._table
+                    failures += 1
+            return self._table
 
-    def refresh(
-        self, started: float, *, first: bool = False, avoid: frozenset[str] = frozenset()
-    ) -> SlotTable:
+    def refresh(self, started: float, *, avoid: frozenset[str] = frozenset()) -> SlotTable:
         """Re-read the slot table from the first node that answers (known nodes, then startup ones).
 
         Asks no node whose reply could not arrive within the policy's total timeout. When none answers
@@ -175,7 +170,7 @@ class Router:
             table = SlotTable.parse(reply, address, self.address_remap)
             self._table = table
             return table
-        if known is not None and not first:
+        if known is not None:
             return known
         assert failure is not None
         raise GaveUp(len(candidates), time.monotonic() - started) from failure
@@ -192,6 +187,10 @@ class Router:
         if self.address_remap is not None:
             address = self.address_remap(address)
         return node_name(address), address
+
+    def moved(self, error: rex.MovedError, replier: str) -> None:
+        """The slot table with what a MOVED reply says: that slot's new owner."""
+        self._table = self.table().moved(error.slot_id, self.redirected(error, replier)[1])
 
     # Routing --------------------------------------------------------------------------------
 
@@ -251,20 +250,20 @@ class Router:
                 redirects += 1  # MOVED only: the table already says where the keys went
                 continue
             failure = failure or rex.ClusterDownError("CLUSTERDOWN the keys' slots keep moving")
-            with naming(left.dead):
-                failures = self.next_round(failures, started, failure, what, avoid=left.dead)
+            failures = self.next_round(failures, started, failure, what, failed=left.dead)
         return replies
 
     def next_round(
-        self, failures: int, started: float, failure: BaseException, what: str, avoid: set[str]
+        self, failures: int, started: float, failure: BaseException, what: str, failed: set[str]
     ) -> int:
-        """After a failed round: back off (or give up, as the policy says), re-read the slot table
-        from a node not in ``avoid``, and give up if another round could not finish in time.
-        Returns the number of failed rounds so far."""
-        self.policy.pause(failures, started, failure, where=self.description, what=what)
-        self.refresh(started, avoid=frozenset(avoid))
-        if time.monotonic() - started + self.policy.timeout > self.policy.total_timeout:
-            raise GaveUp(failures + 1, time.monotonic() - started) from failure
+        """After a round that ``failed`` on those nodes: back off (or give up, as the policy says,
+        naming them), re-read the slot table from another node, and give up if another round could
+        not finish in time. Returns the number of failed rounds so far."""
+        with naming(failed):
+            self.policy.pause(failures, started, failure, where=self.description, what=what)
+            self.refresh(started, avoid=frozenset(failed))
+            if time.monotonic() - started + self.policy.timeout > self.policy.total_timeout:
+                raise GaveUp(failures + 1, time.monotonic() - started) from failure
         return failures + 1
 
     def _take(
@@ -286,7 +285,7 @@ class Router:
             raise outcome
         for i, reply in zip(idxs, outcome, strict=True):
             if isinstance(reply, rex.MovedError):
-                self._table = self.table().moved(reply.slot_id, self.redirected(reply, name)[1])
+                self.moved(reply, name)
                 left.todo.append(i)
             elif isinstance(reply, rex.AskError):
                 left.asks.setdefault(self.redirected(reply, name), []).append(i)
@@ -328,7 +327,7 @@ class Router:
             try:
                 reply = self.transport(*(asking or (name,))).once(command, asking=asking is not None)
             except rex.MovedError as moved:
-                self._table = self.table().moved(moved.slot_id, self.redirected(moved, name)[1])
+                self.moved(moved, name)
                 asking = None
                 continue
             except rex.AskError as ask:
@@ -336,8 +335,7 @@ class Router:
                 continue
             except (GaveUp, *RETRY_REPLIES) as exc:
                 reason = exc.__cause__ or exc if isinstance(exc, GaveUp) else exc
-                with naming({name}):
-                    failures = self.next_round(failures, started, reason, "committing", avoid={name})
+                failures = self.next_round(failures, started, reason, "committing", failed={name})
                 asking = None
                 continue
             self.written.add(name)
