@@ -40,6 +40,21 @@ def kvckpt_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
     )
 
 
+def kvckpt_background(*args: str, path: str | None = None) -> subprocess.Popen[str]:
+    """``kvckpt ARGS`` left running (``server``), its output piped; ``path`` goes first on PATH."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if path is not None:
+        env["PATH"] = f"{path}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvckpt", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvckpt: error: "), result.stderr
@@ -202,14 +217,8 @@ def test_server_runs_in_the_foreground_until_stopped(tmp_path: Path) -> None:
     wrapper = tmp_path / "redis-server"
     wrapper.write_text(f'#!/bin/sh\nenv > "{tmp_path}/env.txt"\nexec "{find_binary("redis-server")}" "$@"\n')
     wrapper.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvckpt", "server", "--port", str(port), "--redis-server", str(wrapper)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = kvckpt_background(
+        "server", "--port", str(port), "--redis-server", str(wrapper), path=str(tmp_path)
     )
     try:
         assert proc.stdout is not None

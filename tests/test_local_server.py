@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from kvckpt.local_server import (
     free_port,
     pick_redis_server,
 )
-from tests.test_cli import ROOT, kvckpt_cli, one_error_line
+from tests.test_cli import kvckpt_background, kvckpt_cli, one_error_line
 
 
 def test_a_jemalloc_build_is_preferred_over_an_earlier_libc_one() -> None:
@@ -39,15 +37,7 @@ def test_the_allocator_is_read_from_the_version_line() -> None:
 
 def test_server_prints_the_allocator_it_really_runs() -> None:
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvckpt", "server", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = kvckpt_background("server", "--port", str(port))
     try:
         assert proc.stdout is not None
         lines = []
