@@ -61,6 +61,9 @@ class CheckpointInfo:
     display_id: str = ""
     step: int | None = None
     rank_local: bool = False
+    #: The store's clock at the commit (kvckpt.store.KVStore.clock): orders commits on one store
+    #: whatever the saving hosts' clocks say. None for records written before kvckpt recorded it.
+    commit_clock: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Printable: ``checkpoint_id`` is the redacted display form."""
@@ -71,8 +74,11 @@ class CheckpointInfo:
         return out
 
     def order(self) -> tuple[bool, int, float, str]:
-        """Newest last: by step where recorded (those without one come first), then commit time."""
-        return (self.step is not None, self.step or 0, self.created, self.namespace)
+        """Newest last: by step where recorded (those without one come first), then by the store's
+        commit clock (docs/protocol.md: one clock orders commits); records older than that field
+        fall back to their commit time."""
+        clock = self.created if self.commit_clock is None else self.commit_clock
+        return (self.step is not None, self.step or 0, clock, self.namespace)
 
 
 class Scope:
@@ -116,6 +122,7 @@ def _info(scope: Scope, namespace: str, body: dict[str, Any], key: str) -> Check
         raise CorruptCheckpointError(f"{key}: the record has no state_dict list", key=key)
     expires = body.get("expires_at")
     step = body.get("step")
+    clock = body.get("commit_clock")
     return CheckpointInfo(
         checkpoint_id=scope.loadable(namespace),
         display_id=scope.display(namespace),
@@ -128,6 +135,7 @@ def _info(scope: Scope, namespace: str, body: dict[str, Any], key: str) -> Check
         expires_at=None if expires is None else _number(body, key, "expires_at", float),
         save_id=str(body.get("save_id", "")),
         step=None if step is None else _number(body, key, "step"),
+        commit_clock=None if clock is None else _number(body, key, "commit_clock", float),
     )
 
 
@@ -141,6 +149,7 @@ def summarize(scope: Scope, namespace: str, bodies: list[tuple[dict[str, Any], s
     return dataclasses.replace(
         first,
         created=max(i.created for i in infos),
+        commit_clock=max((i.commit_clock for i in infos if i.commit_clock is not None), default=None),
         total_bytes=sum(i.total_bytes for i in infos),
         num_keys=sum(i.num_keys for i in infos),
         world_size=len(infos),

@@ -31,6 +31,22 @@ class Capabilities:
     #: Changing a key's expiry costs no rewrite of its value. When False (etcd re-puts the value as a
     #: new revision) the writer skips the pending-expiry protocol and writes final expiries directly.
     cheap_expiry: bool = True
+    #: The backend implements :meth:`KVStore.commit` and :meth:`KVStore.clock` (docs/protocol.md).
+    #: Without them a save commits unconditionally, and kvckpt.gc / keep_last refuse the store: an
+    #: orphan can be told from a save that will still commit only when commits need a live marker.
+    conditional_commit: bool = False
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What :meth:`KVStore.commit` did, decided atomically in the server."""
+
+    #: The record was written (and the marker removed in the same step).
+    written: bool
+    #: The save's liveness marker existed. False means nothing changed and the save can never commit.
+    alive: bool
+    #: With ``create=False``: the value the record replaced (None if there was none).
+    previous: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,36 @@ class KVStore(abc.ABC):
     @abc.abstractmethod
     def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
         """Atomically replace the value; return the previous one (None if there was none)."""
+
+    def commit(
+        self, key: str, value: Buffer, *, live_key: str, create: bool, ttl: float | None = None
+    ) -> Commit:
+        """The commit rule of docs/protocol.md, as one atomic step in the server.
+
+        If ``live_key`` (the save's liveness marker) is absent, change nothing and return
+        ``Commit(False, False)``: the save's marker lapsed and it must never commit. Else, with
+        ``create``, if ``key`` exists change nothing and return ``Commit(False, True)``. Else write
+        ``value`` at ``key`` (expiring after ``ttl``), remove ``live_key``, and return
+        ``Commit(True, True, previous)`` with the replaced value when not ``create``.
+
+        Because a commit that lands consumes the marker, it can land at most once: a commit whose
+        reply was lost is fenced by deleting the marker, then reading ``key``. ``live_key`` comes from
+        :meth:`colocated`, so both keys live on one server (one hash slot on a Redis Cluster).
+        """
+        raise KVCheckpointError(
+            f"{type(self).__name__} has no conditional commit (capabilities.conditional_commit)"
+        )
+
+    def clock(self, key: str) -> float:
+        """A reading of the store's own clock where ``key`` lives, for ordering commits: it grows
+        from one commit to the next on the same store, whatever the saving hosts' clocks say
+        (Redis: TIME in seconds; etcd: the cluster's revision). Only compared within one store."""
+        raise KVCheckpointError(f"{type(self).__name__} has no clock (capabilities.conditional_commit)")
+
+    def colocated(self, key: str, anchor: str) -> str:
+        """A name starting with ``key`` that lives where ``anchor`` does, so one atomic server-side
+        step can touch both (a Redis Cluster appends a hash tag; most stores return ``key``)."""
+        return key
 
     @abc.abstractmethod
     def take(self, key: str) -> bytes | None:
