@@ -21,7 +21,6 @@ from kvckpt.urls import StoreURL
 
 log = logging.getLogger(__name__)
 
-_RANK_RECORD = re.compile(r"__\d+" + re.escape(layout.RECORD_NAME))
 _ANY_RECORD = re.compile(r"/(__\d+)?" + re.escape(layout.RECORD_NAME) + "$")
 
 
@@ -35,6 +34,16 @@ class Entry:
     shape: tuple[int, ...] | None  # the global shape
     chunks: int  # values in the store
     nbytes: int
+
+
+def order_key(step: int | None, commit_clock: float | None, created: float) -> tuple[bool, int, bool, float]:
+    """Where a checkpoint sorts, newest last: CheckpointInfo.order, shared with the durable tier."""
+    return (
+        step is not None,
+        step or 0,
+        commit_clock is not None,
+        created if commit_clock is None else commit_clock,
+    )
 
 
 @dataclass(frozen=True)
@@ -73,12 +82,12 @@ class CheckpointInfo:
             del out["entries"]
         return out
 
-    def order(self) -> tuple[bool, int, float, str]:
+    def order(self) -> tuple[bool, int, bool, float, str]:
         """Newest last: by step where recorded (those without one come first), then by the store's
-        commit clock (docs/protocol.md: one clock orders commits); records older than that field
-        fall back to their commit time."""
-        clock = self.created if self.commit_clock is None else self.commit_clock
-        return (self.step is not None, self.step or 0, clock, self.namespace)
+        commit clock (docs/protocol.md: one clock orders commits). Records without that clock (written
+        before kvckpt recorded it, or copied in from a folder or another store) come before those with
+        one, in their commit time's order."""
+        return (*order_key(self.step, self.commit_clock, self.created), self.namespace)
 
 
 class Scope:
@@ -202,7 +211,7 @@ def bodies(scope: Scope, namespace: str, display: str) -> list[tuple[dict[str, A
     if raw is not None:
         return [(record.decode_record(raw, key), key)]
     found = []
-    for rank_key in sorted(rank_records(scope.store, namespace)):
+    for rank_key in sorted(orphans.rank_records(scope.store, namespace)):
         raw = scope.store.get(rank_key)
         if raw is not None:
             found.append((record.decode_record(raw, rank_key), rank_key))
@@ -220,10 +229,3 @@ def bodies(scope: Scope, namespace: str, display: str) -> list[tuple[dict[str, A
         "with `kvckpt ls PREFIX` or kvckpt.list_checkpoints(prefix)",
         checkpoint_id=display,
     )
-
-
-#: (key relative to the namespace, nbytes, block checksums) of one stored value.
-def rank_records(store: KVStore, namespace: str) -> list[str]:
-    """Rank-local records (use_collectives=False), not a nested checkpoint named ``__x``."""
-    start = len(namespace) + 1
-    return [k for k in store.scan_prefix(f"{namespace}/__") if _RANK_RECORD.fullmatch(k[start:])]

@@ -3,10 +3,10 @@
 The coordinator of a save writes ``NAMESPACE/.live/SAVE_ID`` with a short expiry (``live_ttl``, 60 s by
 default) before any data of that generation is written, and a daemon thread refreshes the expiry
 every quarter of it. Once the marker has expired it never comes back: refreshing only changes the
-expiry of a key that still exists. So a save whose marker lapsed (its process died, or stalled for
-longer than ``live_ttl``) is dead for good: right before committing, the writer refreshes the marker
-once more and refuses to commit if it is gone, and :func:`kvckpt.gc` treats a generation without a
-marker and without a record as an orphan it may delete. The marker is removed after the commit.
+expiry of a key that still exists. The commit is conditional on the marker, in one server-side step
+that also removes it (kvckpt.store.KVStore.commit), so a save whose marker lapsed (its process died,
+or stalled for longer than ``live_ttl``) can never commit, and :func:`kvckpt.gc` may treat a
+generation without a marker and without a record as an orphan. docs/protocol.md has the whole rule.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import socket
 import threading
 import weakref
 
-from kvckpt import layout
 from kvckpt.errors import KVCheckpointError
 from kvckpt.store import KVStore
 
@@ -30,11 +29,12 @@ DEFAULT_LIVE_TTL = 60.0
 class Heartbeat:
     """The marker of one generation, and the thread keeping it fresh."""
 
-    def __init__(self, store: KVStore, namespace: str, save_id: str, ttl: float = DEFAULT_LIVE_TTL) -> None:
+    def __init__(self, store: KVStore, key: str, ttl: float = DEFAULT_LIVE_TTL) -> None:
+        """``key`` is the marker's name: kvckpt.layout.live_key, placed by the store beside the record
+        (KVStore.colocated) so the commit can check it in the same atomic step."""
         if ttl <= 0:
             raise KVCheckpointError(f"live_ttl must be a positive number of seconds, got {ttl!r}")
-        self.store, self.save_id, self.ttl = store, save_id, ttl
-        self.key = layout.live_key(namespace, save_id)
+        self.store, self.key, self.ttl = store, key, ttl
         self._stop = threading.Event()
         self._abandoned = threading.Event()
         self._thread: threading.Thread | None = None
@@ -52,19 +52,15 @@ class Heartbeat:
         self._thread.start()
         weakref.finalize(self, _abandon, stop, abandoned)  # a writer dropped after a failed save
 
-    def confirm(self) -> bool:
-        """Refresh once more, right before the commit: False when the marker has lapsed."""
-        try:
-            return self.store.expire_many([self.key], self.ttl)[0]
-        except KVCheckpointError as exc:
-            log.warning("%s: could not refresh this save's heartbeat: %s", self.key, exc)
-            return False
-
-    def stop(self) -> None:
-        """Stop refreshing and remove the marker (best effort: it expires anyway)."""
+    def halt(self) -> None:
+        """Stop refreshing and leave the marker: right before the commit, which consumes it."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def stop(self) -> None:
+        """Stop refreshing and remove the marker (best effort: it expires anyway)."""
+        self.halt()
         try:
             self.store.delete_many([self.key])
         except KVCheckpointError as exc:

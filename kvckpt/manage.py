@@ -119,6 +119,7 @@ def gc(
     finds them). Never touches a generation a record names, nor a save in progress (one whose
     ``.live`` marker still exists)."""
     with catalog.Scope(prefix, client, store_options) as scope:
+        orphans.require_conditional_commit(scope.store)
         found = orphans.survey(scope.store, scope.namespace)
         return list(found.orphans) if dry_run else orphans.remove(scope.store, found.orphans, found.markers)
 
@@ -148,7 +149,7 @@ def _verify(
 ) -> VerifyResult:
     bodies = catalog.bodies(scope, namespace, display)
     if bodies[0][1] == layout.record_key(namespace):
-        for rank_key in catalog.rank_records(scope.store, namespace):
+        for rank_key in orphans.rank_records(scope.store, namespace):
             raw = scope.store.get(rank_key)
             if raw is not None:
                 bodies.append((record.decode_record(raw, rank_key), rank_key))
@@ -212,17 +213,19 @@ def _delete_keys(store: KVStore, keys: Iterator[str] | list[str]) -> int:
     return count
 
 
-def _generation_keys(store: KVStore, namespace: str) -> Iterator[str]:
-    """Data keys of every generation in a namespace, for a record too damaged to list its own."""
-    start = len(namespace) + 1
-    for key in store.scan_prefix(f"{namespace}/g"):
-        if layout.GENERATION.fullmatch(key[start:].split("/", 1)[0]):
-            yield key
+def _reclaim(store: KVStore, prefix: str, *, only_namespace: bool = False) -> list[orphans.Orphan]:
+    """Remove the orphaned generations at or below ``prefix`` where the store can tell them apart
+    from a save about to commit (kvckpt.orphans.remove); elsewhere leave them, with a warning."""
+    if not store.capabilities.conditional_commit:
+        log.warning("%s: orphaned generations are left (no conditional commit in this store)", prefix)
+        return []
+    found = orphans.survey(store, prefix, only_namespace=only_namespace)
+    return orphans.remove(store, found.orphans, found.markers)
 
 
 def _delete(store: KVStore, namespace: str) -> bool:
     found = False
-    for key in [layout.record_key(namespace), *catalog.rank_records(store, namespace)]:
+    for key in [layout.record_key(namespace), *orphans.rank_records(store, namespace)]:
         raw = store.take(key)  # first, and atomically: a save swapping in a new record meanwhile
         if raw is None:  # keeps it (and its data) whole rather than losing it to this delete
             continue
@@ -230,8 +233,8 @@ def _delete(store: KVStore, namespace: str) -> bool:
         try:
             keys = [layout.full_key(namespace, k) for k in record.chunk_keys(record.decode_record(raw, key))]
         except CorruptCheckpointError as exc:
-            log.warning("%s; removing every generation under %s instead", exc, namespace)
-            _delete_keys(store, _generation_keys(store, namespace))
+            log.warning("%s; removing the generations no record names under %s instead", exc, namespace)
+            _reclaim(store, namespace, only_namespace=True)
             continue
         _delete_keys(store, keys)
     return found
@@ -264,8 +267,7 @@ def keep_last(
         if not dry_run:
             for old in doomed:
                 _delete(scope.store, old.namespace)
-            left = orphans.survey(scope.store, scope.namespace)
-            reclaimed = orphans.remove(scope.store, left.orphans, left.markers)
+            reclaimed = _reclaim(scope.store, scope.namespace)
             if reclaimed:
                 log.info("keep_last: removed %d orphaned generation(s) of saves that died", len(reclaimed))
         return doomed

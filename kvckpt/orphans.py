@@ -21,10 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvckpt import layout, record
-from kvckpt.errors import CorruptCheckpointError
+from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
 from kvckpt.store import KVStore, batched
 
 _RECORD = re.compile(r"(__\d+)?" + re.escape(layout.RECORD_NAME))
+_RANK_RECORD = re.compile(r"__\d+" + re.escape(layout.RECORD_NAME))
 
 
 @dataclass(frozen=True)
@@ -142,28 +143,53 @@ def _has_live_save(store: KVStore, namespace: str) -> bool:
     return next(iter(store.scan_prefix(f"{namespace}/{layout.LIVE_NAME}/")), None) is not None
 
 
+def rank_records(store: KVStore, namespace: str) -> list[str]:
+    """Rank-local records (use_collectives=False), not a nested checkpoint named ``__x``."""
+    start = len(namespace) + 1
+    return [k for k in store.scan_prefix(f"{namespace}/__") if _RANK_RECORD.fullmatch(k[start:])]
+
+
+def require_conditional_commit(store: KVStore) -> None:
+    """Deciding that a generation is an orphan is safe only where a save whose marker is gone can
+    never commit (docs/protocol.md); a backend without KVStore.commit cannot promise that."""
+    if not store.capabilities.conditional_commit:
+        raise KVCheckpointError(
+            f"{type(store).__name__} has no conditional commit (capabilities.conditional_commit), so a "
+            "save that looks dead could still commit: orphaned generations cannot be removed safely "
+            "there. Delete checkpoints with kvckpt.delete, or implement KVStore.commit and clock"
+        )
+
+
 def remove(store: KVStore, orphans: Iterable[Orphan], markers: Iterable[str] = ()) -> list[Orphan]:
     """Delete orphans of namespaces where no save runs now, and those namespaces' stale
     ``.unfinished`` ``markers`` (a Survey's); returns the orphans deleted.
 
-    A scan is no snapshot: a save that began while it ran may show its data but not its marker.
-    So right before deleting, the namespace is looked at again for any marker.
+    A scan is no snapshot: a save that began while it ran may show its data but not its marker, and
+    one may commit between the scan and now. So each namespace is decided again, in this order
+    (docs/protocol.md, deciders): first no marker may exist there (then every save whose data the
+    scan saw has either committed or can never commit), then the records are read, and only what
+    none of them names is deleted. A save that begins later writes data the scan never saw.
     """
-    busy: dict[str, bool] = {}
+    require_conditional_commit(store)
+    decided: dict[str, set[str] | None] = {}
 
-    def idle(namespace: str) -> bool:
-        if namespace not in busy:  # one look per namespace: a scan of the store on Redis
-            busy[namespace] = _has_live_save(store, namespace)
-        return not busy[namespace]
+    def named(namespace: str) -> set[str] | None:
+        """What records name now, or None when a save runs there or a record cannot be read."""
+        if namespace not in decided:  # one look per namespace: a scan of the store on Redis
+            busy = _has_live_save(store, namespace)
+            records = {namespace: rank_records(store, namespace)}
+            decided[namespace] = None if busy else _committed(store, [namespace], records).get(namespace)
+        return decided[namespace]
 
     removed = []
     for orphan in orphans:
-        if not idle(orphan.namespace):
+        names = named(orphan.namespace)
+        if names is None or orphan.save_id in names:
             continue
         for part in batched(orphan.keys, store.capabilities.max_batch_ops):
             store.delete_many(part)
         removed.append(orphan)
-    stale = [key for key in markers if idle(key.rsplit("/", 1)[0])]
+    stale = [key for key in markers if named(key.rsplit("/", 1)[0]) is not None]
     if stale:
         store.delete_many(stale)
     return removed
@@ -179,7 +205,7 @@ def before_save(store: KVStore, namespace: str, save_id: str, ttl: float | None)
     """
     marker = layout.unfinished_key(namespace)
     reclaimed = []
-    if store.get(marker) is not None:
+    if store.capabilities.conditional_commit and store.get(marker) is not None:
         reclaimed = remove(store, survey(store, namespace, only_namespace=True).orphans)
     store.put(marker, save_id.encode(), ttl=ttl)
     return reclaimed

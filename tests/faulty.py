@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kvckpt import layout
+from kvckpt.stores.redis.base import COMMIT_SCRIPT
 from tests.harness.proxy import FaultProxy, resp_prefix
 from tests.harness.servers import RedisCluster, RedisServer
 from tests.helpers import bits_equal, random_tensor
@@ -68,6 +69,11 @@ class Faulty:
         return int(self.raw.pttl(key))
 
 
+def commit_bytes(namespace: str) -> bytes:
+    """What a Redis client sends to start the commit of ``namespace``: the commit script's EVAL."""
+    return resp_prefix("EVAL", COMMIT_SCRIPT, "2", layout.record_key(namespace))
+
+
 def redis_faulty(server: RedisServer, proxy: FaultProxy) -> Faulty:
     import redis
 
@@ -77,7 +83,7 @@ def redis_faulty(server: RedisServer, proxy: FaultProxy) -> Faulty:
         via_proxy=lambda ns: f"redis://127.0.0.1:{proxy.port}/0/{ns}",
         direct=server.url,
         raw=redis.Redis(port=server.port),
-        commit=lambda ns: resp_prefix("SET", layout.record_key(ns)),
+        commit=commit_bytes,
         data_write=lambda ns: f"{ns}/g".encode(),
         data_read=resp_prefix("GETRANGE"),
     )
@@ -102,7 +108,7 @@ def cluster_faulty(cluster: RedisCluster, stack: contextlib.ExitStack) -> Faulty
         via_proxy=lambda ns: f"redis+cluster://{startup}/{ns}",
         direct=cluster.url,
         raw=raw,
-        commit=lambda ns: resp_prefix("SET", layout.record_key(ns)),
+        commit=commit_bytes,
         data_write=lambda ns: f"{ns}/g".encode(),
         data_read=resp_prefix("GETRANGE"),
         reach={"address_remap": Remap({port: proxy.port for port, proxy in proxies.items()})},

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 import kvckpt
 from kvckpt import layout
 from kvckpt.dcp.api import unwrapped_errors
-from tests.faulty import QUICK, Faulty, Proxied, blank, faulty, proxied, same, state
+from tests.faulty import QUICK, Faulty, Proxied, blank, commit_bytes, faulty, proxied, same, state
 from tests.harness.proxy import FaultProxy, resp_prefix
 from tests.harness.servers import REDIS_CHECKPOINT_SETTINGS, RedisServer
 
@@ -422,7 +422,7 @@ def test_password_absent_from_failure_errors_and_logs(
             if fault == "data":
                 proxy.cut_after_bytes(1_500_000, refuse_after=True)
             else:
-                proxy.cut_on(resp_prefix("SET", layout.record_key(namespace)), refuse_after=True)
+                proxy.cut_on(commit_bytes(namespace), refuse_after=True)
             with pytest.raises(kvckpt.StoreUnavailableError) as info:
                 kvckpt.save(state(2), url, overwrite=True, chunk_bytes=CHUNK, store_options=QUICK)
             seen.append(info.value)

@@ -16,7 +16,7 @@ import redis
 
 from kvckpt.errors import InvalidCheckpointIdError, StoreUnavailableError
 from kvckpt.registry import open_store, parse_url
-from kvckpt.store import KVStore, RangeRead
+from kvckpt.store import Commit, KVStore, RangeRead
 from kvckpt.stores.redis.common import ACL_RULES, PASSWORD_ENV
 from kvckpt.stores.redis.standalone import RedisStore
 from kvckpt.testing.conformance import StoreTests
@@ -158,6 +158,9 @@ def test_least_privilege_acl_user_can_do_everything_the_store_needs(tls_server: 
     assert store.read_into_many([RangeRead("least/a", 1, memoryview(into))]) == [2] and into == b"23"
     assert store.expire_many(["least/a"], None) == [True] and store.expire_many(["least/a"], 30) == [True]
     assert store.put("least/rec", b"1", create=True) and store.swap("least/rec", b"2") == b"1"
+    store.put("least/.live/g", b"alive", ttl=30)
+    assert store.commit("least/rec", b"3", live_key="least/.live/g", create=False) == Commit(True, True, b"2")
+    assert store.clock("least/rec") > 0
     assert sorted(store.scan_prefix("least/")) == ["least/a", "least/rec"]
     assert store.delete_prefix("least/") == 2
     assert store.wait_for_replicas(0, 1.0) == 0

@@ -325,7 +325,9 @@ def copy(
     source = str(reader.checkpoint_id) if isinstance(reader, KVStorageReader) else str(src)
     if owns(dst):
         writer = KVStorageWriter(dst, overwrite=overwrite, ttl=ttl, store_options=store_options)
-        writer.commit_time, writer.step = _source_order(reader, src)
+        created, writer.step = _source_order(reader, src)
+        if created is not None:
+            writer.source_order = (created, _source_clock(reader, writer))
         destination = str(writer.checkpoint_id)
         write_copy(reader, plan, writer, progress)
     else:
@@ -353,6 +355,18 @@ def _source_order(reader: StorageReader, src: str | os.PathLike[str]) -> tuple[f
             step if isinstance(step, int) and not isinstance(step, bool) else None,
         )
     return (Path(src) / METADATA_FILE).stat().st_mtime, None
+
+
+def _source_clock(reader: StorageReader, writer: KVStorageWriter) -> float | None:
+    """The source's commit clock, kept by a copy within the same store; None for a copy from a folder
+    or another store, whose clock means nothing here (such a copy sorts before every checkpoint
+    committed with this store's clock: docs/protocol.md)."""
+    if not isinstance(reader, KVStorageReader):
+        return None
+    clock = reader.record_body.get("commit_clock")
+    source, destination = reader.target.store, writer.target.store
+    same = type(source) is type(destination) and repr(source) == repr(destination)
+    return float(clock) if same and isinstance(clock, (int, float)) and not isinstance(clock, bool) else None
 
 
 def _stamp(metadata_file: Path, commit_time: float | None) -> None:

@@ -33,7 +33,7 @@ from kvckpt.errors import (
 )
 from kvckpt.gcpause import paused_gc
 from kvckpt.heartbeat import DEFAULT_LIVE_TTL, Heartbeat
-from kvckpt.store import Buffer, KVStore
+from kvckpt.store import Buffer, Commit, KVStore
 from kvckpt.target import Addressed
 from kvckpt.transfer import Transfer
 
@@ -87,8 +87,9 @@ class KVStorageWriter(Addressed, StorageWriter):
             raise KVCheckpointError(f"live_ttl must be a positive number of seconds, got {live_ttl!r}")
         self.step = step
         self.live_ttl = live_ttl
-        #: The commit time to record instead of now: a copy keeps its source's.
-        self.commit_time: float | None = None
+        #: (commit time, store commit clock) to record instead of now: a copy keeps its source's place
+        #: in the order. The clock is None when the source's was another store's (docs/protocol.md).
+        self.source_order: tuple[float, float | None] | None = None
         self._heartbeat: Heartbeat | None = None
         if chunk_bytes <= 0 or block_bytes <= 0:
             raise ValueError("chunk_bytes and block_bytes must be positive")
@@ -248,7 +249,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         now = time.time()
         body = {
             "save_id": self._save_id,
-            "created": now if self.commit_time is None else self.commit_time,
+            "created": now if self.source_order is None else self.source_order[0],
             "step": self.step,
             "world_size": len(results),
             "rank": None if self._use_collectives else self._rank,
@@ -260,15 +261,17 @@ class KVStorageWriter(Addressed, StorageWriter):
             "num_keys": len(keys),
             **encode_metadata(metadata, items),
         }
-        data = record.encode_record(body)
         hint = store.get(self.record_key) if self.overwrite else None  # to retire if a reply is lost
         if self._pending_ttl(store) is not None:
             self._settle_expiry(store, keys)
         if self.min_replicas:  # the data, and its settled expiry, must survive a failover first
             self._wait_for_replicas(store)
         try:
-            self._confirm_live(store, keys)
-            self._commit(store, data, keys, hint)
+            if self.source_order is not None:
+                body["commit_clock"] = self.source_order[1]
+            elif store.capabilities.conditional_commit:  # one clock orders commits: the store's
+                body["commit_clock"] = store.clock(self.record_key)
+            self._commit(store, record.encode_record(body), keys, hint)
         finally:
             self._end_live()
         self._clear_unfinished(store)
@@ -276,57 +279,112 @@ class KVStorageWriter(Addressed, StorageWriter):
             self._wait_for_replicas(store)
 
     def _commit(self, store: KVStore, data: bytes, keys: list[str], hint: bytes | None) -> None:
-        target = self.target
+        """Commit the record, only while this save's marker lives (docs/protocol.md, the commit)."""
+        if self._heartbeat is None or not store.capabilities.conditional_commit:
+            return self._commit_unconditionally(store, data, keys, hint)
+        self._heartbeat.halt()  # from here on the marker only waits to be consumed by the commit
+        marker = self._heartbeat.key
         try:
-            if self.overwrite:
-                previous = store.swap(self.record_key, data, ttl=self.ttl)
-                written = True
-            else:
-                written, previous = store.put(self.record_key, data, create=True, ttl=self.ttl), None
+            outcome = store.commit(
+                self.record_key, data, live_key=marker, create=not self.overwrite, ttl=self.ttl
+            )
         except StoreUnavailableError as exc:
-            written, previous = self._learn_outcome(store, data, keys, exc), hint
+            outcome = self._learn_outcome(store, data, keys, marker, hint, exc)
         except KVCheckpointError:  # the server refused the commit (e.g. out of memory)
             self._abandon(store, keys)
             raise
-        if previous is not None and written:
-            self._retire(store, previous, set(keys))
-        # A client that re-sends on its own may report our own commit as "exists": compare.
-        if not written and store.get(self.record_key) != data:
+        if outcome.written:
+            self._heartbeat = None  # the commit removed the marker
+            if outcome.previous is not None:
+                self._retire(store, outcome.previous, set(keys))
+            return None
+        if not outcome.alive:
             self._abandon(store, keys)
-            raise CheckpointExistsError(
-                f"Checkpoint already exists: another save committed {target.display} first; this "
-                "save's data was removed",
-                checkpoint_id=target.display,
+            raise CorruptCheckpointError(
+                f"{self.target.display}: this save's liveness marker lapsed (it was not refreshed "
+                f"for {self.live_ttl:g} s: the process stalled or the store was unreachable), so "
+                "kvckpt.gc may have removed its data; nothing was committed: save again",
+                key=marker,
             )
+        return self._refuse(store, keys)
 
-    def _learn_outcome(self, store: KVStore, data: bytes, keys: list[str], exc: KVCheckpointError) -> bool:
-        """The commit is sent once; when its reply is lost, read the record to learn what happened.
-
-        True when the record is this save's; False when another save's record is there. When the
-        commit did not land, this save's data is removed and the error raised; when the store
-        cannot even be read, the data is kept, as the commit may have landed.
-        """
-        display = self.target.display
+    def _commit_unconditionally(
+        self, store: KVStore, data: bytes, keys: list[str], hint: bytes | None
+    ) -> None:
+        """A backend without KVStore.commit: put-if-absent or swap, sent once (kvckpt.gc refuses
+        such a store, since it cannot tell a dead save from one about to commit)."""
         try:
-            current = store.get(self.record_key)
+            if self.overwrite:
+                previous, written = store.swap(self.record_key, data, ttl=self.ttl), True
+            else:
+                previous, written = None, store.put(self.record_key, data, create=True, ttl=self.ttl)
+        except StoreUnavailableError as exc:
+            if self._read_outcome(store, exc) != data:
+                self._abandon(store, keys)
+                raise self._not_committed(exc) from exc
+            previous, written = hint, True
         except KVCheckpointError:
-            raise StoreUnavailableError(
-                f"{display}: the connection failed while committing and the store is still "
-                "unreachable, so whether this save committed is unknown; its data was kept. Load "
-                "the checkpoint once the store is back to find out, and save again if it is missing",
-                checkpoint_id=display,
-            ) from exc
-        if current == data:
-            log.warning("%s: the commit's reply was lost, but the record is this save's", display)
-            return True
-        if current is not None and not self.overwrite:
-            return False
+            self._abandon(store, keys)
+            raise
+        if written and previous is not None:
+            self._retire(store, previous, set(keys))
+        if not written:
+            self._refuse(store, keys)
+
+    def _refuse(self, store: KVStore, keys: list[str]) -> None:
         self._abandon(store, keys)
-        raise StoreUnavailableError(
+        raise CheckpointExistsError(
+            f"Checkpoint already exists: another save committed {self.target.display} first; this "
+            "save's data was removed",
+            checkpoint_id=self.target.display,
+        )
+
+    def _learn_outcome(
+        self, store: KVStore, data: bytes, keys: list[str], marker: str, hint: bytes | None, exc: Exception
+    ) -> Commit:
+        """The commit's reply was lost: fence it, then read the record to learn what happened.
+
+        Removing the marker is the fence: a commit still on its way then finds no marker and changes
+        nothing, so the record read afterwards is final. This needs no CLIENT permission (the RESP
+        transport also kills the old connection where allowed). When the store cannot even be
+        reached, the data is kept, as the commit may have landed.
+        """
+        try:
+            store.delete(marker)
+        except KVCheckpointError:
+            self._heartbeat = None  # the marker expires by itself; a delete would wait again
+            raise self._unknown(exc) from exc
+        current = self._read_outcome(store, exc)
+        if current == data:
+            log.warning("%s: the commit's reply was lost, but the record is this save's", self.target.display)
+            return Commit(written=True, alive=True, previous=hint)
+        if current is not None and not self.overwrite:
+            return Commit(written=False, alive=True)
+        self._abandon(store, keys)
+        raise self._not_committed(exc) from exc
+
+    def _read_outcome(self, store: KVStore, exc: Exception) -> bytes | None:
+        try:
+            return store.get(self.record_key)
+        except KVCheckpointError:
+            raise self._unknown(exc) from exc
+
+    def _unknown(self, exc: Exception) -> StoreUnavailableError:
+        display = self.target.display
+        return StoreUnavailableError(
+            f"{display}: the connection failed while committing and the store is still "
+            "unreachable, so whether this save committed is unknown; its data was kept. Load "
+            "the checkpoint once the store is back to find out, and save again if it is missing",
+            checkpoint_id=display,
+        )
+
+    def _not_committed(self, exc: Exception) -> StoreUnavailableError:
+        display = self.target.display
+        return StoreUnavailableError(
             f"{display}: the connection failed while committing; the commit did not take effect, "
             "nothing was committed and this save's data was removed; save again",
             checkpoint_id=display,
-        ) from exc
+        )
 
     # Liveness (kvckpt.heartbeat): what keeps kvckpt.gc away from this save -------------------
 
@@ -349,20 +407,9 @@ class KVStorageWriter(Addressed, StorageWriter):
                     len(reclaimed),
                     sum(o.nbytes for o in reclaimed),
                 )
-        self._heartbeat = Heartbeat(store, self.target.namespace, self._save_id, self.live_ttl)
+        marker = store.colocated(layout.live_key(self.target.namespace, self._save_id), self.record_key)
+        self._heartbeat = Heartbeat(store, marker, self.live_ttl)
         self._heartbeat.start()
-
-    def _confirm_live(self, store: KVStore, keys: list[str]) -> None:
-        """Right before the commit: a save whose marker lapsed may have been collected; never commit it."""
-        if self._heartbeat is not None and self._heartbeat.save_id == self._save_id:
-            if not self._heartbeat.confirm():
-                self._abandon(store, keys)
-                raise CorruptCheckpointError(
-                    f"{self.target.display}: this save's liveness marker lapsed (it was not refreshed "
-                    f"for {self.live_ttl:g} s), so kvckpt.gc may have removed its data; nothing was "
-                    "committed: save again",
-                    key=self._heartbeat.key,
-                )
 
     def _clear_unfinished(self, store: KVStore) -> None:
         try:

@@ -24,7 +24,7 @@ import grpc
 
 from kvckpt._buffers import byte_view, key_bytes, key_str
 from kvckpt.errors import CheckpointTooLargeError, KVCheckpointError, StoreFullError
-from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
+from kvckpt.store import Buffer, Capabilities, Commit, KVStore, RangeRead
 from kvckpt.stores.etcd import wire as pb
 from kvckpt.stores.etcd.client import Call, EtcdClient, MiB, ReplyTooLarge
 from kvckpt.urls import StoreURL, TLSOptions, tls_of
@@ -95,6 +95,7 @@ class EtcdStore(KVStore):
             ttl=True,
             max_batch_ops=max_txn_ops,
             cheap_expiry=False,
+            conditional_commit=True,
         )
         #: Hard per-reply limit: well above the planning budget so a misjudged batch rarely overflows,
         #: and always above the largest value this store can write.
@@ -385,6 +386,43 @@ class EtcdStore(KVStore):
         reply = self.client.rpc(pb.PUT, pb.join(request), action="writing", idempotent=False, write=True)
         previous = pb.parse_put_response(reply)
         return bytes(previous.value) if previous is not None else None
+
+    def commit(
+        self, key: str, value: Buffer, *, live_key: str, create: bool, ttl: float | None = None
+    ) -> Commit:
+        """One txn: if the marker exists (and, with ``create``, the record does not), put the record
+        and delete the marker; otherwise count both keys to say which condition failed."""
+        view = byte_view(value)
+        self._check_value(key, view)
+        lease = self.client.grant(_ttl_seconds(ttl)) if ttl is not None else 0
+        raw, marker = key_bytes(key), key_bytes(live_key)
+        compares = [pb.compare(marker, pb.VERSION, pb.GREATER, 0)]
+        if create:
+            compares.append(pb.compare(raw, pb.CREATE, pb.EQUAL, 0))
+        request = pb.txn_request(
+            compares,
+            [
+                pb.request_op(pb.OP_PUT, pb.put_request(raw, view, lease=lease, prev_kv=not create)),
+                pb.request_op(pb.OP_DELETE, pb.delete_range_request(marker)),
+            ],
+            [pb.request_op(pb.OP_RANGE, pb.range_request(marker, count_only=True))],
+        )
+        reply = self.client.rpc(pb.TXN, pb.join(request), action="committing", idempotent=False, write=True)
+        txn = pb.parse_txn_response(reply)
+        if txn.succeeded:
+            put = pb.parse_put_response(txn.responses[0][1])
+            previous = None if create or put is None else bytes(put.value)
+            return Commit(written=True, alive=True, previous=previous)
+        if lease:
+            self.client.revoke_quietly(lease)
+        alive = pb.parse_range_response(txn.responses[0][1]).count > 0
+        return Commit(written=False, alive=alive)
+
+    def clock(self, key: str) -> float:
+        """The cluster's revision: every write raises it by one, on every member alike."""
+        request = pb.join(pb.range_request(key_bytes(key), count_only=True))
+        reply = self.client.rpc(pb.RANGE, request, action="reading the revision")
+        return float(pb.parse_range_response(reply).revision)
 
     def take(self, key: str) -> bytes | None:
         """DeleteRange with prev_kv: one atomic request, sent once (a resend would find nothing)."""

@@ -14,11 +14,12 @@ from typing import Any
 
 from kvckpt._buffers import key_str
 from kvckpt.errors import InvalidStoreOptionError
-from kvckpt.store import Buffer, Capabilities, KVStore
+from kvckpt.store import Buffer, Capabilities, Commit, KVStore
 from kvckpt.stores.redis.common import (
     REDIS_MAX_VALUE,
     expiry_commands,
     expiry_results,
+    ms,
     password_of,
     px,
     str_of,
@@ -27,7 +28,49 @@ from kvckpt.stores.redis.retry import RetryPolicy
 from kvckpt.stores.redis.transport import Arg, Endpoint, Reply, Transport
 from kvckpt.urls import StoreURL, tls_of
 
-Command = tuple[Arg, ...]  # ("SET", key, value, ...): the key is always args[1]
+Command = tuple[Arg, ...]  # ("SET", key, value, ...): the key is args[1], except for EVAL
+
+#: The commit rule (docs/protocol.md) as one server-side step. KEYS: the record, the save's liveness
+#: marker (one hash slot). ARGV: the record, "1" for put-if-absent, the expiry in ms or "". Replies
+#: {0}: the marker is gone (nothing changed); {1}: the record exists (create; nothing changed);
+#: {2} or {2, previous}: written, and the marker removed. UNLINK, not DEL: one ACL rule fewer.
+COMMIT_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return {0} end
+local previous = false
+if ARGV[2] == '1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {1} end
+else
+  previous = redis.call('GET', KEYS[1])
+end
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+end
+redis.call('UNLINK', KEYS[2])
+if previous then return {2, previous} end
+return {2}
+"""
+
+
+def commit_command(key: str, value: Buffer, live_key: str, create: bool, ttl: float | None) -> Command:
+    """The EVAL that runs COMMIT_SCRIPT (sent whole: no SCRIPT LOAD permission or NOSCRIPT retry)."""
+    expiry = "" if ttl is None else str(ms(ttl))
+    return ("EVAL", COMMIT_SCRIPT, 2, key, live_key, value, "1" if create else "0", expiry)
+
+
+def commit_outcome(reply: Any) -> Commit:
+    """COMMIT_SCRIPT's reply as a Commit."""
+    if not isinstance(reply, list) or not reply or reply[0] not in (0, 1, 2):
+        raise ValueError(f"the commit script answered {reply!r:.80}")
+    previous = reply[1] if len(reply) > 1 and isinstance(reply[1], bytes) else None
+    return Commit(written=reply[0] == 2, alive=reply[0] != 0, previous=previous)
+
+
+def clock_of(reply: Any) -> float:
+    """TIME's reply (seconds, microseconds) as seconds."""
+    assert isinstance(reply, list) and len(reply) == 2, reply
+    return int(reply[0]) + int(reply[1]) / 1e6
 
 
 @dataclass(frozen=True)
@@ -113,7 +156,9 @@ def read_settings(transport: Transport) -> dict[str, str]:
 class RespStore(KVStore):
     """The KVStore operations made of small single-key commands, for stores on the RESP transport."""
 
-    capabilities = Capabilities(max_value_bytes=REDIS_MAX_VALUE, native_ranges=True, ttl=True)
+    capabilities = Capabilities(
+        max_value_bytes=REDIS_MAX_VALUE, native_ranges=True, ttl=True, conditional_commit=True
+    )
     #: The options ``from_url`` takes (kvckpt.target checks them before anything connects).
     store_options = Options
     description: str
@@ -128,8 +173,12 @@ class RespStore(KVStore):
         """Replies to idempotent ``commands`` (retried by the policy); raises the first error reply."""
 
     @abc.abstractmethod
-    def _once(self, command: Command) -> Reply:
-        """The reply to a commit, sent exactly once (fenced when its reply is lost)."""
+    def _once(self, command: Command, key: str) -> Reply:
+        """The reply to a commit of ``key``, sent exactly once (fenced when its reply is lost)."""
+
+    @abc.abstractmethod
+    def _time(self, key: str) -> Reply:
+        """TIME's reply from the server that holds ``key``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"
@@ -155,14 +204,24 @@ class RespStore(KVStore):
     def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
         with self._errors("writing"):
             if create:
-                return self._once(("SET", key, value, "NX", *px(ttl))) is not None
+                return self._once(("SET", key, value, "NX", *px(ttl)), key) is not None
             self._commands([("SET", key, value, *px(ttl))], "writing")
             return True
 
     def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
         with self._errors("writing"):
-            previous = self._once(("SET", key, value, "GET", *px(ttl)))
+            previous = self._once(("SET", key, value, "GET", *px(ttl)), key)
         return previous if isinstance(previous, bytes) else None
+
+    def commit(
+        self, key: str, value: Buffer, *, live_key: str, create: bool, ttl: float | None = None
+    ) -> Commit:
+        with self._errors("committing"):
+            return commit_outcome(self._once(commit_command(key, value, live_key, create, ttl), key))
+
+    def clock(self, key: str) -> float:
+        with self._errors("reading the server's clock"):
+            return clock_of(self._time(key))
 
     def take(self, key: str) -> bytes | None:
         with self._errors("deleting"):

@@ -14,8 +14,8 @@ from typing import Any
 import redis.exceptions as rex
 
 from kvckpt._buffers import key_str
-from kvckpt.errors import KVCheckpointError, ReplicationError
-from kvckpt.store import Buffer, Capabilities, KVStore, RangeRead
+from kvckpt.errors import KVCheckpointError, ReplicationError, StoreUnavailableError
+from kvckpt.store import Buffer, Capabilities, Commit, KVStore, RangeRead
 from kvckpt.stores.redis.common import (
     REDIS_MAX_VALUE,
     as_bytes_view,
@@ -25,12 +25,16 @@ from kvckpt.stores.redis.common import (
     expiry_commands,
     expiry_results,
     glob_escape,
+    ms,
     px,
     replication_message,
     str_of,
     translated,
     wait_on,
 )
+
+#: WATCH rounds a commit tries while other writers keep changing its keys.
+_COMMIT_ATTEMPTS = 16
 
 
 def socket_timeout_of(client: Any) -> float | None:
@@ -65,7 +69,9 @@ def _connection_id(conn: Any) -> int | None:
 class ClientStore(KVStore):
     """KVStore over a redis-py-compatible client: every command goes through ``self.client``."""
 
-    capabilities = Capabilities(max_value_bytes=REDIS_MAX_VALUE, native_ranges=True, ttl=True)
+    capabilities = Capabilities(
+        max_value_bytes=REDIS_MAX_VALUE, native_ranges=True, ttl=True, conditional_commit=True
+    )
     cluster = False
 
     def __init__(self, *, client: Any, description: str = "injected redis client") -> None:
@@ -147,6 +153,38 @@ class ClientStore(KVStore):
         with self._errors("writing"):
             previous: bytes | None = self._once("SET", key, as_bytes_view(value), "GET", *px(ttl), get=True)
             return previous
+
+    def commit(
+        self, key: str, value: Buffer, *, live_key: str, create: bool, ttl: float | None = None
+    ) -> Commit:
+        """The commit rule as WATCH + MULTI/EXEC on the key's primary: an injected client may be
+        fakeredis, which has no Lua. A change to either key between the WATCH and the EXEC (another
+        save's commit, a delete) makes EXEC do nothing, and the rule is checked again."""
+        with self._errors("committing"):
+            for _ in range(_COMMIT_ATTEMPTS):
+                with self._commit_client(key).pipeline(transaction=True) as pipe:
+                    pipe.watch(live_key, key)
+                    if not pipe.exists(live_key):
+                        return Commit(written=False, alive=False)
+                    previous = None if create else pipe.get(key)
+                    if create and pipe.exists(key):
+                        return Commit(written=False, alive=True)
+                    pipe.multi()
+                    pipe.set(key, as_bytes_view(value), px=None if ttl is None else ms(ttl))
+                    pipe.unlink(live_key)
+                    try:
+                        pipe.execute()
+                    except rex.WatchError:
+                        continue
+                    return Commit(written=True, alive=True, previous=previous)
+        raise StoreUnavailableError(
+            f"{self.description}: {key!r} kept changing while committing; nothing was committed"
+        )
+
+    def clock(self, key: str) -> float:
+        with self._errors("reading the server's clock"):
+            seconds, micros = self._commit_client(key).time()
+        return int(seconds) + int(micros) / 1e6
 
     def _commit_client(self, key: str) -> Any:
         """The client a commit of ``key`` goes through (a Cluster sends it to the key's primary)."""

@@ -13,7 +13,7 @@ from typing import Any
 from kvckpt._buffers import key_str
 from kvckpt.stores.redis.client import ClientStore, pipeline_runner
 from kvckpt.stores.redis.common import check_wait_args, fewest_acks, glob_escape, wait_on
-from kvckpt.stores.redis.slots import fence_key_on, key_slot
+from kvckpt.stores.redis.slots import colocated_key, fence_key_on, key_slot
 
 
 class ClientClusterStore(ClientStore):
@@ -27,6 +27,9 @@ class ClientClusterStore(ClientStore):
     def _commit_client(self, key: str) -> Any:
         client = self.client
         return client.get_redis_connection(client.nodes_manager.get_node_from_slot(key_slot(key)))
+
+    def colocated(self, key: str, anchor: str) -> str:
+        return colocated_key(key, anchor)
 
     def scan_prefix(self, prefix: str) -> Iterator[str]:
         pattern = glob_escape(prefix) + "*"

@@ -12,8 +12,9 @@ memory as on a standalone server. Keys a node does not serve are finished this w
   ``retries``, ``total_timeout``, each retry logged); the slot table is re-read from any node that
   answers and the keys go out again as per-node pipelines.
 
-A commit (``SET NX``, ``SET GET``) is sent once to the key's primary and fenced like on a standalone
-server; only a redirection, after which nothing ran, sends it again.
+A commit (the commit script of kvckpt.stores.redis.base, ``SET NX``, ``SET GET``) is sent once to the
+key's primary and fenced like on a standalone server; only a redirection, after which nothing ran,
+sends it again.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from kvckpt.stores.redis.common import (
 )
 from kvckpt.stores.redis.retry import GaveUp
 from kvckpt.stores.redis.routing import Router
-from kvckpt.stores.redis.slots import AddressRemap, fence_key_on, key_slot
+from kvckpt.stores.redis.slots import AddressRemap, colocated_key, fence_key_on, key_slot
 from kvckpt.stores.redis.transport import Reply, RespConnection, raise_first
 from kvckpt.stores.redis.url import parse_cluster_url
 from kvckpt.urls import StoreURL
@@ -98,8 +99,17 @@ class RedisClusterStore(RespStore):
     def _commands(self, commands: Sequence[Command], what: str) -> list[Reply]:
         return self._router.commands(commands, what=what)
 
-    def _once(self, command: Command) -> Reply:
-        return self._router.once(command)
+    def _once(self, command: Command, key: str) -> Reply:
+        return self._router.once(command, key)
+
+    def _time(self, key: str) -> Reply:
+        node = self._router.owner(key, self._router.table())
+        return self._router.transport(node).execute([("TIME",)], "reading the server's clock")[0]
+
+    def colocated(self, key: str, anchor: str) -> str:
+        """``key`` with a hash tag that puts it in ``anchor``'s slot, so the commit script may name
+        both (a script's keys must share a slot)."""
+        return colocated_key(key, anchor)
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:

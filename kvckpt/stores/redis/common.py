@@ -37,11 +37,12 @@ PASSWORD_ENV = "REDISCLI_AUTH"
 #: The only maxmemory-policy under which Redis never drops a key it acknowledged.
 SAFE_MAXMEMORY_POLICY = "noeviction"
 #: The least an ACL user needs (``ACL SETUSER name on >password ~NAMESPACE/* -@all`` + these);
-#: ``config|get`` only serves check_server_settings, which skips quietly without it. Commit fencing
-#: after a lost reply also needs ``+client|id +client|kill``; without them commits are sent once, unfenced.
+#: ``config|get`` only serves check_server_settings, which skips quietly without it. ``eval`` runs the
+#: commit script (whose own commands are in the list) and ``time`` reads the store's clock
+#: (docs/protocol.md). ``client|id client|kill`` are optional: a second fence after a lost reply.
 ACL_RULES = (
     "+get", "+set", "+getrange", "+getdel", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping",
-    "+wait", "+strlen",
+    "+wait", "+strlen", "+eval", "+time",
     "+config|get",
 )  # fmt: skip
 

@@ -315,10 +315,9 @@ class Router:
         )  # fmt: skip
         return raise_first(replies)
 
-    def once(self, command: Command) -> Reply:
-        """A commit, sent once to the key's primary; sent again only after a redirection or when
-        connecting failed (nothing was sent then)."""
-        key = str(command[1])
+    def once(self, command: Command, key: str) -> Reply:
+        """A commit of ``key``, sent once to the key's primary; sent again only after a redirection
+        or when connecting failed (nothing was sent then)."""
         started = time.monotonic()
         asking: tuple[str, Address] | None = None
         failures = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvckpt._buffers import key_bytes
+from kvckpt.errors import InvalidCheckpointIdError
 
 SLOTS = 16384
 
@@ -39,6 +40,24 @@ def fence_key_on(fence_key: str | None, owns: Callable[[int], bool]) -> str | No
     if fence_key is None:
         return None
     return next((k for k in (f"{fence_key}{{{t}}}" for t in range(100_000)) if owns(key_slot(k))), None)
+
+
+def colocated_key(key: str, anchor: str) -> str:
+    """``key``, or ``key`` plus a hash tag, in the slot of ``anchor``.
+
+    Raises InvalidCheckpointIdError when no tag can move it there: a key whose own ``{...}`` decides
+    its slot (a namespace with braces) while the anchor's differs."""
+    slot = key_slot(anchor)
+    if key_slot(key) == slot:
+        return key
+    found = fence_key_on(key, lambda s: s == slot)
+    if found is None:
+        raise InvalidCheckpointIdError(
+            f"{key!r} cannot be placed in the hash slot of {anchor!r}, as a commit on a Redis Cluster "
+            "needs: the namespace's braces decide its slot; use a namespace without '{' and '}', or "
+            "one whose first '{...}' names a non-empty hash tag"
+        )
+    return found
 
 
 def node_name(address: Address) -> str:

@@ -65,8 +65,11 @@ class RedisStore(RespStore):
     def _commands(self, commands: Sequence[Command], what: str) -> list[Reply]:
         return self._transport.execute(commands, what)
 
-    def _once(self, command: Command) -> Reply:
+    def _once(self, command: Command, key: str) -> Reply:
         return self._transport.once(command)
+
+    def _time(self, key: str) -> Reply:
+        return self._transport.execute([("TIME",)], "reading the server's clock")[0]
 
     # KVStore --------------------------------------------------------------------------------
 
