@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kvckpt.errors import KVCheckpointError
-from kvckpt.store import KVStore, RangeRead
+from kvckpt.orphans import require_conditional_commit
+from kvckpt.store import Commit, KVStore, RangeRead
 
 if TYPE_CHECKING:
     from kvckpt.testing.stateful import RawAccess
@@ -118,6 +119,63 @@ class StoreTests:
         assert store.swap(prefix + "rec", b"one") is None
         assert store.swap(prefix + "rec", b"two") == b"one"
         assert store.get(prefix + "rec") == b"two"
+
+    @staticmethod
+    def _refused_for_gc(store: KVStore) -> bool:
+        """True, once checked, when the backend has no conditional commit: gc must refuse it then."""
+        if store.capabilities.conditional_commit:
+            return False
+        with pytest.raises(KVCheckpointError, match="conditional commit"):
+            require_conditional_commit(store)
+        return True
+
+    def _marked(self, store: KVStore, prefix: str) -> tuple[str, str]:
+        """A record key and a live marker placed beside it, the way a save names them."""
+        record = prefix + ".metadata"
+        marker = store.colocated(prefix + ".live/g1", record)
+        assert marker.startswith(prefix + ".live/g1")
+        store.put(marker, b"alive", ttl=60)
+        return record, marker
+
+    def test_commit_needs_the_live_marker(self, store: KVStore, prefix: str) -> None:
+        """docs/protocol.md: a commit lands only while its save's marker exists. A backend without
+        the capability is refused by gc instead, which this checks."""
+        if self._refused_for_gc(store):
+            return
+        record, marker = self._marked(store, prefix)
+        store.delete(marker)
+        for create in (True, False):
+            assert store.commit(record, b"late", live_key=marker, create=create) == Commit(False, False)
+        assert store.get(record) is None
+
+    def test_commit_creates_once_and_consumes_the_marker(self, store: KVStore, prefix: str) -> None:
+        if self._refused_for_gc(store):
+            return
+        record, marker = self._marked(store, prefix)
+        assert store.commit(record, b"first", live_key=marker, create=True) == Commit(True, True)
+        assert store.get(record) == b"first" and store.get(marker) is None
+        record, marker = self._marked(store, prefix)
+        assert store.commit(record, b"second", live_key=marker, create=True) == Commit(False, True)
+        assert store.get(record) == b"first" and store.get(marker) == b"alive"
+
+    def test_commit_swaps_and_returns_the_previous(self, store: KVStore, prefix: str) -> None:
+        if self._refused_for_gc(store):
+            return
+        record, marker = self._marked(store, prefix)
+        assert store.commit(record, b"one", live_key=marker, create=False) == Commit(True, True, None)
+        record, marker = self._marked(store, prefix)
+        assert store.commit(record, b"two", live_key=marker, create=False, ttl=60) == Commit(
+            True, True, b"one"
+        )
+        assert store.get(record) == b"two" and store.get(marker) is None
+
+    def test_clock_grows_with_commits(self, store: KVStore, prefix: str) -> None:
+        if self._refused_for_gc(store):
+            return
+        before = store.clock(prefix + ".metadata")
+        record, marker = self._marked(store, prefix)
+        assert store.commit(record, b"x", live_key=marker, create=True).written
+        assert store.clock(record) > before
 
     def test_take_reads_and_removes(self, store: KVStore, prefix: str) -> None:
         store.put(prefix + "rec", b"record")
