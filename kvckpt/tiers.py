@@ -3,8 +3,14 @@
 A drained checkpoint is a plain DCP checkpoint (a local folder or an fsspec URL such as ``s3://…``)
 holding, beside DCP's own files, ``.kvckpt-drained.json``. That file is written last and is what makes
 a copy complete: a folder without it is a copy that was cut short, whatever else it holds. It is JSON
-(never a pickle) and says which store checkpoint was copied, its generation and its commit time, so
-listing the tier and choosing a restart point never unpickles DCP's ``.metadata``.
+(never a pickle) and says which store checkpoint was copied, its generation, its step and its commit
+time by the store's clock, so listing the tier and choosing a restart point never unpickles DCP's
+``.metadata``.
+
+Write before delete: a copy replacing another of the same name is completed in a staging folder
+beside it (``.NAME.kvckpt-XXXXXXXX``) and only then moved onto the name (:meth:`Destination.install`),
+so at every moment, a kill included, the name has a complete copy in place or in staging. Readers
+take the copy in place, else the staged one; the next drainer moves a staged copy into place.
 
 Torch-free: the ``kvckpt`` command and a launcher choosing a restart point do not import torch.
 """
@@ -15,10 +21,12 @@ import json
 import logging
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from kvckpt import manage
+from kvckpt.catalog import order_key
 from kvckpt.errors import (
     InvalidCheckpointIdError,
     KVCheckpointError,
@@ -35,8 +43,12 @@ MARKER = ".kvckpt-drained.json"
 #: Written first into a copy made in place (object stores, where nothing can be renamed atomically).
 IN_PROGRESS = ".kvckpt-draining.json"
 FORMAT = "kvckpt-drained/1"
-#: The sibling folders a local copy is written into before it is renamed into place.
-_STAGING = re.compile(r"\..+\.(kvckpt|old)-[a-z0-9_]{8}")
+#: Sibling folders of NAME: a copy written before it takes the name ("kvckpt"), or the copy it
+#: replaced, moved aside until it is removed ("old", local folders only).
+_STAGING = re.compile(r"\.(?P<base>.+)\.(?P<kind>kvckpt|old)-[a-z0-9_]{8}")
+#: Which complete copy of a name the next drainer keeps: the staged replacement was written after the
+#: copy in place, which is newer than one moved aside.
+_RANK = {"kvckpt": 2, "": 1, "old": 0}
 
 
 @dataclass(frozen=True)
@@ -52,11 +64,28 @@ class DrainedCheckpoint:
     total_bytes: int
     drained_at: float
     step: int | None = None  # the source's recorded step (kvckpt.save(..., step=N)), if any
+    #: The store's clock at the source's commit; None in copies drained before it was recorded.
+    commit_clock: float | None = None
 
     @property
-    def order(self) -> tuple[bool, int, float]:
-        """Newest last, as the store orders its checkpoints: by step where recorded, then commit time."""
-        return (self.step is not None, self.step or 0, self.created)
+    def order(self) -> tuple[bool, int, bool, float]:
+        """Newest last, as the store orders its checkpoints (kvckpt.catalog.order_key): by step where
+        recorded, then by the store's commit clock, else the saving host's commit time."""
+        return order_key(self.step, self.commit_clock, self.created)
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """A complete copy found on the tier: at its name, or staged beside it."""
+
+    checkpoint: DrainedCheckpoint
+    folder: str  # the folder holding the marker
+    root: str  # what removing it removes: the staging folder (earlier drainers nested the copy in it)
+    kind: str  # "" in place, else the staging kind
+
+    @property
+    def rank(self) -> tuple[int, float]:
+        return (_RANK[self.kind], self.checkpoint.drained_at)
 
 
 def open_fsspec(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -102,34 +131,76 @@ class Destination:
         """The id of ``name`` for readers: a local path, or the URL with its scheme."""
         return f"{self.prefix}/{name}"
 
+    def staged_name(self, name: str, kind: str = "kvckpt") -> str:
+        """A fresh staging name beside ``name``: ``parent/.BASE.KIND-XXXXXXXX``."""
+        parent, _, base = name.rpartition("/")
+        staged = f".{base}.{kind}-{secrets.token_hex(4)}"
+        return f"{parent}/{staged}" if parent else staged
+
+    def is_complete(self, name: str) -> bool:
+        self.fs.invalidate_cache()
+        return bool(self.fs.exists(f"{self.path(name)}/{MARKER}"))
+
     def _files(self) -> list[str]:
         self.fs.invalidate_cache()  # another process (the drainer) changes the tier
         if not self.fs.exists(self.root):
             return []
         return [str(p) for p in self.fs.find(self.root, withdirs=True)]
 
-    def checkpoints(self) -> list[DrainedCheckpoint]:
-        """Complete copies under the prefix, oldest source commit first; damaged markers are skipped."""
-        found = []
-        for path in self._files():
+    def _placement(self, folder: str) -> tuple[str, str, str] | None:
+        """(name, root, kind) of a folder holding a marker; None for one that is no copy of a name."""
+        parts = folder[len(self.root) + 1 :].split("/")
+        staged = [i for i, part in enumerate(parts) if _STAGING.fullmatch(part)]
+        if not staged:
+            return ("/".join(parts), folder, "") if parts != [""] else None
+        at = staged[0]
+        match = _STAGING.fullmatch(parts[at])
+        assert match is not None
+        if parts[at + 1 :] not in ([], [match["base"]]):
+            return None
+        root = "/".join([self.root, *parts[: at + 1]])
+        return "/".join([*parts[:at], match["base"]]), root, match["kind"]
+
+    def _copies(self, files: list[str]) -> dict[str, list[_Copy]]:
+        """Every complete copy, in place or staged, by name."""
+        found: dict[str, list[_Copy]] = {}
+        for path in files:
             folder, _, base = path.rpartition("/")
-            if base != MARKER:
+            placed = self._placement(folder) if base == MARKER else None
+            if placed is None:
                 continue
-            name = folder[len(self.root) + 1 :]
-            if not name or any(_STAGING.fullmatch(part) for part in name.split("/")):
-                continue
+            name, root, kind = placed
             try:
-                found.append(self._read_marker(name, self.fs.cat_file(path)))
+                checkpoint = self._read_marker(name, folder, self.fs.cat_file(path))
             except (ValueError, KeyError, TypeError) as exc:
-                log.warning("skipping %s: its %s cannot be read (%s)", self.url(name), MARKER, exc)
+                log.warning("skipping %s: its %s cannot be read (%s)", self.url_of(folder), MARKER, exc)
+                continue
+            found.setdefault(name, []).append(_Copy(checkpoint, folder, root, kind))
+        return found
+
+    def checkpoints(self) -> list[DrainedCheckpoint]:
+        """One complete copy per name, oldest source first; damaged markers are skipped.
+
+        The copy at the name where it is complete, else (a replacement cut short or still being moved
+        into place) the staged one: its ``checkpoint_id`` is then the staging folder's.
+        """
+        found = []
+        for copies in self._copies(self._files()).values():
+            in_place = [c for c in copies if not c.kind]
+            found.append((in_place or [max(copies, key=lambda c: c.rank)])[0].checkpoint)
         return sorted(found, key=lambda c: (*c.order, c.name))
 
-    def _read_marker(self, name: str, raw: bytes) -> DrainedCheckpoint:
+    def url_of(self, folder: str) -> str:
+        """The id for readers of a filesystem path below the prefix (what :meth:`url` is to a name)."""
+        return self.prefix + folder[len(self.root) :]
+
+    def _read_marker(self, name: str, folder: str, raw: bytes) -> DrainedCheckpoint:
         body = json.loads(raw)
         if body.get("format") != FORMAT:
             raise ValueError(f"format {body.get('format')!r}, expected {FORMAT!r}")
+        clock = body.get("commit_clock")
         return DrainedCheckpoint(
-            checkpoint_id=self.url(name),
+            checkpoint_id=self.url_of(folder),
             name=name,
             source=str(body["source"]),
             namespace=str(body["namespace"]),
@@ -138,16 +209,73 @@ class Destination:
             total_bytes=int(body["total_bytes"]),
             drained_at=float(body["drained_at"]),
             step=None if body.get("step") is None else int(body["step"]),
+            commit_clock=None if clock is None else float(clock),
         )
 
     def partials(self) -> list[str]:
-        """Paths of copies cut short: local staging folders, in-place copies without a marker."""
+        """Paths of copies cut short: staging folders and in-place copies without a marker."""
         files = self._files()
+        complete = {c.root for copies in self._copies(files).values() for c in copies}
         markers = {p.rpartition("/")[0] for p in files if p.endswith("/" + MARKER)}
         found = [p.rpartition("/")[0] for p in files if p.endswith("/" + IN_PROGRESS)]
         partial = [p for p in found if p not in markers]
         staging = [p for p in files if _STAGING.fullmatch(p.rpartition("/")[2]) and self.fs.isdir(p)]
-        return sorted(set(partial + staging))
+        return sorted(set(partial + staging) - complete)
+
+    def recover(self) -> list[str]:
+        """Leave each name exactly one complete copy, at the name; returns what was done, to log.
+
+        Where a replacement was cut short after its copy was complete, the newest complete copy (a
+        staged replacement, else the one in place, else one moved aside) is moved onto the name and
+        only then are the others removed, so no step leaves a name without a complete copy.
+        """
+        done = []
+        for name, copies in self._copies(self._files()).items():
+            staged = [c for c in copies if c.kind]
+            if not staged:
+                continue
+            keep = max(copies, key=lambda c: c.rank)
+            if keep.kind:
+                self.install(keep.folder, name, keep.root)
+                done.append(f"moved the complete copy {self.url_of(keep.folder)} onto {self.url(name)}")
+            for other in staged:
+                if other is not keep:
+                    self._drop(other.folder, other.root)
+                    done.append(f"removed {self.url_of(other.root)}, a replaced copy of {self.url(name)}")
+        return done
+
+    def install(self, folder: str, name: str, root: str | None = None) -> None:
+        """Move the complete copy in ``folder`` onto ``name``, replacing the copy there.
+
+        A local folder is renamed: the copy in place moves aside first (a folder cannot be renamed
+        over a non-empty one), and between the two renames readers find both complete copies
+        staged. An object store cannot rename: the copy in place is removed (marker first), the
+        staged files are copied onto the name with ``.metadata`` and then the marker last, and only
+        then is the staged copy removed. ``root`` is the staging folder holding ``folder``.
+        """
+        final = self.path(name)
+        if self.local:
+            retired = None
+            if os.path.lexists(final):
+                retired = self.path(self.staged_name(name, "old"))
+                os.rename(final, retired)
+            os.rename(folder, final)
+            if retired is not None:
+                self.remove(retired)
+            if root is not None and root != folder:
+                self.remove(root)
+            return
+        self.remove(final)
+        self.fs.invalidate_cache()
+        files = sorted((str(p) for p in self.fs.find(folder)), key=lambda p: p.endswith("/.metadata"))
+        for path in [p for p in files if not p.endswith("/" + MARKER)] + [f"{folder}/{MARKER}"]:
+            self.fs.copy(path, final + path[len(folder) :])
+        self._drop(folder, root or folder)
+
+    def _drop(self, folder: str, root: str) -> None:
+        self.remove(folder)
+        if root != folder:
+            self.remove(root)
 
     def write_marker(self, folder: str, name: str, body: dict[str, Any]) -> None:
         self.fs.pipe_file(f"{folder}/{name}", json.dumps({"format": FORMAT, **body}).encode())
@@ -190,7 +318,7 @@ def newest_restorable(
         log.warning("the store is unreachable (%s); resuming from the durable tier", exc)
         in_memory = []
     drained = durable_checkpoints(durable_prefix, storage_options=storage_options)
-    if in_memory and (not drained or in_memory[-1].order()[:3] >= drained[-1].order):
+    if in_memory and (not drained or in_memory[-1].order()[:4] >= drained[-1].order):
         namespace = in_memory[-1].namespace
         if client is not None:
             return namespace

@@ -5,17 +5,21 @@ it with :mod:`kvckpt.dcp.copy`'s bounded streaming: checksums are verified as th
 most ``group_bytes`` of it is held, and what lands is a plain DCP checkpoint written by DCP's own
 ``FileSystemWriter`` (local folders) or ``FsspecWriter`` (``s3://…`` and any fsspec URL).
 
-A copy is complete only once ``.kvckpt-drained.json`` is in it (:mod:`kvckpt.tiers`). A local copy is
-written into a hidden sibling folder and renamed into place with its marker; an object store cannot
-rename atomically, so there the copy is written in place with ``.kvckpt-draining.json`` first and the
-marker last. A copy cut short (a crash, kill -9, a power loss) is removed by the next drainer to start
-and done again if it is still due. The trainer's save path is untouched: the drainer only reads.
+A copy is complete only once ``.kvckpt-drained.json`` is in it (:mod:`kvckpt.tiers`), and a copy is
+never removed before its replacement is complete: a local copy is written into a hidden sibling
+folder and renamed into place with its marker; on an object store (no rename) the first copy of a
+name is written in place with ``.kvckpt-draining.json`` first and the marker last, and a replacement
+is completed in a sibling folder and then copied onto the name. A copy cut short (a crash, kill -9, a
+power loss) is removed by the next drainer to start and done again if it is still due; a complete
+replacement cut short while taking its name is moved into place. The trainer's save path is
+untouched: the drainer only reads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,18 +30,14 @@ from types import FrameType
 from typing import Any
 
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from kvckpt import humanize, manage
-from kvckpt.dcp.copy import (
-    CopyPlan,
-    StagedFolderWriter,
-    folder_destination,
-    plan_for,
-    write_copy,
-)
+from kvckpt.dcp.copy import METADATA_FILE, CopyPlan, StagedFolderWriter, plan_for, write_copy
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.errors import (
     CheckpointChangedError,
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     KVCheckpointError,
@@ -79,6 +79,17 @@ class _Throttle:
             time.sleep(ahead)
 
 
+class _StagedFsspecWriter(FsspecWriter):
+    """Writes a staged copy but records the name it will be moved onto, as a local copy does."""
+
+    def __init__(self, staging: str, final: str, **options: Any) -> None:
+        super().__init__(staging, sync_files=False, **options)
+        self._final = final
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self._final, save_id=self.save_id)
+
+
 class CopyAbandoned(KeyboardInterrupt):
     """A second SIGINT/SIGTERM: the copy in progress was dropped (and its partial removed)."""
 
@@ -90,10 +101,15 @@ class CopyAbandoned(KeyboardInterrupt):
 class Drainer:
     """Follow the committed checkpoints under ``source`` and copy the due ones to ``destination``.
 
-    Due: every ``every``-th checkpoint committed after the newest one already drained (counted among
-    those still in the store), or, with ``interval`` seconds, the newest one once that long has passed
-    since the last copy. When several are due at once (the drainer fell behind) only the newest is
-    copied. ``keep`` bounds how many complete copies stay at the destination (the oldest go first).
+    Pending: the committed checkpoints whose generation (namespace and save_id) has no complete
+    copy, that the store orders after the newest generation that has one (``kvckpt ls`` order: by
+    step where recorded, then by the store's commit clock: one store's order, not a saving host's
+    clock, and never compared with what another store recorded). Those ordered before it are handled: a newer
+    one was drained, and restoring never picks them. Due: every ``every``-th pending checkpoint, or,
+    with ``interval`` seconds, the newest pending one once that long has passed since the last copy.
+    When several are due at once (the drainer fell behind) only the newest is copied and the others
+    count as handled once it is. ``keep`` bounds how many complete copies stay at the destination
+    (the oldest in that order go first).
     ``max_rate`` (bytes per second) caps a copy's average rate, leaving the store's CPU and network
     to the trainer's saves.
     """
@@ -142,15 +158,11 @@ class Drainer:
         stored = manage.list_checkpoints(self.source, client=self.client, **self.store_options)
         drained = self.destination.checkpoints()
         done = {(d.namespace, d.save_id) for d in drained}
-        newest = drained[-1] if drained else None
-        fresh = [
-            info
-            for info in stored
-            if (newest is None or info.created > newest.created)
-            and (info.namespace, info.save_id) not in done | self._skip
-        ]
-        if self.interval is not None:
-            since = newest.drained_at if newest is not None else self._started - self.interval
+        copied = [at for at, info in enumerate(stored) if (info.namespace, info.save_id) in done]
+        after = stored[copied[-1] + 1 :] if copied else stored
+        fresh = [info for info in after if (info.namespace, info.save_id) not in self._skip]
+        if self.interval is not None:  # a rate limit: the drainer's own clock is the one to use
+            since = max((d.drained_at for d in drained), default=self._started - self.interval)
             return fresh[-1] if fresh and time.time() - since >= self.interval else None
         rounds = len(fresh) // self.every
         if rounds == 0:
@@ -196,6 +208,7 @@ class Drainer:
                 "namespace": info.namespace,
                 "save_id": save_id or info.save_id,
                 "created": info.created,
+                "commit_clock": info.commit_clock,
                 "step": info.step,
                 "total_bytes": plan.nbytes,
                 "items": plan.items,
@@ -237,32 +250,41 @@ class Drainer:
     def _write(
         self, name: str, reader: KVStorageReader, plan: CopyPlan, marker: dict[str, Any], started: float
     ) -> None:
+        """Write the copy where no complete copy of ``name`` is, then move it onto ``name``.
+
+        A complete copy already at ``name`` is removed only once its replacement is complete: what
+        is cut short before is a partial the next drainer removes, what is cut short after is a
+        complete staged copy readers take and the next drainer moves into place.
+        """
         dest = self.destination
-
-        def finished() -> dict[str, Any]:
-            return {**marker, "drained_at": time.time(), "seconds": time.perf_counter() - started}
-
+        final = dest.path(name)
         if dest.local:
-            path = Path(dest.path(name))
-            with folder_destination(path, overwrite=True) as staging:
-                write_copy(reader, plan, StagedFolderWriter(staging, path), self._throttle())
-                dest.write_marker(str(staging), MARKER, finished())
-            return
-        folder = dest.path(name)
-        options = dict(dest.storage_options)
-        if "s3" in dest.fs.protocol:  # a name or a tuple of names
-            options.setdefault("default_block_size", UPLOAD_PART_BYTES)
-        dest.remove(folder)  # an older copy of a checkpoint saved again under the same name
-        dest.write_marker(folder, IN_PROGRESS, {})
+            _refuse_foreign(Path(final))
+        in_place = not dest.local and not dest.is_complete(name)  # nothing there to keep
+        folder = final if in_place else dest.path(dest.staged_name(name))
         try:
-            writer = FsspecWriter(dest.url(name), sync_files=False, **options)
+            if dest.local:
+                os.makedirs(folder)
+                writer: FsspecWriter | StagedFolderWriter = StagedFolderWriter(Path(folder), Path(final))
+            else:
+                options = dict(dest.storage_options)
+                if "s3" in dest.fs.protocol:  # a name or a tuple of names
+                    options.setdefault("default_block_size", UPLOAD_PART_BYTES)
+                if in_place:
+                    dest.remove(folder)  # what a drainer cut short left: it has no marker
+                    dest.write_marker(folder, IN_PROGRESS, {})
+                writer = _StagedFsspecWriter(dest.url_of(folder), dest.url(name), **options)
             write_copy(reader, plan, writer, self._throttle())
-            dest.write_marker(folder, MARKER, finished())
-            dest.fs.rm(f"{folder}/{IN_PROGRESS}")
+            finished = {"drained_at": time.time(), "seconds": time.perf_counter() - started}
+            dest.write_marker(folder, MARKER, {**marker, **finished})
+            if in_place:
+                dest.fs.rm(f"{folder}/{IN_PROGRESS}")
         except BaseException:
             with contextlib.suppress(Exception):
                 dest.remove(folder)
             raise
+        if not in_place:  # complete from here on: if this is cut short, the copy stays and is found
+            dest.install(folder, name)
 
     def _keep_newest(self) -> None:
         if self.keep is None:
@@ -273,10 +295,12 @@ class Drainer:
             log.info("removed %s (keeping the newest %d)", old.checkpoint_id, self.keep)
 
     def clean_partials(self) -> None:
-        """Remove copies a previous drainer was stopped in the middle of."""
+        """Remove copies a previous drainer was stopped in the middle of; move complete ones into place."""
         for path in self.destination.partials():
             log.warning("removing %s: a copy that was cut short", path)
             self.destination.remove(path)
+        for done in self.destination.recover():
+            log.warning("%s: a replacement that was cut short", done)
 
     # Running ---------------------------------------------------------------------------------------
 
@@ -288,9 +312,12 @@ class Drainer:
         listed (following, failures are logged and retried at the next poll).
         """
         self.clean_partials()
-        failed = False
+        failed = untidy = False
         while not self.stopping.is_set():
             try:
+                if untidy:  # a copy the destination failed under may be partial, or complete but staged
+                    self.clean_partials()
+                    untidy = False
                 info = self.due()
                 if info is not None and not self.stopping.is_set():  # a signal during the listing
                     self.drain_one(info)
@@ -300,11 +327,22 @@ class Drainer:
                 failed = True
             except Exception as exc:  # the destination failed (disk full, object store error)
                 log.error("copy failed: %s: %s", type(exc).__name__, exc)
-                failed = True
+                failed = untidy = True
             if once:
                 return 1 if failed or self._refused else 0
             self.stopping.wait(self.poll)
         return 0
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A folder at the copy's name holding files but no DCP checkpoint is not the drainer's to replace."""
+    if path.is_dir() and any(path.iterdir()) and not (path / METADATA_FILE).is_file():
+        raise CheckpointExistsError(
+            f"{path} already holds files that are not a DCP checkpoint; choose another destination",
+            checkpoint_id=str(path),
+        )
+    if path.exists() and not path.is_dir():
+        raise CheckpointExistsError(f"{path} exists and is not a folder", checkpoint_id=str(path))
 
 
 @contextlib.contextmanager
