@@ -211,9 +211,10 @@ class FaultProxy:
         with self._net.lock:
             return self._net.counts.get(pattern, 0)
 
-    def held(self) -> int:
+    def held(self, matching: bytes = b"") -> int:
+        """How many connections are parked, counting only those whose held bytes contain ``matching``."""
         with self._net.lock:
-            return sum(link.held is not None for link in self._net.links)
+            return sum(link.held is not None and matching in link.held for link in self._net.links)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
