@@ -23,17 +23,17 @@ from torch.futures import Future
 
 from kvckpt import layout, orphans, record
 from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
-from kvckpt.dcp.codec import chunk_keys, dtype_name, encode_metadata
+from kvckpt.commit import Committer, discard, retire
+from kvckpt.dcp.codec import dtype_name, encode_metadata
 from kvckpt.dcp.tensor_bytes import byte_view, host_contiguous
 from kvckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
     KVCheckpointError,
-    StoreUnavailableError,
 )
 from kvckpt.gcpause import paused_gc
 from kvckpt.heartbeat import DEFAULT_LIVE_TTL, Heartbeat
-from kvckpt.store import Buffer, Commit, KVStore
+from kvckpt.store import Buffer, KVStore
 from kvckpt.target import Addressed
 from kvckpt.transfer import Transfer
 
@@ -213,7 +213,7 @@ class KVStorageWriter(Addressed, StorageWriter):
                     )
                 flush()
         except BaseException:
-            if self._discard(store, submitted) and self._ranks == 1:  # then that was all of its data
+            if discard(store, submitted) and self._ranks == 1:  # then that was all of its data
                 self._clear_unfinished(store)
             self._end_live()  # the coordinator's own failure: this save will not commit
             raise
@@ -280,111 +280,21 @@ class KVStorageWriter(Addressed, StorageWriter):
 
     def _commit(self, store: KVStore, data: bytes, keys: list[str], hint: bytes | None) -> None:
         """Commit the record, only while this save's marker lives (docs/protocol.md, the commit)."""
-        if self._heartbeat is None or not store.capabilities.conditional_commit:
-            return self._commit_unconditionally(store, data, keys, hint)
-        self._heartbeat.halt()  # from here on the marker only waits to be consumed by the commit
-        marker = self._heartbeat.key
+        committer = Committer(
+            store, self.record_key, self.target.display, self.overwrite, self.ttl, self.live_ttl,
+            functools.partial(self._abandon, store),
+        )  # fmt: skip
+        marker = None
+        if self._heartbeat is not None:
+            self._heartbeat.halt()  # from here on the marker only waits to be consumed by the commit
+            marker = self._heartbeat.key
         try:
-            outcome = store.commit(
-                self.record_key, data, live_key=marker, create=not self.overwrite, ttl=self.ttl
-            )
-        except StoreUnavailableError as exc:
-            outcome = self._learn_outcome(store, data, keys, marker, hint, exc)
-        except KVCheckpointError:  # the server refused the commit (e.g. out of memory)
-            self._abandon(store, keys)
-            raise
-        if outcome.written:
-            self._heartbeat = None  # the commit removed the marker
-            if outcome.previous is not None:
-                self._retire(store, outcome.previous, set(keys))
-            return None
-        if not outcome.alive:
-            self._abandon(store, keys)
-            raise CorruptCheckpointError(
-                f"{self.target.display}: this save's liveness marker lapsed (it was not refreshed "
-                f"for {self.live_ttl:g} s: the process stalled or the store was unreachable), so "
-                "kvckpt.gc may have removed its data; nothing was committed: save again",
-                key=marker,
-            )
-        return self._refuse(store, keys)
-
-    def _commit_unconditionally(
-        self, store: KVStore, data: bytes, keys: list[str], hint: bytes | None
-    ) -> None:
-        """A backend without KVStore.commit: put-if-absent or swap, sent once (kvckpt.gc refuses
-        such a store, since it cannot tell a dead save from one about to commit)."""
-        try:
-            if self.overwrite:
-                previous, written = store.swap(self.record_key, data, ttl=self.ttl), True
-            else:
-                previous, written = None, store.put(self.record_key, data, create=True, ttl=self.ttl)
-        except StoreUnavailableError as exc:
-            if self._read_outcome(store, exc) != data:
-                self._abandon(store, keys)
-                raise self._not_committed(exc) from exc
-            previous, written = hint, True
-        except KVCheckpointError:
-            self._abandon(store, keys)
-            raise
-        if written and previous is not None:
-            self._retire(store, previous, set(keys))
-        if not written:
-            self._refuse(store, keys)
-
-    def _refuse(self, store: KVStore, keys: list[str]) -> None:
-        self._abandon(store, keys)
-        raise CheckpointExistsError(
-            f"Checkpoint already exists: another save committed {self.target.display} first; this "
-            "save's data was removed",
-            checkpoint_id=self.target.display,
-        )
-
-    def _learn_outcome(
-        self, store: KVStore, data: bytes, keys: list[str], marker: str, hint: bytes | None, exc: Exception
-    ) -> Commit:
-        """The commit's reply was lost: fence it, then read the record to learn what happened.
-
-        Removing the marker is the fence: a commit still on its way then finds no marker and changes
-        nothing, so the record read afterwards is final. This needs no CLIENT permission (the RESP
-        transport also kills the old connection where allowed). When the store cannot even be
-        reached, the data is kept, as the commit may have landed.
-        """
-        try:
-            store.delete(marker)
-        except KVCheckpointError:
-            self._heartbeat = None  # the marker expires by itself; a delete would wait again
-            raise self._unknown(exc) from exc
-        current = self._read_outcome(store, exc)
-        if current == data:
-            log.warning("%s: the commit's reply was lost, but the record is this save's", self.target.display)
-            return Commit(written=True, alive=True, previous=hint)
-        if current is not None and not self.overwrite:
-            return Commit(written=False, alive=True)
-        self._abandon(store, keys)
-        raise self._not_committed(exc) from exc
-
-    def _read_outcome(self, store: KVStore, exc: Exception) -> bytes | None:
-        try:
-            return store.get(self.record_key)
-        except KVCheckpointError:
-            raise self._unknown(exc) from exc
-
-    def _unknown(self, exc: Exception) -> StoreUnavailableError:
-        display = self.target.display
-        return StoreUnavailableError(
-            f"{display}: the connection failed while committing and the store is still "
-            "unreachable, so whether this save committed is unknown; its data was kept. Load "
-            "the checkpoint once the store is back to find out, and save again if it is missing",
-            checkpoint_id=display,
-        )
-
-    def _not_committed(self, exc: Exception) -> StoreUnavailableError:
-        display = self.target.display
-        return StoreUnavailableError(
-            f"{display}: the connection failed while committing; the commit did not take effect, "
-            "nothing was committed and this save's data was removed; save again",
-            checkpoint_id=display,
-        )
+            outcome = committer.commit(data, keys, hint, marker)
+        finally:
+            if committer.marker_settled:
+                self._heartbeat = None
+        if outcome.previous is not None:
+            retire(store, self.target.namespace, outcome.previous, set(keys))
 
     # Liveness (kvckpt.heartbeat): what keeps kvckpt.gc away from this save -------------------
 
@@ -447,10 +357,10 @@ class KVStorageWriter(Addressed, StorageWriter):
                 present = store.expire_many(part, self._data_ttl())
                 missing += [key for key, ok in zip(part, present, strict=True) if not ok]
         except KVCheckpointError:  # keys already made permanent must not outlive the failed save
-            self._discard(store, keys)
+            discard(store, keys)
             raise
         if missing:
-            self._discard(store, keys)
+            discard(store, keys)
             raise CorruptCheckpointError(
                 f"{self.target.display}: {len(missing)} data key(s) vanished before the commit, e.g. "
                 f"{missing[0]!r} (evicted by the server's maxmemory-policy, deleted, or older than "
@@ -458,31 +368,8 @@ class KVStorageWriter(Addressed, StorageWriter):
                 key=missing[0],
             )
 
-    def _retire(self, store: KVStore, previous: bytes, keep: set[str]) -> None:
-        """Delete the replaced generation; a damaged old record only costs a warning."""
-        namespace = self.target.namespace
-        try:
-            old = [layout.full_key(namespace, k) for k in chunk_keys(record.decode_record(previous, ""))]
-        except KVCheckpointError as exc:
-            log.warning("%s: could not read the replaced record to delete its data: %s", namespace, exc)
-            return
-        self._discard(store, [key for key in old if key not in keep])
-
-    @staticmethod
-    def _discard(store: KVStore, keys: list[str]) -> bool:
-        """Best-effort removal after a failure; what remains still expires through pending_ttl.
-        True when every key is gone."""
-        step = store.capabilities.max_batch_ops
-        try:
-            for start in range(0, len(keys), step):
-                store.delete_many(keys[start : start + step])
-        except KVCheckpointError as exc:
-            log.warning("could not remove %d uncommitted key(s): %s", len(keys), exc)
-            return False
-        return True
-
     def _abandon(self, store: KVStore, keys: list[str]) -> None:
         """This save will not commit: remove all its data (``keys``, every rank's), and then its
         ``.unfinished`` marker, since it left nothing for the next save to look for."""
-        if self._discard(store, keys):
+        if discard(store, keys):
             self._clear_unfinished(store)

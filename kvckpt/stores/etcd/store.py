@@ -27,6 +27,7 @@ from kvckpt.errors import CheckpointTooLargeError, KVCheckpointError, StoreFullE
 from kvckpt.store import Buffer, Capabilities, Commit, KVStore, RangeRead
 from kvckpt.stores.etcd import wire as pb
 from kvckpt.stores.etcd.client import Call, EtcdClient, MiB, ReplyTooLarge
+from kvckpt.stores.etcd.txns import txn_batches
 from kvckpt.urls import StoreURL, TLSOptions, tls_of
 
 #: etcd's default ``--max-request-bytes``.
@@ -35,8 +36,6 @@ DEFAULT_MAX_REQUEST_BYTES = 1536 * 1024
 DEFAULT_MAX_TXN_OPS = 128
 #: Part of a request kept for the key and txn framing when sizing ``max_value_bytes``.
 KEY_AND_FRAMING_BYTES = 8 * 1024
-#: Room kept in every txn for etcd's own raft request header (id, user name, auth revision).
-_RAFT_HEADER_BYTES = 1024
 #: Default cap on one checkpoint: half of etcd's default 2 GiB quota, so a new generation fits
 #: beside the previous one during an overwrite.
 DEFAULT_MAX_TOTAL_BYTES = 1 << 30
@@ -189,28 +188,6 @@ class EtcdStore(KVStore):
         if view.nbytes > self.capabilities.max_value_bytes:
             raise self._too_large(key, view.nbytes)
 
-    def _txn_batches(self, ops: Sequence[tuple[str, pb.Parts]], weight: int = 1) -> Iterator[list[pb.Parts]]:
-        """Group request ops into txns of at most max_txn_ops ops and max_request_bytes bytes.
-
-        ``weight`` counts each op as that many against max_txn_ops: etcd also counts the ops of nested
-        txns (a txn of 128 one-op nested txns is refused), so expire_many sends half as many.
-        """
-        budget = self.max_request_bytes - _RAFT_HEADER_BYTES
-        max_ops = max(1, self.max_txn_ops // weight)
-        batch: list[pb.Parts] = []
-        used = 0
-        for key, op in ops:
-            cost = pb.size(op) + 6  # the success-branch tag and length around the op
-            if cost > budget:
-                raise self._too_large(key, cost)
-            if batch and (len(batch) >= max_ops or used + cost > budget):
-                yield batch
-                batch, used = [], 0
-            batch.append(op)
-            used += cost
-        if batch:
-            yield batch
-
     def _run_txns(
         self,
         ops: Sequence[tuple[str, pb.Parts]],
@@ -218,11 +195,15 @@ class EtcdStore(KVStore):
         on_reply: Callable[[int, pb.TxnResponse], None] | None = None,
         weight: int = 1,
     ) -> None:
-        """Send ops as batched, pipelined txns; ``on_reply(first op index, reply)`` per txn."""
+        """Send ops as batched, pipelined txns; ``on_reply(first op index, reply)`` per txn.
+
+        ``weight`` counts each op as that many against max_txn_ops: etcd also counts the ops of nested
+        txns (a txn of 128 one-op nested txns is refused), so expire_many sends half as many."""
 
         def calls() -> Iterator[Call]:
             start = 0
-            for batch in self._txn_batches(ops, weight):
+            max_ops = max(1, self.max_txn_ops // weight)
+            for batch in txn_batches(ops, self.max_request_bytes, max_ops, self._too_large):
                 first = start
                 start += len(batch)
 
@@ -390,33 +371,17 @@ class EtcdStore(KVStore):
     def commit(
         self, key: str, value: Buffer, *, live_key: str, create: bool, ttl: float | None = None
     ) -> Commit:
-        """One txn: if the marker exists (and, with ``create``, the record does not), put the record
-        and delete the marker; otherwise count both keys to say which condition failed."""
+        """One txn (kvckpt.stores.etcd.wire.commit_request): put the record and delete the marker
+        only while the marker exists (and, with ``create``, the record does not)."""
         view = byte_view(value)
         self._check_value(key, view)
         lease = self.client.grant(_ttl_seconds(ttl)) if ttl is not None else 0
-        raw, marker = key_bytes(key), key_bytes(live_key)
-        compares = [pb.compare(marker, pb.VERSION, pb.GREATER, 0)]
-        if create:
-            compares.append(pb.compare(raw, pb.CREATE, pb.EQUAL, 0))
-        request = pb.txn_request(
-            compares,
-            [
-                pb.request_op(pb.OP_PUT, pb.put_request(raw, view, lease=lease, prev_kv=not create)),
-                pb.request_op(pb.OP_DELETE, pb.delete_range_request(marker)),
-            ],
-            [pb.request_op(pb.OP_RANGE, pb.range_request(marker, count_only=True))],
-        )
+        request = pb.commit_request(key_bytes(key), view, key_bytes(live_key), create=create, lease=lease)
         reply = self.client.rpc(pb.TXN, pb.join(request), action="committing", idempotent=False, write=True)
-        txn = pb.parse_txn_response(reply)
-        if txn.succeeded:
-            put = pb.parse_put_response(txn.responses[0][1])
-            previous = None if create or put is None else bytes(put.value)
-            return Commit(written=True, alive=True, previous=previous)
-        if lease:
+        written, alive, previous = pb.parse_commit_response(reply)
+        if not written and lease:
             self.client.revoke_quietly(lease)
-        alive = pb.parse_range_response(txn.responses[0][1]).count > 0
-        return Commit(written=False, alive=alive)
+        return Commit(written, alive, None if create else previous)
 
     def clock(self, key: str) -> float:
         """The cluster's revision: every write raises it by one, on every member alike."""

@@ -156,6 +156,25 @@ def txn_request(compares: Sequence[Parts], success: Sequence[Parts], failure: Se
     return parts
 
 
+def commit_request(
+    key: bytes, value: bytes | memoryview, marker: bytes, *, create: bool, lease: int = 0
+) -> Parts:
+    """The commit rule (docs/protocol.md) as one txn: if ``marker`` exists (and, with ``create``,
+    ``key`` does not), put ``key`` (returning the previous value) and delete ``marker``; otherwise
+    count ``marker``, so the reply says which condition failed."""
+    compares = [compare(marker, VERSION, GREATER, 0)]
+    if create:
+        compares.append(compare(key, CREATE, EQUAL, 0))
+    return txn_request(
+        compares,
+        [
+            request_op(OP_PUT, put_request(key, value, lease=lease, prev_kv=True)),
+            request_op(OP_DELETE, delete_range_request(marker)),
+        ],
+        [request_op(OP_RANGE, range_request(marker, count_only=True))],
+    )
+
+
 def lease_grant_request(ttl: int) -> Parts:
     return [int_field(1, ttl)]
 
@@ -316,6 +335,15 @@ def parse_txn_response(data: bytes | memoryview) -> TxnResponse:
                 if isinstance(inner, memoryview):
                     responses.append((kind, inner))
     return TxnResponse(succeeded, responses)
+
+
+def parse_commit_response(data: bytes | memoryview) -> tuple[bool, bool, bytes | None]:
+    """(written, marker alive, previous value) from the reply to commit_request."""
+    txn = parse_txn_response(data)
+    if txn.succeeded:
+        put = parse_put_response(txn.responses[0][1])
+        return True, True, None if put is None else bytes(put.value)
+    return False, parse_range_response(txn.responses[0][1]).count > 0, None
 
 
 def parse_lease_grant_response(data: bytes | memoryview) -> tuple[int, int, str]:

@@ -1,0 +1,35 @@
+"""Packing request ops into txns that etcd accepts: at most ``--max-txn-ops`` ops and
+``--max-request-bytes`` bytes each (docs/etcd.md), so a batch of any size goes out as a few txns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from kvckpt.stores.etcd import wire as pb
+
+#: Room kept in every txn for etcd's own raft request header (id, user name, auth revision).
+RAFT_HEADER_BYTES = 1024
+
+
+def txn_batches(
+    ops: Sequence[tuple[str, pb.Parts]],
+    max_request_bytes: int,
+    max_ops: int,
+    too_large: Callable[[str, int], Exception],
+) -> Iterator[list[pb.Parts]]:
+    """Group ``(key, op)`` pairs into txns within both limits; ``too_large(key, bytes)`` is raised
+    for an op that fits in no txn at all."""
+    budget = max_request_bytes - RAFT_HEADER_BYTES
+    batch: list[pb.Parts] = []
+    used = 0
+    for key, op in ops:
+        cost = pb.size(op) + 6  # the success-branch tag and length around the op
+        if cost > budget:
+            raise too_large(key, cost)
+        if batch and (len(batch) >= max_ops or used + cost > budget):
+            yield batch
+            batch, used = [], 0
+        batch.append(op)
+        used += cost
+    if batch:
+        yield batch
