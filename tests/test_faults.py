@@ -130,6 +130,20 @@ def test_commit_held_past_timeout_can_never_land_late(faulty: Faulty, namespace:
     assert same(state(1), load_direct(faulty, namespace))
 
 
+def test_a_failed_finish_leaves_no_live_marker(faulty: Faulty, namespace: str) -> None:
+    """Settling the data's expiry fails: the save is over, so its liveness marker must go at once,
+    not be refreshed for as long as the writer object lives (gc skips the namespace meanwhile)."""
+    writer = kvckpt.KVStorageWriter(
+        faulty.via_proxy(namespace), live_ttl=1.0, store_options={**faulty.options, "retries": 0}
+    )
+    faulty.proxy.cut_on(resp_prefix("PERSIST"))
+    with pytest.raises(BaseException, match="StoreUnavailableError"):  # DCP's own wrapper
+        dcp.save(state(2), storage_writer=writer, no_dist=True)
+    time.sleep(2.0)  # two live_ttl: a marker still refreshed would be there
+    assert not [k for k in faulty.keys(namespace) if "/.live/" in k]
+    assert writer is not None  # the writer lives on, as a training loop keeps it
+
+
 def test_transient_cut_during_data_is_retried(faulty: Faulty, namespace: str) -> None:
     faulty.proxy.cut_after_bytes(1_500_000)
     save(faulty, namespace, 2)

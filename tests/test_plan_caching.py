@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.planner import SavePlanner, WriteItem
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.device_mesh import DeviceMesh
@@ -137,6 +138,25 @@ def test_successive_and_overwritten_checkpoints_under_plan_caching(backend: Back
             kvckpt.info(backend.id(f"{namespace}/same"), **backend.options).save_id
         }
     assert len(generations) == 3
+
+
+def test_each_cached_save_records_its_own_id_and_dcp_version(backend: Backend, namespace: str) -> None:
+    """DCP hands every cached save the same Metadata object: a record must still name its own
+    checkpoint, and the writer must leave DCP's object as it was."""
+    for step in range(3):
+        cached_save(backend, f"{namespace}/step{step}", step)
+    cached = SavePlanner._cached_metadata[CachingPlanner.__name__]
+    assert cached.storage_data is None and cached.version is None  # never written into
+    for step in range(3):
+        reader = kvckpt.KVStorageReader(backend.id(f"{namespace}/step{step}"), **backend.options)
+        metadata = reader.read_metadata()
+        assert metadata.storage_meta is not None
+        assert str(metadata.storage_meta.checkpoint_id).endswith(f"{namespace}/step{step}")
+        assert (
+            metadata.storage_meta.save_id
+            == kvckpt.info(backend.id(f"{namespace}/step{step}"), **backend.options).save_id
+        )
+        assert metadata.version == CURRENT_DCP_VERSION  # as FileSystemWriter records it
 
 
 # Two real ranks: the non-coordinator never runs prepare_global_plan on a cached save --------------

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -240,11 +241,14 @@ class KVStorageWriter(Addressed, StorageWriter):
         items: dict[MetadataIndex, layout.StoredItem] = {
             result.index: result.storage_data for rank_results in results for result in rank_results
         }
-        metadata.storage_data = items
-        if metadata.storage_meta is None:  # torch 2.13's default planner drops it; `kvckpt ls` shows it
-            metadata.storage_meta = self.storage_meta()
-        else:  # DCP asked for it before planning, when this save's generation was not yet chosen
-            metadata.storage_meta = dataclasses.replace(metadata.storage_meta, save_id=self._save_id)
+        # A copy: with plan caching DCP hands every save the same cached Metadata object, so what
+        # this save records (its own id and generation) must never be written into it.
+        metadata = dataclasses.replace(
+            metadata,
+            storage_data=items,
+            version=CURRENT_DCP_VERSION,  # as FileSystemWriter records it; DCP's planners read it back
+            storage_meta=self._storage_meta_of(metadata.storage_meta),
+        )
         keys = [layout.full_key(target.namespace, c.key) for item in items.values() for c in item.chunks]
         now = time.time()
         body = {
@@ -261,12 +265,12 @@ class KVStorageWriter(Addressed, StorageWriter):
             "num_keys": len(keys),
             **encode_metadata(metadata, items),
         }
-        hint = store.get(self.record_key) if self.overwrite else None  # to retire if a reply is lost
-        if self._pending_ttl(store) is not None:
-            self._settle_expiry(store, keys)
-        if self.min_replicas:  # the data, and its settled expiry, must survive a failover first
-            self._wait_for_replicas(store)
         try:
+            hint = store.get(self.record_key) if self.overwrite else None  # to retire if a reply is lost
+            if self._pending_ttl(store) is not None:
+                self._settle_expiry(store, keys)
+            if self.min_replicas:  # the data, and its settled expiry, must survive a failover first
+                self._wait_for_replicas(store)
             if self.source_order is not None:
                 body["commit_clock"] = self.source_order[1]
             elif store.capabilities.conditional_commit:  # one clock orders commits: the store's
@@ -277,6 +281,16 @@ class KVStorageWriter(Addressed, StorageWriter):
         self._clear_unfinished(store)
         if self.min_replicas:
             self._wait_for_replicas(store)
+
+    def _storage_meta_of(self, given: StorageMeta | None) -> StorageMeta:
+        """This save's StorageMeta: DCP's (it asked before planning, when this save's generation was
+        not yet chosen, and a cached plan carries an earlier save's) with this save's id and
+        generation; torch 2.13's default planner drops it, and `kvckpt ls` shows it."""
+        own = self.storage_meta()
+        assert own is not None
+        if given is None:
+            return own
+        return dataclasses.replace(given, checkpoint_id=own.checkpoint_id, save_id=own.save_id)
 
     def _commit(self, store: KVStore, data: bytes, keys: list[str], hint: bytes | None) -> None:
         """Commit the record, only while this save's marker lives (docs/protocol.md, the commit)."""
