@@ -28,7 +28,8 @@ STUCK_SECONDS = 60.0
 
 
 class Aborted(BaseException):
-    """The run is over (an invariant failed): unwind the actor without touching the store."""
+    """The run is over (an invariant failed) or the actor's process died: unwind the actor without
+    touching the store."""
 
 
 class HarnessError(AssertionError):
@@ -43,6 +44,7 @@ class Faults:
     late: float = 0.0  # a commit is delivered late
     deliver: float = 0.2  # a late command arrives at this step
     pause: float = 0.0  # an actor is paused past the liveness TTL
+    crash: float = 0.0  # an actor's process dies (kill -9): it never touches the store again
 
 
 @dataclass(eq=False)
@@ -59,6 +61,7 @@ class Actor:
     pending: Op | None = None
     grant: Decision | None = None
     held_until: int = 0
+    crashed: bool = False
     error: BaseException | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -114,7 +117,7 @@ class Scheduler:
             )
             return Decision.RUN
         with self._cond:
-            if self.aborting:
+            if self.aborting or actor.crashed:
                 raise Aborted
             if actor.state == "parked":
                 self.harness_errors.append(f"{actor.name} reached two store operations at once")
@@ -207,11 +210,22 @@ class Scheduler:
         if self.late and rng.random() < faults.deliver:
             self._deliver(rng.randrange(len(self.late)))
             return
-        if rng.random() < faults.pause:
+        if rng.random() < faults.crash:
             actor = rng.choice(parked)
+            expired = self.paused(actor)  # nothing refreshes its markers any more
+            self.trace.append(
+                f"#{self.step} t={self.clock()} CRASH {actor.name}: expired {', '.join(expired)}"
+            )
+            actor.crashed = True
+            self._grant(actor, Decision.ABORT)
+            return
+        if rng.random() < faults.pause:
+            # Most pauses land right before a commit, where a lapsed marker matters most.
+            committing = [a for a in parked if a.pending is not None and a.pending.commit_like]
+            actor = rng.choice(committing if committing and rng.random() < 0.7 else parked)
             expired = self.paused(actor)
             if expired:
-                actor.held_until = self.step + rng.randint(5, 40)
+                actor.held_until = self.step + rng.randint(10, 60)
                 self.trace.append(
                     f"#{self.step} t={self.clock()} PAUSE {actor.name} past the liveness TTL until step "
                     f"{actor.held_until}: expired {', '.join(expired)}"

@@ -6,7 +6,7 @@ orphans already in the store) and the faults (lost replies, commits delivered la
 the liveness TTL, non-atomic SCANs), then runs kvckpt's own code one store operation at a time and
 checks the invariants after every step (tests/sim/world.py says which).
 
-By default 4,000 seeds run, about 330,000 scheduling steps in all, in two child processes (about
+By default 3,000 seeds run, about 215,000 scheduling steps in all, in two child processes (about
 75 s on the 2-core development machine). ``KVCKPT_SIM_SEEDS=N`` runs N seeds,
 ``KVCKPT_SIM_SEED=S`` runs seed S alone and prints its trace. A failure prints the seed, the
 violated invariant and the trace; the same seed replays exactly: the children run with
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SEEDS = 4000
+DEFAULT_SEEDS = 3000
 
 
 def _children(first: int, count: int, jobs: int, trace: bool) -> list[tuple[int, str]]:
@@ -42,7 +42,8 @@ def _children(first: int, count: int, jobs: int, trace: bool) -> list[tuple[int,
             )
         )
         start += size
-    return [(p.wait(), p.communicate()[0]) for p in processes]
+    outputs = [p.communicate()[0] for p in processes]  # reads each pipe to its end: no child blocks
+    return [(p.returncode, out) for p, out in zip(processes, outputs, strict=True)]
 
 
 def test_simulation() -> None:

@@ -16,7 +16,7 @@ After every step (all actors parked, see :mod:`tests.sim.scheduler`):
 - the durable tier keeps a complete copy of every namespace it ever held, unless ``keep`` pruned it,
   and a complete copy never changes.
 
-At the end: the drainer, run until nothing is due, has drained every committed checkpoint or one
+At the end: a restarted drainer, run until nothing is due, has drained every committed checkpoint or one
 committed after it; ``keep_last`` never removed a checkpoint that began after one it kept had
 committed; and ``kvckpt.load`` and ``kvckpt.verify`` read back every acknowledged save.
 """
@@ -41,6 +41,10 @@ import fsspec
 import torch
 
 import kvckpt
+
+# Every actor's module is imported before a run patches the ``time`` they see, even in a process's
+# first run (kvckpt imports its torch parts lazily).
+import kvckpt.dcp.api
 import kvckpt.dcp.drain
 import kvckpt.heartbeat
 import kvckpt.layout
@@ -245,6 +249,65 @@ class DurableWatch:
         self.world.compare(loaded, save, f"durable copy {copy.checkpoint_id}")
 
 
+# Scenarios ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Which actors a seed is likely to draw and which faults: each profile aims at one kind of
+    interaction, so that every kind gets many seeds and one fault does not hide the others."""
+
+    name: str
+    faults: Callable[[random.Random], Faults]
+    gc: float = 0.5
+    keep_last: float = 0.2
+    delete: float = 0.15
+    drain: float = 0.2
+    #: Host clocks, relative to the store's (seconds).
+    skews: tuple[float, ...] = (0.0,)
+    #: At most this many unrelated keys in the store.
+    filler: int = 0
+
+
+PROFILES = {
+    p.name: p
+    for p in [
+        Profile(  # a bit of everything
+            "mixed",
+            lambda rng: Faults(
+                drop=rng.choice([0.0, 0.02, 0.06]),
+                late=rng.choice([0.0, 0.3]),
+                deliver=rng.choice([0.05, 0.2]),
+                pause=rng.choice([0.0, 0.02, 0.08]),
+                crash=rng.choice([0.0, 0.005]),
+            ),
+            drain=0.5,
+            skews=(0.0, 0.0, 20.0, -20.0, -300.0),
+        ),
+        Profile("race", lambda rng: Faults(), gc=0.9, keep_last=0.4, filler=12),  # interleavings, SCANs
+        Profile(
+            "stall",
+            lambda rng: Faults(pause=rng.choice([0.05, 0.15]), crash=rng.choice([0.0, 0.01])),
+            gc=0.9,
+            drain=0.4,
+        ),
+        Profile(
+            "network",
+            lambda rng: Faults(
+                drop=rng.choice([0.02, 0.06]), late=rng.choice([0.3, 0.7]), deliver=rng.choice([0.05, 0.2])
+            ),
+        ),
+        Profile(
+            "drain",
+            lambda rng: Faults(drop=rng.choice([0.0, 0.02])),
+            gc=0.2,
+            drain=1.0,
+            skews=(0.0, 20.0, -20.0, -300.0),
+        ),
+    ]
+}
+
+
 # The run ---------------------------------------------------------------------------------------
 
 
@@ -271,12 +334,8 @@ class World:
         self.rng = random.Random(seed)
         self.trace: list[str] = []
         self.store = SimStore()
-        self.faults = Faults(
-            drop=self.rng.choice([0.0, 0.0, 0.02, 0.06]),
-            late=self.rng.choice([0.0, 0.3, 0.7]),
-            deliver=self.rng.choice([0.05, 0.2]),
-            pause=self.rng.choice([0.0, 0.02, 0.08]),
-        )
+        self.profile = PROFILES[self.rng.choice(sorted(PROFILES))]
+        self.faults = self.profile.faults(self.rng)
         self.sched = Scheduler(self.rng, self.faults, self.trace)
         self.sched.paused = lambda actor: self.store.expire_markers_of(actor.name)
         self.sched.clock = lambda: self.store.ops
@@ -407,8 +466,9 @@ class World:
         self.trace.append(f"      {self.sched.owner() or 'setup'} {text}")
 
     def _escaped(self, what: str, exc: BaseException) -> None:
-        if isinstance(exc, Aborted) or self.sched.aborting:
-            raise Aborted from exc
+        actor = self.sched.current()
+        if isinstance(exc, Aborted) or self.sched.aborting or (actor is not None and actor.crashed):
+            raise Aborted from exc  # the process is gone: what it was doing never finished
         if not isinstance(exc, KVCheckpointError):
             self.problems.append(f"{what} raised {type(exc).__name__} (not a KVCheckpointError): {exc}")
 
@@ -517,28 +577,36 @@ class World:
         self.trace.append(f"      setup plants an orphaned generation {save_id} in {namespace}")
 
     def plan(self) -> list[Actor]:
-        rng = self.rng
-        self.trace.append(f"seed {self.seed}: {self.faults}")
+        rng, profile = self.rng, self.profile
+        self.trace.append(f"seed {self.seed}: profile {profile.name}, {self.faults}")
         for namespace in NAMESPACES:
             if rng.random() < 0.5:
                 self.save(namespace, overwrite=False, pending_ttl=None)
         if rng.random() < 0.3:
             self._plant_orphan(rng.choice(NAMESPACES))
+        if profile.filler:  # keys no actor cares about: longer SCANs, more saves begin during one
+            count = rng.randint(1, profile.filler)
+            self.store.put_many([(f"{PREFIX}/other/{n}", b"x") for n in range(count)])
+            self.trace.append(f"      setup writes {count} unrelated keys under {PREFIX}/other/")
         actors: list[Actor] = []
 
         def actor(name: str, steps: list[Callable[[], None]], skew: float = 0.0) -> None:
             def body() -> None:
                 for run in steps:
-                    if self.sched.aborting:
+                    if self.sched.aborting or me.crashed:
                         return
                     run()
 
             weight = rng.choice([1.0, 1.0, 3.0])
-            actors.append(Actor(name, body, skew=skew, weight=weight))
+            me = Actor(name, body, skew=skew, weight=weight)
+            actors.append(me)
             self.trace.append(f"      {name}: skew {skew:+g} s, weight {weight:g}")
 
         def with_idle(run: Callable[[], None]) -> list[Callable[[], None]]:
             return [self.idle] * rng.randint(0, 6) + [run]
+
+        def repeated(run: Callable[[], None], most: int) -> list[Callable[[], None]]:
+            return [step for _ in range(rng.randint(1, most)) for step in with_idle(run)]
 
         for i in range(rng.randint(1, 3)):
             steps: list[Callable[[], None]] = []
@@ -546,20 +614,20 @@ class World:
                 namespace, overwrite = rng.choice(NAMESPACES), rng.random() < 0.7
                 pending = rng.choice([None, None, None, 40.0])
                 steps += with_idle(functools.partial(self.save, namespace, overwrite, pending))
-            actor(f"trainer{i + 1}", steps, skew=rng.choice([0.0, 0.0, 20.0, -20.0, -300.0]))
-        if rng.random() < 0.5:
-            actor("gc", [s for _ in range(rng.randint(1, 2)) for s in with_idle(self.gc)])
-        if rng.random() < 0.25:
+            actor(f"trainer{i + 1}", steps, skew=rng.choice(profile.skews))
+        if rng.random() < profile.gc:
+            actor("gc", repeated(self.gc, 3))
+        if rng.random() < profile.keep_last:
             n = rng.choice([1, 2])
             actor("keep_last", with_idle(lambda: self.keep_last(n)))
-        if rng.random() < 0.2:
+        if rng.random() < profile.delete:
             namespace = rng.choice(NAMESPACES)
             actor("delete", with_idle(lambda: self.delete(namespace)))
-        if rng.random() < 0.5:
+        if rng.random() < profile.drain:
             self.drain_keep = rng.choice([None, None, 1, 2])
             self.drainer = kvckpt.Drainer(PREFIX, self.durable_url, client=self.store, keep=self.drain_keep)
             self.durable = DurableWatch(self, self.durable_url)
-            actor("drainer", [s for _ in range(rng.randint(1, 3)) for s in with_idle(self.drain)])
+            actor("drainer", repeated(self.drain, 3))
         return actors
 
     # End of run --------------------------------------------------------------------------------
@@ -585,10 +653,11 @@ class World:
 
     def _drain_to_the_end(self) -> None:
         assert self.drainer is not None and self.durable is not None
-        self.trace.append("      the drainer runs until nothing is due")
+        self.trace.append("      a drainer (restarted) runs until nothing is due")
+        drainer = kvckpt.Drainer(PREFIX, self.durable_url, client=self.store, keep=self.drain_keep)
         for _ in range(4):
-            self.drainer.run(once=True)
-            if self.drainer.due() is None:
+            drainer.run(once=True)
+            if drainer.due() is None:
                 break
         copies = self.durable.check(self.drain_keep)
         drained = [s for c in copies if (s := self.by_save_id.get(c.save_id)) is not None]
