@@ -12,6 +12,7 @@ clients that must see each other's keys.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import threading
 import uuid
@@ -120,6 +121,12 @@ class TcpServer:
     """
 
     def __init__(self, name: str | None = None) -> None:
+        if importlib.util.find_spec("lupa") is None:  # fakeredis runs Lua scripts on lupa
+            raise MissingDependencyError(
+                "TcpServer serves redis:// URLs, whose commits run a Lua script (docs/protocol.md), "
+                "and fakeredis needs lupa for Lua: pip install 'kvckpt[fakeredis]' (it brings "
+                "fakeredis[lua])"
+            )
         self.name = name or f"tcp-{uuid.uuid4().hex[:12]}"
         self._tcp = fakeredis.TcpFakeServer(("127.0.0.1", 0))
         self._tcp.RequestHandlerClass = _Handler
