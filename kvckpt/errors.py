@@ -87,6 +87,19 @@ class StateDictMismatchError(KVCheckpointError, ValueError):
     """The state_dict to load into does not match the checkpoint: a key it lacks, or another shape."""
 
 
+class UnloadedEntriesError(StateDictMismatchError):
+    """``kvckpt.load(strict=True)``: the checkpoint holds entries under a key of the state_dict that
+    no rank's state_dict has a place for (an optimizer.state_dict() without state, typically)."""
+
+    #: The checkpoint's fqns that would be left unloaded, sorted.
+    fqns: list[str]
+
+
+class UnloadedEntriesWarning(UserWarning):
+    """``kvckpt.load`` left entries of the checkpoint unloaded: the state_dict, under a key it has,
+    had no place for them. Filter it, or pass ``strict=True`` to make it UnloadedEntriesError."""
+
+
 class UnpicklableValueError(KVCheckpointError, TypeError):
     """A non-tensor value of the state_dict cannot be serialised (DCP stores such values with pickle)."""
 

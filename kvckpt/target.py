@@ -6,11 +6,12 @@ import dataclasses
 import difflib
 import inspect
 import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from kvckpt.errors import InvalidCheckpointIdError, InvalidStoreOptionError, KVCheckpointError
-from kvckpt.registry import backend_for, open_store, owns, parse_url
+from kvckpt.registry import backend_for, open_store, owns, parse_url, schemes
 from kvckpt.store import KVStore
 from kvckpt.urls import StoreURL, redact, scheme_of
 
@@ -38,6 +39,7 @@ class Resolver:
         return self._store is not None and self._server is None
 
     def resolve(self, checkpoint_id: object) -> Target:
+        checkpoint_id = checkpoint_text(checkpoint_id)
         if self.injected:
             assert self._store is not None
             if not isinstance(checkpoint_id, str) or not checkpoint_id.strip("/"):
@@ -101,7 +103,43 @@ class Addressed:
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return owns(checkpoint_id)
+        return owns(checkpoint_text(checkpoint_id))
+
+
+#: A kvckpt scheme followed by a single slash: what pathlib makes of ``redis://host/0/ns``.
+_COLLAPSED = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*):/(?!/)")
+
+
+@overload
+def checkpoint_text(checkpoint_id: str | os.PathLike[str]) -> str: ...
+@overload
+def checkpoint_text(checkpoint_id: object) -> object: ...
+
+
+def checkpoint_text(checkpoint_id: object) -> object:
+    """The checkpoint_id as text, decided once for everything that accepts one.
+
+    DCP types checkpoint_id as ``str | os.PathLike``, so a ``pathlib.Path`` or any object with
+    ``__fspath__`` is its text. ``pathlib`` collapses ``//``: ``Path("redis://h/0/ns")`` reads
+    ``redis:/h/0/ns``, which DCP would take for a local folder named ``redis:`` and save into it.
+    Such an id is refused, not guessed back (``redis+unix:///sock`` and ``redis+unix://sock`` both
+    collapse to ``redis+unix:/sock``). Anything else that is not text (bytes paths, None) is
+    returned as it is, for the caller to judge.
+    """
+    given = type(checkpoint_id).__name__
+    if isinstance(checkpoint_id, os.PathLike):
+        checkpoint_id = os.fspath(checkpoint_id)
+    if isinstance(checkpoint_id, str):
+        collapsed = _COLLAPSED.match(checkpoint_id)
+        if collapsed and collapsed.group("scheme") in schemes():
+            scheme = collapsed.group("scheme")
+            raise InvalidCheckpointIdError(  # the rest of the id may hold a password: not shown
+                f"checkpoint_id '{scheme}:/…' (a {given}) is a kvckpt URL whose '//' became '/': "
+                "pathlib.Path collapses it (Path('redis://host:6379/0/ns') reads "
+                "'redis:/host:6379/0/ns'); pass the URL as a str. kvckpt refuses it rather than let "
+                f"DCP save into a local folder named '{scheme}:'"
+            )
+    return checkpoint_id
 
 
 def wrap_client(client: Any) -> KVStore:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,10 +38,13 @@ from kvckpt.errors import (
     KVCheckpointError,
     StateDictMismatchError,
     StoreFullError,
+    UnloadedEntriesError,
+    UnloadedEntriesWarning,
     UnpicklableValueError,
 )
 from kvckpt.humanize import printable
 from kvckpt.registry import owns, parse_url
+from kvckpt.target import checkpoint_text
 
 Diagnosis = Callable[[], KVCheckpointError | None]
 
@@ -96,7 +100,7 @@ def _first_line(error: BaseException) -> str:
 
 def save(
     state_dict: dict[str, Any],
-    checkpoint_id: str,
+    checkpoint_id: str | os.PathLike[str],
     *,
     client: Any = None,
     planner: SavePlanner | None = None,
@@ -132,13 +136,14 @@ def save(
 
 def load(
     state_dict: dict[str, Any],
-    checkpoint_id: str,
+    checkpoint_id: str | os.PathLike[str],
     *,
     client: Any = None,
     allow_pickle: bool = False,
     planner: LoadPlanner | None = None,
     process_group: Any = None,
     no_dist: bool = False,
+    strict: bool = False,
     **reader_options: Any,
 ) -> None:
     """``dcp.load`` from kvckpt in place; non-tensor values load safely unless ``allow_pickle``.
@@ -149,9 +154,15 @@ def load(
     no global one. An id that is not a kvckpt URL (and no ``client``) is a DCP checkpoint folder or
     fsspec URL, such as the durable tier's (``reader_options`` may then hold fsspec's
     ``storage_options``); DCP's own reader loads it, with the planner as given.
+
+    Checkpoint entries under a top-level key of ``state_dict`` that no rank's ``state_dict`` has a
+    place for (a fresh ``optimizer.state_dict()`` has no ``state`` to load into) would stay unloaded:
+    that is an UnloadedEntriesWarning, or with ``strict=True`` an UnloadedEntriesError raised before
+    anything is loaded. Keys ``state_dict`` lacks altogether are a partial load, not reported.
     """
     reader: StorageReader
     chosen = planner or SafeLoadPlanner(allow_pickle=allow_pickle)
+    checkpoint_id = checkpoint_text(checkpoint_id)
     if client is None and not owns(checkpoint_id):
         durable = reader = durable_reader(checkpoint_id, **reader_options)
 
@@ -166,6 +177,7 @@ def load(
         def metadata() -> Metadata:
             return committed
 
+    _report_unloaded(state_dict, metadata(), chosen, strict, process_group, no_dist)
     with (
         unwrapped_errors("load", lambda: _mismatch(state_dict, metadata(), chosen)),
         single_process_quietly(),
@@ -238,6 +250,69 @@ def _mismatch(
                 fqn=fqn,
             )
     return None
+
+
+def _report_unloaded(
+    state_dict: dict[str, Any],
+    metadata: Metadata,
+    planner: LoadPlanner,
+    strict: bool,
+    process_group: Any,
+    no_dist: bool,
+) -> None:
+    """Warn about (or, ``strict``, refuse) checkpoint entries this load would leave behind.
+
+    Only entries under a top-level key the state_dict has count: a key it lacks altogether is a
+    partial load the caller chose (the model alone, say). Ranks may each hold a part (pipeline
+    stages), so with a process group an entry counts only when no rank has a place for it, and
+    every rank reaches the same verdict: a strict refusal never leaves a rank waiting in the load.
+    """
+    wanted = _flat(state_dict, bool(getattr(planner, "flatten_state_dict", True)))
+    tops = {str(key) for key in state_dict}
+    lacking = [fqn for fqn in metadata.state_dict_metadata if fqn not in wanted and _under(fqn, tops)]
+    if not no_dist and dist.is_initialized():
+        lacking = _lacking_everywhere(lacking, wanted, process_group)
+    if not lacking:
+        return
+    lacking.sort()
+    named = ", ".join(repr(printable(fqn)) for fqn in lacking[:3]) + (", …" if len(lacking) > 3 else "")
+    message = (
+        f"the checkpoint holds {len(lacking)} entr{'y' if len(lacking) == 1 else 'ies'} that the "
+        f"state_dict has no place for, under keys it has ({named}); they "
+        f"{'would stay' if strict else 'stay'} unloaded. A fresh optimizer.state_dict() has no state "
+        "to load into: build the state_dict with torch.distributed.checkpoint.state_dict."
+        "get_state_dict(model, optimizer) (it creates the optimizer's state) for the save and the load, "
+        "then set_state_dict"
+    )
+    if strict:
+        raise UnloadedEntriesError(f"{message}; nothing was loaded", fqns=lacking)
+    warnings.warn(
+        f"{message}, or pass strict=True to make this an error", UnloadedEntriesWarning, stacklevel=3
+    )
+
+
+def _under(fqn: str, tops: set[str]) -> bool:
+    """Whether ``fqn`` is a top-level key in ``tops`` or lies under one (keys may hold dots)."""
+    at = fqn.find(".")
+    while at != -1:
+        if fqn[:at] in tops:
+            return True
+        at = fqn.find(".", at + 1)
+    return fqn in tops
+
+
+def _lacking_everywhere(lacking: list[str], wanted: dict[str, Any], process_group: Any) -> list[str]:
+    """The entries of any rank's ``lacking`` that no rank's state_dict holds (one or two gathers)."""
+    size = dist.get_world_size(process_group)
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, lacking, group=process_group)
+    candidates = sorted({fqn for part in gathered for fqn in part})
+    if not candidates:
+        return []
+    held: list[Any] = [None] * size
+    dist.all_gather_object(held, [fqn for fqn in candidates if fqn in wanted], group=process_group)
+    found = {fqn for part in held for fqn in part}
+    return [fqn for fqn in candidates if fqn not in found]
 
 
 def _unsavable(state_dict: dict[str, Any]) -> KVCheckpointError | None:

@@ -33,6 +33,7 @@ from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.safe_load import SafeLoadPlanner
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.registry import owns
+from kvckpt.target import checkpoint_text
 
 _MODULES = (storage_utils, saver, loader)
 _ORIGINAL_SETUP = storage_utils._storage_setup
@@ -56,18 +57,22 @@ def _storage_setup(
     checkpoint_id: str | os.PathLike[str] | None,
     reader: bool = False,
 ) -> StorageReader | StorageWriter | None:
-    """DCP's storage choice, with kvckpt's writer/reader for kvckpt's URL schemes."""
-    if storage is None and owns(checkpoint_id):
-        assert isinstance(checkpoint_id, str)
-        return URLStorageReader(checkpoint_id) if reader else KVStorageWriter(checkpoint_id)
+    """DCP's storage choice, with kvckpt's writer/reader for kvckpt's URL schemes, however given
+    (a str, or a PathLike whose text is one; a URL pathlib has collapsed is refused)."""
+    text = checkpoint_text(checkpoint_id)
+    if storage is None and owns(text):
+        assert isinstance(text, str)
+        return URLStorageReader(text) if reader else KVStorageWriter(text)
     return _ORIGINAL_SETUP(storage, checkpoint_id, reader=reader)
 
 
 def _execute_save(self: Any, staged: Any, *args: Any, **kwargs: Any) -> Any:
     """Build the writer in the caller, so the checkpoint process needs no hook of its own."""
-    checkpoint_id = kwargs.get("checkpoint_id")
+    checkpoint_id = checkpoint_text(kwargs.get("checkpoint_id"))
     if kwargs.get("storage_writer") is None and owns(checkpoint_id):
+        assert isinstance(checkpoint_id, str)
         kwargs["storage_writer"] = KVStorageWriter(checkpoint_id)
+        kwargs["checkpoint_id"] = checkpoint_id  # the text crosses to the process, not the caller's object
     return _ORIGINAL_EXECUTE(self, staged, *args, **kwargs)
 
 
