@@ -75,8 +75,6 @@ class Gate(Protocol):
 class _Entry:
     value: bytes
     expires_at: float | None
-    #: The store operation that created the key (an overwrite keeps it: the key never went away).
-    born: int
     #: The actor that last gave the key an expiry, so a pause can expire that actor's markers.
     ttl_owner: str | None = None
 
@@ -96,7 +94,6 @@ class _Scan:
 
     def __init__(self, store: SimStore, prefix: str, rng: random.Random) -> None:
         self.prefix = prefix
-        self.started = store.ops
         self.order = sorted(k for k in store.data if k.startswith(prefix))
         rng.shuffle(self.order)
         self.decided: set[str] = set(self.order)
@@ -130,6 +127,8 @@ class SimStore(KVStore):
         self.gate: Gate | None = None
         #: Called with every (key, value) the store writes, to learn when records land.
         self.on_write: Callable[[str, bytes], None] | None = None
+        #: Called with every (key, value) :meth:`take` removes, to learn whose record a deleter took.
+        self.on_take: Callable[[str, bytes], None] | None = None
         self._lock = threading.RLock()
 
     # The scheduling point -------------------------------------------------------------------
@@ -169,12 +168,8 @@ class SimStore(KVStore):
 
     def _write(self, key: str, value: Buffer, ttl: float | None) -> None:
         raw = bytes(value)
-        old = self.data.get(key)
         self.data[key] = _Entry(
-            raw,
-            None if ttl is None else self.now + ttl,
-            self.ops if old is None else old.born,
-            None if ttl is None else self._owner(),
+            raw, None if ttl is None else self.now + ttl, None if ttl is None else self._owner()
         )
         if self.on_write is not None:
             self.on_write(key, raw)
@@ -290,6 +285,8 @@ class SimStore(KVStore):
     def take(self, key: str) -> bytes | None:
         def run() -> bytes | None:
             entry = self.data.pop(key, None)
+            if entry is not None and self.on_take is not None:
+                self.on_take(key, entry.value)
             return None if entry is None else entry.value
 
         return self._call(Op("take", _short(key)), run, lambda v: "-" if v is None else "+")

@@ -2,15 +2,16 @@
 
 Each seed draws a scenario (trainers saving with and without overwrite from hosts whose clocks
 disagree, gc, keep_last, delete, a drainer to a ``memory://`` durable tier, committed checkpoints and
-orphans already in the store) and the faults (lost replies, commits delivered late, actors paused past
-the liveness TTL, non-atomic SCANs), then runs kvckpt's own code one store operation at a time and
-checks the invariants after every step (tests/sim/world.py says which).
+orphans already in the store) and the faults (lost replies, commits delivered late, actors paused
+past the liveness TTL or killed, non-atomic SCANs), then runs kvckpt's own code one store operation
+at a time and checks the invariants after every step (tests/sim/world.py says which).
 
 By default 3,000 seeds run, about 215,000 scheduling steps in all, in two child processes (about
-75 s on the 2-core development machine). ``KVCKPT_SIM_SEEDS=N`` runs N seeds,
-``KVCKPT_SIM_SEED=S`` runs seed S alone and prints its trace. A failure prints the seed, the
-violated invariant and the trace; the same seed replays exactly: the children run with
-``PYTHONHASHSEED=0``, as kvckpt iterates sets of strings whose order depends on the hash seed.
+75 s on the 2-core development machine). ``KVCKPT_SIM_SEEDS=N`` runs N seeds, ``KVCKPT_SIM_SEED=S``
+runs seed S alone and prints its trace, and ``KVCKPT_SIM_STRICT_KEEP_LAST=1`` adds the check that
+keep_last removes only what it chose (tests/sim/world.py). A failure prints the seed, the violated
+invariant and the trace; the same seed replays exactly: the children run with ``PYTHONHASHSEED=0``,
+as kvckpt iterates sets of strings whose order depends on the hash seed.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import random
 import sys
 import threading
@@ -61,6 +62,11 @@ NAMESPACES = ("sim/a", "sim/b")
 LIVE_TTL = 1e7
 #: Two chunks per tensor: more keys, more places for a scan or a delete to interleave.
 CHUNK_BYTES = 8
+#: With ``KVCKPT_SIM_STRICT_KEEP_LAST=1``, keep_last may remove only the checkpoints it chose: not
+#: one that overwrote a namespace after keep_last listed it. Off by default, as kvckpt.keep_last
+#: removes whatever record a doomed namespace holds when it gets there (its deletes count as on
+#: purpose); on, it shows that race.
+STRICT_KEEP_LAST = os.environ.get("KVCKPT_SIM_STRICT_KEEP_LAST") == "1"
 #: Where host clocks start (Unix seconds); the store's clock adds one second per operation.
 EPOCH = 1.8e9
 
@@ -341,6 +347,9 @@ class World:
         self.sched.clock = lambda: self.store.ops
         self.store.gate = self.sched
         self.store.on_write = self._written
+        self.store.on_take = self._taken
+        #: (actor, save) of every record a deleter took.
+        self.taken: list[tuple[str | None, Save]] = []
         self.saves: list[Save] = []
         self.by_save_id: dict[str, Save] = {}
         self._doing: dict[str | None, Save] = {}
@@ -379,6 +388,13 @@ class World:
         save = self.by_save_id.get(save_id)
         if save is not None and save.committed_at is None:
             save.committed_at = self.store.ops
+
+    def _taken(self, key: str, value: bytes) -> None:
+        if key.endswith("/" + layout.RECORD_NAME):
+            with contextlib.suppress(CorruptCheckpointError):
+                save = self.by_save_id.get(str(record.decode_record(value, key).get("save_id")))
+                if save is not None:
+                    self.taken.append((self.sched.owner(), save))
 
     def _record_save(self, namespace: str) -> Save | None:
         raw = self.store.peek(layout.record_key(namespace))
@@ -673,6 +689,14 @@ class World:
                 )
 
     def _check_keep_last(self) -> None:
+        if STRICT_KEEP_LAST and self.keep_last_runs:
+            chosen = {info.save_id for _, doomed in self.keep_last_runs for info in doomed}
+            for who, gone in self.taken:
+                if who == "keep_last" and not chosen & set(gone.save_ids):
+                    raise Violation(
+                        f"keep_last removed {gone}, which it had not chosen: the namespace was "
+                        f"overwritten after keep_last listed it (it chose {sorted(chosen)})"
+                    )
         for kept, doomed in self.keep_last_runs:
             for info in doomed:
                 save = self.by_save_id.get(info.save_id)
