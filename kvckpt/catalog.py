@@ -8,11 +8,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from kvckpt import humanize, layout, orphans, record
+from kvckpt import layout, orphans, record
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from kvckpt.registry import parse_url
 from kvckpt.store import KVStore, batched
@@ -36,14 +36,46 @@ class Entry:
     nbytes: int
 
 
-def order_key(step: int | None, commit_clock: float | None, created: float) -> tuple[bool, int, bool, float]:
-    """Where a checkpoint sorts, newest last: CheckpointInfo.order, shared with the durable tier."""
+class Ordered(Protocol):
+    """What orders a checkpoint: a CheckpointInfo here, a DrainedCheckpoint on the durable tier."""
+
+    @property
+    def step(self) -> int | None: ...
+    @property
+    def commit_clock(self) -> float | None: ...
+    @property
+    def created(self) -> float: ...
+
+
+C = TypeVar("C", bound=Ordered)
+
+
+def by_step(checkpoints: Iterable[Ordered]) -> bool:
+    """Whether steps order these checkpoints: only when every one of them recorded a step. One saved
+    without ``step=`` has no place among steps, so a set holding one is ordered by commit alone, and
+    the newest save is the last whatever steps the others recorded (keep_last never deletes it)."""
+    return all(c.step is not None for c in checkpoints)
+
+
+def order_key(checkpoint: Ordered, *, stepped: bool) -> tuple[int, bool, float]:
+    """Where a checkpoint sorts, newest last, among a set for which :func:`by_step` said ``stepped``:
+    by its step if so, then by the store's commit clock (docs/protocol.md: one clock orders commits).
+    Records without that clock (written before kvckpt recorded it, or copied in from a folder or
+    another store, whose clocks mean nothing here) come before those with one, by commit time."""
+    clock = checkpoint.commit_clock
     return (
-        step is not None,
-        step or 0,
-        commit_clock is not None,
-        created if commit_clock is None else commit_clock,
+        (checkpoint.step or 0) if stepped else 0,
+        clock is not None,
+        checkpoint.created if clock is None else clock,
     )
+
+
+def newest_last(checkpoints: Iterable[C], name: Callable[[C], str]) -> list[C]:
+    """``checkpoints`` oldest first, in the one order latest(), keep_last, ``kvckpt ls``, the drainer
+    and newest_restorable share; ``name`` breaks ties, so the order never depends on a listing's."""
+    found = list(checkpoints)
+    stepped = by_step(found)
+    return sorted(found, key=lambda c: (*order_key(c, stepped=stepped), name(c)))
 
 
 @dataclass(frozen=True)
@@ -81,13 +113,6 @@ class CheckpointInfo:
         if not self.entries:
             del out["entries"]
         return out
-
-    def order(self) -> tuple[bool, int, bool, float, str]:
-        """Newest last: by step where recorded (those without one come first), then by the store's
-        commit clock (docs/protocol.md: one clock orders commits). Records without that clock (written
-        before kvckpt recorded it, or copied in from a folder or another store) come before those with
-        one, in their commit time's order."""
-        return (*order_key(self.step, self.commit_clock, self.created), self.namespace)
 
 
 class Scope:
@@ -185,7 +210,7 @@ def _decoded(store: KVStore, keys: list[str]) -> Iterator[tuple[str, dict[str, A
 
 
 def summaries(scope: Scope) -> list[CheckpointInfo]:
-    """Every checkpoint at or below the scope's namespace, oldest first (CheckpointInfo.order)."""
+    """Every checkpoint at or below the scope's namespace, oldest first (:func:`newest_last`)."""
     by_namespace: dict[str, list[str]] = {}
     for key in scope.store.scan_prefix(scope.namespace + "/"):
         if (found := _ANY_RECORD.search(key)) is not None:
@@ -201,7 +226,7 @@ def summaries(scope: Scope) -> list[CheckpointInfo]:
                 found_infos.append(summarize(scope, namespace, bodies))
             except CorruptCheckpointError as exc:
                 log.warning("skipping a damaged checkpoint: %s", exc)
-    return sorted(found_infos, key=CheckpointInfo.order)
+    return newest_last(found_infos, lambda info: info.namespace)
 
 
 def bodies(scope: Scope, namespace: str, display: str) -> list[tuple[dict[str, Any], str]]:
@@ -220,10 +245,7 @@ def bodies(scope: Scope, namespace: str, display: str) -> list[tuple[dict[str, A
     left = orphans.survey(scope.store, namespace, only_namespace=True)
     hint = ""
     if left.orphans:
-        hint = (
-            f"; {len(left.orphans)} orphaned generation(s) of a save that died hold "
-            f"{humanize.size(left.nbytes)} here: `kvckpt gc` or kvckpt.gc() removes them"
-        )
+        hint = f"; {orphans.summary(left.orphans)} here: `kvckpt gc` or kvckpt.gc() removes them"
     raise CheckpointNotFoundError(
         f"{display}: no committed checkpoint here (no record at {key!r}){hint}; list what exists "
         "with `kvckpt ls PREFIX` or kvckpt.list_checkpoints(prefix)",

@@ -50,8 +50,8 @@ def list_checkpoints(prefix: str, *, client: Any = None, **store_options: Any) -
     Only namespaces with a record are listed, so a save still in progress or one that died never is
     (:func:`list_orphans` finds what a dead one left). Checkpoints saved with ``use_collectives=False``
     are listed once, with their rank records summed. A record that cannot be decoded is skipped with a
-    warning (``kvckpt verify`` says what is wrong). Oldest first means by ``step`` where the saves
-    recorded one (``kvckpt.save(..., step=N)``), else by commit time.
+    warning (``kvckpt verify`` says what is wrong). Oldest first means by ``step`` when every one
+    recorded a step (``kvckpt.save(..., step=N)``), else by the store's clock at each commit.
     """
     with catalog.Scope(prefix, client, store_options) as scope:
         return catalog.summaries(scope)
@@ -256,8 +256,9 @@ def keep_last(
     """Delete all but the ``n`` most recently committed checkpoints under ``prefix``, oldest first.
 
     Returns the checkpoints deleted (or, with ``dry_run``, those that would be). Newest means by step
-    where recorded, else by commit time (see :func:`list_checkpoints`). Orphaned generations under
-    ``prefix`` (saves that died, see :func:`gc`) are removed too, unless ``dry_run``.
+    when every checkpoint under ``prefix`` recorded one, else by the store's commit clock, so the
+    last save is never deleted for lacking a step (see :func:`list_checkpoints`). Orphaned
+    generations under ``prefix`` (saves that died, see :func:`gc`) are removed too, unless ``dry_run``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise KVCheckpointError(f"keep_last needs a count of checkpoints to keep (an int >= 0), got {n!r}")

@@ -25,8 +25,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from kvckpt import manage
-from kvckpt.catalog import order_key
+from kvckpt import catalog, manage
 from kvckpt.errors import (
     InvalidCheckpointIdError,
     KVCheckpointError,
@@ -66,12 +65,6 @@ class DrainedCheckpoint:
     step: int | None = None  # the source's recorded step (kvckpt.save(..., step=N)), if any
     #: The store's clock at the source's commit; None in copies drained before it was recorded.
     commit_clock: float | None = None
-
-    @property
-    def order(self) -> tuple[bool, int, bool, float]:
-        """Newest last, as the store orders its checkpoints (kvckpt.catalog.order_key): by step where
-        recorded, then by the store's commit clock, else the saving host's commit time."""
-        return order_key(self.step, self.commit_clock, self.created)
 
 
 @dataclass(frozen=True)
@@ -179,7 +172,8 @@ class Destination:
         return found
 
     def checkpoints(self) -> list[DrainedCheckpoint]:
-        """One complete copy per name, oldest source first; damaged markers are skipped.
+        """One complete copy per name, oldest source first (kvckpt.catalog.newest_last: the store's
+        order); damaged markers are skipped.
 
         The copy at the name where it is complete, else (a replacement cut short or still being moved
         into place) the staged one: its ``checkpoint_id`` is then the staging folder's.
@@ -188,7 +182,7 @@ class Destination:
         for copies in self._copies(self._files()).values():
             in_place = [c for c in copies if not c.kind]
             found.append((in_place or [max(copies, key=lambda c: c.rank)])[0].checkpoint)
-        return sorted(found, key=lambda c: (*c.order, c.name))
+        return catalog.newest_last(found, lambda c: c.name)
 
     def url_of(self, folder: str) -> str:
         """The id for readers of a filesystem path below the prefix (what :meth:`url` is to a name)."""
@@ -292,7 +286,8 @@ class Destination:
 def durable_checkpoints(
     prefix: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
 ) -> list[DrainedCheckpoint]:
-    """Complete drained checkpoints under a durable prefix, oldest first (by step, then commit time)."""
+    """Complete drained checkpoints under a durable prefix, oldest first, as the store orders its own
+    (by step when every copy recorded one, else by the store's commit clock: docs/record-format.md)."""
     return Destination(prefix, storage_options).checkpoints()
 
 
@@ -306,11 +301,12 @@ def newest_restorable(
 ) -> str | None:
     """The checkpoint to resume from: the newest committed one in the store, else the newest drained one.
 
-    "Newest" is by the recorded step where one is recorded, else by the source's commit time (as
-    ``kvckpt.latest`` orders), so a store holding something newer than the durable tier wins, and a
-    store that lost its checkpoints (flushed, restarted, expired) or cannot be reached falls back to
-    the durable tier. Returns an id ``kvckpt.load`` takes (a store URL with the prefix's
-    own credentials, a folder path or an fsspec URL), or None when neither tier has a checkpoint.
+    "Newest" is in ``kvckpt.latest``'s order over the checkpoints of both tiers together (by step
+    when every one of them recorded a step, else by the store's commit clock), so a store holding
+    something newer than the durable tier wins, and a store that lost its checkpoints (flushed,
+    restarted, expired) or cannot be reached falls back to the durable tier. Returns an id
+    ``kvckpt.load`` takes (a store URL with the prefix's own credentials, a folder path or an
+    fsspec URL), or None when neither tier has a checkpoint.
     """
     try:
         in_memory = manage.list_checkpoints(memory_prefix, client=client, **store_options)
@@ -318,9 +314,16 @@ def newest_restorable(
         log.warning("the store is unreachable (%s); resuming from the durable tier", exc)
         in_memory = []
     drained = durable_checkpoints(durable_prefix, storage_options=storage_options)
-    if in_memory and (not drained or in_memory[-1].order()[:4] >= drained[-1].order):
-        namespace = in_memory[-1].namespace
+    stepped = catalog.by_step([*in_memory, *drained])  # one order over both tiers together
+
+    def key(checkpoint: catalog.Ordered) -> tuple[int, bool, float]:
+        return catalog.order_key(checkpoint, stepped=stepped)
+
+    stored = max(in_memory, key=lambda c: (key(c), c.namespace), default=None)
+    copied = max(drained, key=lambda c: (key(c), c.name), default=None)
+    if stored is not None and (copied is None or key(stored) >= key(copied)):
+        namespace = stored.namespace
         if client is not None:
             return namespace
         return parse_url(memory_prefix).with_namespace(namespace).to_url(redact=False)
-    return drained[-1].checkpoint_id if drained else None
+    return copied.checkpoint_id if copied is not None else None

@@ -9,6 +9,8 @@ Both ends are driven through DCP's own StorageReader/StorageWriter calls, item b
   than a quarter of it is copied from a store as dim-0 slices (a folder source holds one stored item);
 - non-tensor values travel as the bytes DCP stored: nothing is unpickled. (Reading a folder's
   ``.metadata`` is DCP's own pickle load, as in ``dcp.load``: import only folders you trust.)
+- a copy keeps its source's step and commit time, into a folder as a JSON sidecar (kvckpt.origin)
+  that a copy out of that folder reads back.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
@@ -47,6 +49,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
+from kvckpt import origin
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.errors import (
@@ -60,7 +63,7 @@ from kvckpt.registry import owns, schemes
 from kvckpt.tiers import open_fsspec
 from kvckpt.urls import redact, scheme_of
 
-METADATA_FILE = ".metadata"
+METADATA_FILE = origin.METADATA_FILE
 #: Source bytes a copy holds at once by default.
 DEFAULT_GROUP_BYTES = 64 << 20
 
@@ -323,11 +326,12 @@ def copy(
     metadata = read_metadata(reader, src)
     plan = plan_for(reader, metadata, group_bytes)
     source = str(reader.checkpoint_id) if isinstance(reader, KVStorageReader) else str(src)
+    found = _origin(reader, src)
     if owns(dst):
         writer = KVStorageWriter(dst, overwrite=overwrite, ttl=ttl, store_options=store_options)
-        created, writer.step = _source_order(reader, src)
-        if created is not None:
-            writer.source_order = (created, _source_clock(reader, writer))
+        if found is not None:
+            writer.step = found.step
+            writer.source_order = (found.created, _source_clock(reader, writer))
         destination = str(writer.checkpoint_id)
         write_copy(reader, plan, writer, progress)
     else:
@@ -335,7 +339,8 @@ def copy(
         destination = str(path)
         with folder_destination(path, overwrite) as staging:
             write_copy(reader, plan, StagedFolderWriter(staging, path), progress)
-            _stamp(staging / METADATA_FILE, _source_order(reader, src)[0])
+            if found is not None:
+                origin.write(staging, found)
     return CopyResult(source, destination, plan.items, plan.nbytes)
 
 
@@ -345,34 +350,40 @@ def _umask() -> int:
     return mask
 
 
-def _source_order(reader: StorageReader, src: str | os.PathLike[str]) -> tuple[float | None, int | None]:
-    """The source's commit time and step: a copy keeps them, so latest() and keep_last order it as
-    its source (a folder's commit time is its .metadata file's modification time)."""
-    if isinstance(reader, KVStorageReader):
-        created, step = reader.record_body.get("created"), reader.record_body.get("step")
-        return (
-            float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else None,
-            step if isinstance(step, int) and not isinstance(step, bool) else None,
-        )
-    return (Path(src) / METADATA_FILE).stat().st_mtime, None
+def _origin(reader: StorageReader, src: str | os.PathLike[str]) -> origin.Origin | None:
+    """The source's step and commit time: a copy keeps them, so latest() and keep_last order it as
+    its source. A folder says them in the drainer's marker or a copy's sidecar (kvckpt.origin)."""
+    if not isinstance(reader, KVStorageReader):
+        return origin.read(Path(src))
+    body = reader.record_body
+    created, step, clock = body.get("created"), body.get("step"), body.get("commit_clock")
+    if not _is_number(created):
+        return None
+    return origin.Origin(
+        step=step if isinstance(step, int) and not isinstance(step, bool) else None,
+        created=float(created),
+        commit_clock=float(clock) if _is_number(clock) else None,
+        source=reader.target.display,
+        namespace=reader.target.namespace,
+        save_id=str(body.get("save_id", "")),
+    )
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _source_clock(reader: StorageReader, writer: KVStorageWriter) -> float | None:
-    """The source's commit clock, kept by a copy within the same store; None for a copy from a folder
-    or another store, whose clock means nothing here (such a copy sorts before every checkpoint
-    committed with this store's clock: docs/protocol.md)."""
+    """The source's commit clock, kept by a copy within the same store. A copy from a folder or
+    another store records none: the clock it carries is another store's (or this one's before it was
+    lost: an etcd revision starts again), so it sorts before every checkpoint committed here with this
+    store's clock, after those its step says it follows (docs/record-format.md, "Order")."""
     if not isinstance(reader, KVStorageReader):
         return None
     clock = reader.record_body.get("commit_clock")
     source, destination = reader.target.store, writer.target.store
     same = type(source) is type(destination) and repr(source) == repr(destination)
-    return float(clock) if same and isinstance(clock, (int, float)) and not isinstance(clock, bool) else None
-
-
-def _stamp(metadata_file: Path, commit_time: float | None) -> None:
-    """A folder keeps its source's commit time as its .metadata's modification time."""
-    if commit_time is not None:
-        os.utime(metadata_file, (commit_time, commit_time))
+    return float(clock) if same and _is_number(clock) else None
 
 
 def plan_for(reader: StorageReader, metadata: Metadata, group_bytes: int) -> CopyPlan:
