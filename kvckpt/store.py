@@ -31,7 +31,8 @@ class Capabilities:
     #: Changing a key's expiry costs no rewrite of its value. When False (etcd re-puts the value as a
     #: new revision) the writer skips the pending-expiry protocol and writes final expiries directly.
     cheap_expiry: bool = True
-    #: The backend implements :meth:`KVStore.commit` and :meth:`KVStore.clock` (docs/protocol.md).
+    #: The backend implements :meth:`KVStore.commit`, :meth:`KVStore.delete_if` and
+    #: :meth:`KVStore.clock` (docs/protocol.md).
     #: Without them a save commits unconditionally, and kvckpt.gc / keep_last refuse the store: an
     #: orphan can be told from a save that will still commit only when commits need a live marker.
     conditional_commit: bool = False
@@ -126,6 +127,13 @@ class KVStore(abc.ABC):
         """
         raise KVCheckpointError(
             f"{type(self).__name__} has no conditional commit (capabilities.conditional_commit)"
+        )
+
+    def delete_if(self, key: str, expected: Buffer) -> bool:
+        """Atomically remove ``key`` only while its value is ``expected``; True when removed. What
+        keep_last deletes is the record it listed, never one an overwrite put there since."""
+        raise KVCheckpointError(
+            f"{type(self).__name__} has no conditional delete (capabilities.conditional_commit)"
         )
 
     def clock(self, key: str) -> float:

@@ -169,6 +169,16 @@ class StoreTests:
         )
         assert store.get(record) == b"two" and store.get(marker) is None
 
+    def test_delete_if_removes_only_the_expected_value(self, store: KVStore, prefix: str) -> None:
+        if self._refused_for_gc(store):
+            return
+        store.put(prefix + "rec", b"listed")
+        assert store.delete_if(prefix + "rec", b"other") is False
+        assert store.get(prefix + "rec") == b"listed"
+        assert store.delete_if(prefix + "rec", memoryview(b"listed")) is True
+        assert store.get(prefix + "rec") is None
+        assert store.delete_if(prefix + "rec", b"listed") is False
+
     def test_clock_grows_with_commits(self, store: KVStore, prefix: str) -> None:
         if self._refused_for_gc(store):
             return

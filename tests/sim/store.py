@@ -291,6 +291,20 @@ class SimStore(KVStore):
 
         return self._call(Op("take", _short(key)), run, lambda v: "-" if v is None else "+")
 
+    def delete_if(self, key: str, expected: Buffer) -> bool:
+        raw = bytes(expected)
+
+        def run() -> bool:
+            entry = self.data.get(key)
+            if entry is None or entry.value != raw:
+                return False
+            del self.data[key]
+            if self.on_take is not None:
+                self.on_take(key, entry.value)
+            return True
+
+        return self._call(Op("delete_if", _short(key)), run, str)
+
     def expire_many(self, keys: Sequence[str], ttl: float | None) -> list[bool]:
         keys = list(keys)
 

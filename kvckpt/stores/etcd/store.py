@@ -27,7 +27,7 @@ from kvckpt.errors import CheckpointTooLargeError, KVCheckpointError, StoreFullE
 from kvckpt.store import Buffer, Capabilities, Commit, KVStore, RangeRead
 from kvckpt.stores.etcd import wire as pb
 from kvckpt.stores.etcd.client import Call, EtcdClient, MiB, ReplyTooLarge
-from kvckpt.stores.etcd.txns import txn_batches
+from kvckpt.stores.etcd.txns import too_large, txn_batches
 from kvckpt.urls import StoreURL, TLSOptions, tls_of
 
 #: etcd's default ``--max-request-bytes``.
@@ -175,13 +175,8 @@ class EtcdStore(KVStore):
     # Size guard ------------------------------------------------------------------------------
 
     def _too_large(self, key: str, nbytes: int) -> KVCheckpointError:
-        return KVCheckpointError(
-            f"{self.description}: the value for {key!r} is {nbytes} bytes, over this store's "
-            f"max_value_bytes={self.capabilities.max_value_bytes} (max_request_bytes="
-            f"{self.max_request_bytes} less room for the key). Split the value into smaller chunks, "
-            "or raise --max-request-bytes on every etcd member and pass the same max_request_bytes=",
-            limit=self.capabilities.max_value_bytes,
-            size=nbytes,
+        return too_large(
+            self.description, key, nbytes, self.capabilities.max_value_bytes, self.max_request_bytes
         )
 
     def _check_value(self, key: str, view: memoryview) -> None:
@@ -382,6 +377,11 @@ class EtcdStore(KVStore):
         if not written and lease:
             self.client.revoke_quietly(lease)
         return Commit(written, alive, None if create else previous)
+
+    def delete_if(self, key: str, expected: Buffer) -> bool:
+        request = pb.join(pb.delete_if_request(key_bytes(key), byte_view(expected)))
+        reply = self.client.rpc(pb.TXN, request, action="deleting", idempotent=False, write=True)
+        return pb.parse_txn_response(reply).succeeded
 
     def clock(self, key: str) -> float:
         """The cluster's revision: every write raises it by one, on every member alike."""

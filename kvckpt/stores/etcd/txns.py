@@ -1,10 +1,12 @@
 """Packing request ops into txns that etcd accepts: at most ``--max-txn-ops`` ops and
-``--max-request-bytes`` bytes each (docs/etcd.md), so a batch of any size goes out as a few txns."""
+``--max-request-bytes`` bytes each (docs/etcd.md), so a batch of any size goes out as a few txns;
+and the error for what fits in none."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+from kvckpt.errors import KVCheckpointError
 from kvckpt.stores.etcd import wire as pb
 
 #: Room kept in every txn for etcd's own raft request header (id, user name, auth revision).
@@ -33,3 +35,15 @@ def txn_batches(
         used += cost
     if batch:
         yield batch
+
+
+def too_large(description: str, key: str, nbytes: int, max_value: int, max_request: int) -> KVCheckpointError:
+    """The error for a value no request can carry, saying which server setting to raise."""
+    return KVCheckpointError(
+        f"{description}: the value for {key!r} is {nbytes} bytes, over this store's "
+        f"max_value_bytes={max_value} (max_request_bytes={max_request} less room for the key). Split "
+        "the value into smaller chunks, or raise --max-request-bytes on every etcd member and pass "
+        "the same max_request_bytes=",
+        limit=max_value,
+        size=nbytes,
+    )

@@ -337,6 +337,13 @@ def parse_txn_response(data: bytes | memoryview) -> TxnResponse:
     return TxnResponse(succeeded, responses)
 
 
+def delete_if_request(key: bytes, expected: bytes | memoryview) -> Parts:
+    """A txn deleting ``key`` only while its value is ``expected``."""
+    return txn_request(
+        [compare(key, VALUE, EQUAL, bytes(expected))], [request_op(OP_DELETE, delete_range_request(key))]
+    )
+
+
 def parse_commit_response(data: bytes | memoryview) -> tuple[bool, bool, bytes | None]:
     """(written, marker alive, previous value) from the reply to commit_request."""
     txn = parse_txn_response(data)

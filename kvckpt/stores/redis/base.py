@@ -53,6 +53,13 @@ return {2}
 """
 
 
+#: Compare-and-delete: KEYS[1] is removed only while it holds ARGV[1]; replies 1 when it was.
+DELETE_IF_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('UNLINK', KEYS[1]) end
+return 0
+"""
+
+
 def commit_command(key: str, value: Buffer, live_key: str, create: bool, ttl: float | None) -> Command:
     """The EVAL that runs COMMIT_SCRIPT (sent whole: no SCRIPT LOAD permission or NOSCRIPT retry)."""
     expiry = "" if ttl is None else str(ms(ttl))
@@ -218,6 +225,10 @@ class RespStore(KVStore):
     ) -> Commit:
         with self._errors("committing"):
             return commit_outcome(self._once(commit_command(key, value, live_key, create, ttl), key))
+
+    def delete_if(self, key: str, expected: Buffer) -> bool:
+        with self._errors("deleting"):  # sent once: a re-send after a lost reply would answer 0
+            return self._once(("EVAL", DELETE_IF_SCRIPT, 1, key, expected), key) == 1
 
     def clock(self, key: str) -> float:
         with self._errors("reading the server's clock"):

@@ -181,6 +181,23 @@ class ClientStore(KVStore):
             f"{self.description}: {key!r} kept changing while committing; nothing was committed"
         )
 
+    def delete_if(self, key: str, expected: Buffer) -> bool:
+        """WATCH the key, compare, and UNLINK in MULTI/EXEC (fakeredis has no Lua)."""
+        with self._errors("deleting"):
+            for _ in range(_COMMIT_ATTEMPTS):
+                with self._commit_client(key).pipeline(transaction=True) as pipe:
+                    pipe.watch(key)
+                    if pipe.get(key) != bytes(as_bytes_view(expected)):
+                        return False
+                    pipe.multi()
+                    pipe.unlink(key)
+                    try:
+                        pipe.execute()
+                    except rex.WatchError:
+                        continue
+                    return True
+        raise StoreUnavailableError(f"{self.description}: {key!r} kept changing while deleting it")
+
     def clock(self, key: str) -> float:
         with self._errors("reading the server's clock"):
             seconds, micros = self._commit_client(key).time()
