@@ -16,7 +16,7 @@ from kvckpt import layout, orphans, record
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from kvckpt.registry import parse_url
 from kvckpt.store import KVStore, batched
-from kvckpt.target import Resolver
+from kvckpt.target import Resolver, checkpoint_text
 from kvckpt.urls import StoreURL
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class Scope:
     """A prefix or checkpoint_id opened on its store, and how to name namespaces under it."""
 
     def __init__(self, checkpoint_id: object, client: Any, options: dict[str, Any]) -> None:
+        checkpoint_id = checkpoint_text(checkpoint_id)
         self._resolver = Resolver(client, options)
         target = self._resolver.resolve(checkpoint_id)
         self.store: KVStore = target.store

@@ -61,7 +61,7 @@ def test_a_pathlike_url_goes_to_the_store_everywhere(url: str) -> None:
         loaded = {"w": torch.zeros(6)}
         load(f"{url}/{name}", loaded)
         assert torch.equal(loaded["w"], weights), name
-        assert kvckpt.info(f"{url}/{name}").entries[0].fqn == "w", name
+        assert kvckpt.info(URLPath(f"{url}/{name}")).entries[0].fqn == "w", name
 
     roundtrip(
         "dcp",
@@ -84,6 +84,9 @@ def test_a_pathlike_url_goes_to_the_store_everywhere(url: str) -> None:
         lambda u, sd: dcp.load(sd, storage_reader=kvckpt.KVStorageReader(URLPath(u))),
     )
     assert kvckpt.KVStorageWriter.validate_checkpoint_id(URLPath(url))
+    assert len(kvckpt.list_checkpoints(URLPath(url))) == 4
+    kvckpt.copy(URLPath(f"{url}/dcp"), URLPath(f"{url}/copied"))
+    assert kvckpt.latest(URLPath(url)) is not None
 
 
 def _refusals(url: str) -> dict[str, Callable[[Any], Any]]:
@@ -104,6 +107,8 @@ def _refusals(url: str) -> dict[str, Callable[[Any], Any]]:
             state, storage_writer=kvckpt.KVStorageWriter(), checkpoint_id=cid
         ),
         "kvckpt.info": lambda cid: kvckpt.info(cid),
+        "kvckpt.copy to": lambda cid: kvckpt.copy(url, cid),
+        "kvckpt.copy from": lambda cid: kvckpt.copy(cid, "restored"),
     }
 
 

@@ -60,6 +60,7 @@ from kvckpt.errors import (
     KVCheckpointError,
 )
 from kvckpt.registry import owns, schemes
+from kvckpt.target import checkpoint_text
 from kvckpt.tiers import open_fsspec
 from kvckpt.urls import redact, scheme_of
 
@@ -320,6 +321,7 @@ def copy(
     the bytes of each item as it is handed to the destination. ``store_options`` go to both stores.
     ``group_bytes`` bounds the source data held at once (see :func:`plan_copy`).
     """
+    src, dst = checkpoint_text(src), checkpoint_text(dst)  # a Path("redis://…") is refused, not a folder
     if ttl is not None and not owns(dst):
         raise KVCheckpointError("ttl= applies to a copy into a kvckpt store, not into a folder")
     reader = open_source(src, store_options)
