@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -103,6 +104,31 @@ def test_last_checkpoint_lookup_keeps_the_url(kvckpt_url: str) -> None:
         found[cls] = callback._find_last_checkpoints(no_trainer)
     assert found[KVModelCheckpoint] == {f"{kvckpt_url}/run1/last.ckpt", f"{kvckpt_url}/run1/last-v1.ckpt"}
     assert not any("://" in path for path in found[ModelCheckpoint])
+
+
+#: A fresh process: nothing has registered kvckpt's fsspec view when the callbacks are built.
+CALLBACKS_FIRST = """
+import sys
+from lightning.pytorch.callbacks import ModelCheckpoint
+from kvckpt.dcp.lightning import KVCheckpointIO, KVModelCheckpoint
+
+for cls in (KVModelCheckpoint, ModelCheckpoint):
+    assert cls(dirpath=sys.argv[1]).dirpath == sys.argv[1]
+KVCheckpointIO()
+"""
+
+
+def test_checkpoint_callbacks_may_be_built_before_the_plugin(kvckpt_url: str) -> None:
+    """ModelCheckpoint resolves its dirpath through fsspec when it is built, which the docs' order
+    (callbacks first, then ``Trainer(plugins=[KVCheckpointIO()], ...)``) does before the plugin."""
+    done = subprocess.run(
+        [sys.executable, "-c", CALLBACKS_FIRST, f"{kvckpt_url}/run1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 class Opaque:

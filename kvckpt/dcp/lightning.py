@@ -37,6 +37,11 @@ from kvckpt.registry import owns
 
 #: The state-dict key of the non-tensor remainder; tensors sit at "tensor/<path>".
 SKELETON = "lightning"
+
+# ModelCheckpoint (ours or the stock one) resolves its dirpath through fsspec as it is constructed,
+# which may come before KVCheckpointIO() is: importing this module is what makes kvckpt URLs known.
+register_fsspec()
+
 _Path = tuple[Any, ...]
 
 
@@ -95,7 +100,6 @@ class KVCheckpointIO(CheckpointIO):
         self.allow_pickle = allow_pickle
         self.safe_globals = list(safe_globals)
         self.writer_options = writer_options
-        register_fsspec()  # ModelCheckpoint lists and probes its dirpath through fsspec
 
     def writer(self, checkpoint_id: str) -> KVStorageWriter:
         """The writer for one save: an existing checkpoint at the same name is swapped atomically."""
