@@ -9,6 +9,9 @@ contract, see the README's URL table):
   redis+cluster://[user[:password]@]host:port[,host:port...]/NAMESPACE
   etcd://[user[:password]@]host:port[,host:port...]/NAMESPACE
 TCP forms take ?tls=true&ca=PATH&cert=PATH&key=PATH (rediss:// implies tls=true).
+
+The credentials run from ``://`` to the LAST '@' (split_credentials): the one rule by which the parser
+reads them and redaction hides them, even in a URL too malformed to parse.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from urllib.parse import parse_qs, quote, unquote
 
 from kvckpt.errors import InvalidCheckpointIdError
 
-_URL = re.compile(
-    r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<netloc>[^/?#]*)(?P<path>[^?#]*)(\?(?P<query>[^#]*))?$"
-)
+_SCHEME = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://")
+#: What follows the credentials: hosts, path, query (a fragment has no meaning here).
+_LOCATION = re.compile(r"(?P<netloc>[^/?#]*)(?P<path>[^?#]*)(\?(?P<query>[^#]*))?")
+#: The usage texts' placeholder ``SCHEME://[user[:password]@]host``, which holds no password.
+_PLACEHOLDER = "[user[:password]"
 
 
 @dataclass(frozen=True)
@@ -46,18 +51,19 @@ class StoreURL:
     def with_namespace(self, namespace: str) -> StoreURL:
         return replace(self, namespace=namespace)
 
-    def to_url(self, *, redact: bool = True) -> str:
-        """Rebuild the URL; the password becomes *** unless ``redact`` is False."""
+    def to_url(self, *, redact: bool = True, escape: bool = True) -> str:
+        """Rebuild the URL; the password becomes *** unless ``redact`` is False. ``escape=False``
+        leaves the namespace's characters as they are (see display)."""
         auth = ""
         if self.username or self.password:
             auth = quote(self.username or "", safe="")
             if self.password:
                 auth += ":" + ("***" if redact else quote(self.password, safe=""))
             auth += "@"
-        ns = quote(self.namespace, safe="/")
+        ns = quote(self.namespace, safe="/") if escape else self.namespace
         if self.socket_path is not None:
             params = [("db", str(self.db or 0)), ("namespace", self.namespace), *self.query]
-            qs = "&".join(f"{k}={quote(v, safe='/')}" for k, v in params)
+            qs = "&".join(f"{k}={quote(v, safe='/') if escape or k != 'namespace' else v}" for k, v in params)
             return f"{self.scheme}://{auth}{quote(self.socket_path, safe='/')}?{qs}"
         hosts = ",".join(f"{_host(h)}:{p}" if p else _host(h) for h, p in self.hosts)  # 0: no port
         path = f"/{self.db}/{ns}" if self.db is not None else f"/{ns}"
@@ -66,6 +72,12 @@ class StoreURL:
 
     def __str__(self) -> str:
         return self.to_url(redact=True)
+
+    def display(self) -> str:
+        """The URL as a person reads it (the kvckpt command's listings): the password hidden and the
+        namespace as the characters it is (``epoch=1-step=30.ckpt``, ``run/étape``), not
+        percent-escaped. For showing only: str() is the form that parses back."""
+        return self.to_url(redact=True, escape=False)
 
 
 #: URL query options naming TLS files, by the name each goes by (redis-py's names are aliases).
@@ -115,10 +127,26 @@ def _host(host: str) -> str:
 
 
 def scheme_of(checkpoint_id: object) -> str | None:
+    """The scheme of text that starts ``SCHEME://`` (then its grammar says what is wrong with the
+    rest), else None: a path."""
     if not isinstance(checkpoint_id, str):
         return None
-    match = _URL.match(checkpoint_id)
+    match = _SCHEME.match(checkpoint_id)
     return match.group("scheme") if match else None
+
+
+def split_credentials(rest: str) -> tuple[str | None, str | None, str]:
+    """(user, password, location) of ``rest``, the text after ``SCHEME://``, none of them decoded.
+
+    The credentials run to the LAST '@', so a password may hold '@' and ':' as typed; user or
+    password is None where there is none. Parsing and redaction both split here, so whatever the
+    parser could take for a password is what redaction hides, however malformed the rest is.
+    """
+    userinfo, at, location = rest.rpartition("@")
+    if not at:
+        return None, None, rest
+    user, colon, password = userinfo.partition(":")
+    return user, (password if colon else None), location
 
 
 @dataclass(frozen=True)
@@ -142,19 +170,36 @@ class URLParts:
 
 
 def split_url(text: str, usage: str) -> URLParts:
-    """Scheme, credentials, hosts, path and query of ``text``; ``usage`` ends the error message."""
-    match = _URL.match(text) if isinstance(text, str) else None
+    """Scheme, credentials, hosts, path and query of ``text``; ``usage`` ends the error message.
+
+    A '/', '?' or '#' before the last '@' is refused rather than guessed at: it is either typed into
+    a password (which needs %2F, %3F, %23) or an '@' in a namespace or option (which needs %40).
+    """
+    match = _SCHEME.match(text) if isinstance(text, str) else None
     if not match:
-        raise InvalidCheckpointIdError(f"not a kvckpt URL: {redact(str(text))!r}; {usage}")
-    netloc = match.group("netloc")
-    username = password = None
-    if "@" in netloc:
-        auth, netloc = netloc.rsplit("@", 1)
-        user, sep, pw = auth.partition(":")
-        username = unquote(user) or None
-        password = unquote(pw) if sep else None
-    query = parse_qs(match.group("query") or "", keep_blank_values=True)
-    return URLParts(text, match.group("scheme"), netloc, match.group("path"), query, username, password)
+        raise InvalidCheckpointIdError(f"not a kvckpt URL: {redact_url(str(text))!r}; {usage}")
+    user, password, rest = split_credentials(text[match.end() :])
+    if any(c in (user or "") + (password or "") for c in "/?#"):
+        raise InvalidCheckpointIdError(
+            f"{redact_url(text)!r}: a '/', '?' or '#' comes before the URL's last '@', which ends the "
+            "user name and password: percent-encode them in a password (%2F, %3F, %23), or write an "
+            "'@' in a namespace or option as %40"
+        )
+    location = _LOCATION.fullmatch(rest)
+    if not location:
+        raise InvalidCheckpointIdError(
+            f"{redact_url(text)!r}: '#' has no meaning in a kvckpt URL; percent-encode it as %23"
+        )
+    query = parse_qs(location.group("query") or "", keep_blank_values=True)
+    return URLParts(
+        text,
+        match.group("scheme"),
+        location.group("netloc"),
+        location.group("path"),
+        query,
+        None if user is None else unquote(user) or None,
+        None if password is None else unquote(password),
+    )
 
 
 def parse_host_url(text: str, default_port: int, usage: str) -> StoreURL:
@@ -194,15 +239,15 @@ def refuse_db_and_namespace_options(url: StoreURL, parts: URLParts) -> None:
 
 def parse_hosts(netloc: str, default_port: int, url: str, usage: str) -> tuple[tuple[str, int], ...]:
     if not netloc:
-        raise InvalidCheckpointIdError(f"{redact(url)!r}: missing host; {usage}")
+        raise InvalidCheckpointIdError(f"{redact_url(url)!r}: missing host; {usage}")
     hosts = []
     for part in netloc.split(","):
         m = re.fullmatch(r"(\[(?P<v6>[^\]]+)\]|(?P<name>[^:\[\]]+))(:(?P<port>\d{1,5}))?", part)
         if not m:
-            raise InvalidCheckpointIdError(f"{redact(url)!r}: bad host {part!r}; {usage}")
+            raise InvalidCheckpointIdError(f"{redact_url(url)!r}: bad host {part!r}; {usage}")
         port = int(m.group("port")) if m.group("port") else default_port
         if m.group("port") and not 0 < port < 65536:
-            raise InvalidCheckpointIdError(f"{redact(url)!r}: port {port} out of range")
+            raise InvalidCheckpointIdError(f"{redact_url(url)!r}: port {port} out of range")
         hosts.append((m.group("v6") or m.group("name"), port))
     return tuple(hosts)
 
@@ -210,7 +255,7 @@ def parse_hosts(netloc: str, default_port: int, url: str, usage: str) -> tuple[t
 def parse_db(text: str, url: str) -> int:
     if not text.isdigit() or len(text) > 5:
         raise InvalidCheckpointIdError(
-            f"{redact(url)!r}: database must be a small integer, got {text[:20]!r}"
+            f"{redact_url(url)!r}: database must be a small integer, got {text[:20]!r}"
         )
     return int(text)
 
@@ -218,15 +263,31 @@ def parse_db(text: str, url: str) -> int:
 def require_namespace(namespace: str, url: str, usage: str) -> None:
     if not namespace or not namespace.strip("/"):
         raise InvalidCheckpointIdError(
-            f"{redact(url)!r}: missing NAMESPACE (the checkpoint's key prefix); {usage}"
+            f"{redact_url(url)!r}: missing NAMESPACE (the checkpoint's key prefix); {usage}"
         )
     if namespace.startswith("/") or namespace.endswith("/") or "//" in namespace:
-        raise InvalidCheckpointIdError(f"{redact(url)!r}: NAMESPACE {namespace!r} has an empty path segment")
+        raise InvalidCheckpointIdError(
+            f"{redact_url(url)!r}: NAMESPACE {namespace!r} has an empty path segment"
+        )
 
 
 def redact(text: str) -> str:
-    """Replace any password in URL-like text with ***; safe on arbitrary strings.
+    """Replace the password of every URL in free text with ***; safe on arbitrary strings.
 
-    A user name holds no bracket, so the usage text's ``redis://[user[:password]@]`` survives.
+    In free text a URL runs from ``://`` to the next whitespace; within it split_credentials decides
+    what the password is. The usage texts' ``SCHEME://[user[:password]@]host`` placeholder stays.
     """
-    return re.sub(r"(://[^/@:\s\[\]]*:)[^@/\s]*@", r"\1***@", text)
+    return re.sub(r"://(\S*)", lambda m: "://" + _hide_password(m.group(1)), text)
+
+
+def redact_url(text: str) -> str:
+    """``text``, one URL however malformed (whitespace included), with its password as ***."""
+    scheme, sep, rest = text.partition("://")
+    return scheme + sep + _hide_password(rest) if sep else text
+
+
+def _hide_password(rest: str) -> str:
+    user, password, location = split_credentials(rest)
+    if password is None or f"{user}:{password}" == _PLACEHOLDER:
+        return rest
+    return f"{user}:***@{location}"

@@ -11,7 +11,7 @@ from kvckpt.urls import (
     parse_db,
     parse_host_url,
     parse_hosts,
-    redact,
+    redact_url,
     require_namespace,
     split_url,
 )
@@ -32,7 +32,7 @@ def parse_standalone_url(text: str) -> StoreURL:
         namespace = parts.query.get("namespace", [""])[-1]
         if parts.netloc or not socket_path.startswith("/"):
             raise InvalidCheckpointIdError(
-                f"{redact(text)!r}: the socket path must be absolute, as in "
+                f"{redact_url(text)!r}: the socket path must be absolute, as in "
                 "redis+unix:///run/redis.sock?db=0&namespace=NAMESPACE"
             )
         db = parse_db(parts.query.get("db", ["0"])[-1], text)
@@ -50,13 +50,13 @@ def parse_standalone_url(text: str) -> StoreURL:
     given = [k for k in ("db", "namespace") if k in parts.query]
     if given:  # ignoring them would save to another database or namespace than the user meant
         raise InvalidCheckpointIdError(
-            f"{redact(text)!r}: {parts.scheme}:// takes the database and the namespace from the path, "
+            f"{redact_url(text)!r}: {parts.scheme}:// takes the database and the namespace from the path, "
             f"not {' or '.join(f'{k}=' for k in given)}; write {parts.scheme}://host:port/DB/NAMESPACE"
         )
     segments = parts.segments()
     if not segments or not segments[0]:
         raise InvalidCheckpointIdError(
-            f"{redact(text)!r}: missing database number; write {parts.scheme}://host:port/0/NAMESPACE"
+            f"{redact_url(text)!r}: missing database number; write {parts.scheme}://host:port/0/NAMESPACE"
         )
     db = parse_db(segments[0], text)
     namespace = unquote("/".join(segments[1:]))
