@@ -17,14 +17,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import kvckpt
-from kvckpt import humanize, manage
+from kvckpt import humanize, layout, manage, orphans
 from kvckpt.cli_jobs import cmd_cp, cmd_demo, cmd_drain, cmd_server
-from kvckpt.cli_output import emit_json, out
+from kvckpt.cli_output import emit_json, out, show
 from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
+from kvckpt.humanize import printable
 from kvckpt.orphans import Orphan
 from kvckpt.progress import progress_bar
 from kvckpt.registry import parse_url
-from kvckpt.urls import redact
+from kvckpt.urls import StoreURL, redact, redact_url
 
 #: How many verify problems a terminal gets; --json gets them all.
 SHOWN_PROBLEMS = 20
@@ -33,12 +34,15 @@ SHOWN_PROBLEMS = 20
 # Commands --------------------------------------------------------------------------------------
 
 
-def orphan_line(found: list[Orphan], where: str) -> str:
-    held = humanize.size(sum(o.nbytes for o in found))
-    return (
-        f"orphans: {len(found)} generation(s) of saves that died hold {held} under {where}; "
-        f"`kvckpt gc {where}` removes them"
-    )
+def orphan_line(found: list[Orphan], where: StoreURL) -> str:
+    command = f"`kvckpt gc {where}`"
+    return f"orphans: {orphans.summary(found)} under {where.display()}; {command} removes them"
+
+
+def named(where: StoreURL, namespace: str) -> str:
+    """How a listing names ``namespace``: as its characters are, with control characters escaped
+    before columns are measured."""
+    return printable(where.with_namespace(namespace).display(), limit=100_000)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -46,13 +50,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         emit_json([{**i.to_dict(), "created_at": humanize.timestamp(i.created)} for i in infos])
         return 0
+    where = parse_url(args.prefix)
     found = manage.list_orphans(args.prefix)
     if not infos:
-        out(f"no committed checkpoints under {args.prefix}")
+        show(f"no committed checkpoints under {named(where, where.namespace)}")
     else:
         rows = [
             [
-                i.display_id + (" (rank-local)" if i.rank_local else ""),
+                named(where, i.namespace) + (" (rank-local)" if i.rank_local else ""),
                 "-" if i.step is None else str(i.step),
                 f"{humanize.timestamp(i.created)} ({humanize.age(i.created)})",
                 humanize.size(i.total_bytes),
@@ -63,11 +68,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
             for i in infos
         ]
         headers = ["CHECKPOINT", "STEP", "COMMITTED", "SIZE", "TENSORS", "RANKS", "EXPIRES"]
-        out(humanize.table(headers, rows, right=(1, 3, 4, 5)))
+        show(humanize.table(headers, rows, right=(1, 3, 4, 5)))
         total = sum(i.total_bytes for i in infos)
-        out(f"{len(infos)} checkpoint(s), {humanize.size(total)}; latest: {infos[-1].display_id}")
+        latest = named(where, infos[-1].namespace)
+        show(f"{len(infos)} checkpoint(s), {humanize.size(total)}; latest: {latest}")
     if found:
-        out(orphan_line(found, args.prefix))
+        show(orphan_line(found, where))
     return 0
 
 
@@ -76,15 +82,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({**found.to_dict(), "created_at": humanize.timestamp(found.created)})
         return 0
+    where = parse_url(args.checkpoint_id)
     expires = "never" if found.expires_at is None else humanize.age(found.expires_at)
-    out(f"checkpoint  {found.display_id}" + (" (rank-local records)" if found.rank_local else ""))
+    rank_local = " (rank-local records)" if found.rank_local else ""
+    show(f"checkpoint  {named(where, found.namespace)}{rank_local}")
     when = f"{humanize.timestamp(found.created)} ({humanize.age(found.created)})"
     out(f"committed   {when} by {found.world_size} rank(s)")
     out(f"generation  {found.save_id}, {found.num_keys} key(s), expires {expires}")
     out()
     rows = [
         [
-            e.fqn,
+            printable(e.fqn, limit=100_000),
             e.dtype or "(object)",
             "-" if e.shape is None else "x".join(map(str, e.shape)) or "scalar",
             str(e.chunks),
@@ -99,12 +107,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         str(found.num_keys),
         humanize.size(found.total_bytes),
     ]
-    out(humanize.table(["FQN", "DTYPE", "SHAPE", "CHUNKS", "BYTES"], [*rows, total], right=(3, 4)))
+    show(humanize.table(["FQN", "DTYPE", "SHAPE", "CHUNKS", "BYTES"], [*rows, total], right=(3, 4)))
     if found.step is not None:
         out(f"step        {found.step}")
     here = [o for o in manage.list_orphans(args.checkpoint_id) if o.namespace == found.namespace]
     if here:
-        out(orphan_line(here, args.checkpoint_id))
+        show(orphan_line(here, where))
     return 0
 
 
@@ -117,7 +125,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except CorruptCheckpointError as exc:
         problems: list[str] = list(getattr(exc, "problems", []))
         if args.json:
-            emit_json({"checkpoint_id": redact(args.checkpoint_id), "ok": False, "problems": problems})
+            emit_json({"checkpoint_id": redact_url(args.checkpoint_id), "ok": False, "problems": problems})
             return 1
         for problem in problems[:SHOWN_PROBLEMS]:
             print(redact(f"  {problem}"), file=sys.stderr)
@@ -129,35 +137,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
         emit_json({**vars(result), "ok": True, "seconds": seconds})
         return 0
     what = "sizes and checksums" if result.checksums else "sizes only (saved with checksums=False)"
-    out(
-        f"ok: {result.checkpoint_id}: {result.num_keys} chunk(s), {humanize.size(result.nbytes)} verified "
-        f"({what}) in {humanize.duration(seconds)} ({humanize.rate(result.nbytes, seconds)})"
+    where = parse_url(args.checkpoint_id)
+    show(
+        f"ok: {named(where, where.namespace)}: {result.num_keys} chunk(s), {humanize.size(result.nbytes)} "
+        f"verified ({what}) in {humanize.duration(seconds)} ({humanize.rate(result.nbytes, seconds)})"
     )
-    here = [o for o in manage.list_orphans(args.checkpoint_id) if o.namespace == scope_namespace(args)]
+    here = [o for o in manage.list_orphans(args.checkpoint_id) if o.namespace == where.namespace]
     if here:
-        out(orphan_line(here, args.checkpoint_id))
+        show(orphan_line(here, where))
     return 0
-
-
-def scope_namespace(args: argparse.Namespace) -> str:
-    return parse_url(args.checkpoint_id).namespace
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     found = manage.gc(args.prefix, dry_run=args.dry_run)
     url = parse_url(args.prefix)
 
-    def shown(orphan: Orphan) -> str:
+    def generation(orphan: Orphan) -> str:
         return url.with_namespace(orphan.namespace).to_url(redact=True) + "/" + orphan.save_id
 
+    def line(orphan: Orphan) -> str:
+        if orphan.marker_only:
+            marker = named(url, layout.unfinished_key(orphan.namespace))
+            return f"{verb} {marker}: what save {orphan.save_id} left, dying before it wrote any data"
+        shown = named(url, orphan.namespace) + "/" + orphan.save_id
+        return f"{verb} {shown}: {orphan.num_keys} key(s), {humanize.size(orphan.nbytes)}"
+
     verb = "would remove" if args.dry_run else "removed"
-    held = humanize.size(sum(o.nbytes for o in found))
-    return report_removal(
-        args,
-        [{"generation": shown(o), "num_keys": o.num_keys, "nbytes": o.nbytes} for o in found],
-        [f"{verb} {shown(o)}: {o.num_keys} key(s), {humanize.size(o.nbytes)}" for o in found],
-        f"{verb} {len(found)} orphaned generation(s), {held}",
+    rows = [
+        {
+            "generation": generation(o),
+            "num_keys": o.num_keys,
+            "nbytes": o.nbytes,
+            "marker_only": o.marker_only,
+        }
+        for o in found
+    ]
+    total = (
+        f"{verb} what {orphans.summary(found)}" if found else f"{verb} nothing: no dead save left anything"
     )
+    return report_removal(args, rows, [line(o) for o in found], total)
 
 
 def report_removal(args: argparse.Namespace, rows: list[dict[str, Any]], lines: list[str], total: str) -> int:
@@ -166,21 +184,22 @@ def report_removal(args: argparse.Namespace, rows: list[dict[str, Any]], lines: 
         emit_json({"dry_run": args.dry_run, "removed": rows})
         return 0
     for line in lines:
-        out(line)
-    out(total)
+        show(line)
+    show(total)
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     results = [(cid, manage.delete(cid)) for cid in args.checkpoint_ids]
     if args.json:
-        emit_json([{"checkpoint_id": redact(cid), "removed": removed} for cid, removed in results])
+        emit_json([{"checkpoint_id": redact_url(cid), "removed": removed} for cid, removed in results])
     else:
         for cid, removed in results:
+            where = parse_url(cid)
             if removed:
-                out(f"removed {cid}")
+                show(f"removed {named(where, where.namespace)}")
             else:
-                print(redact(f"kvckpt: error: no committed checkpoint at {cid}"), file=sys.stderr)
+                print(f"kvckpt: error: no committed checkpoint at {where}", file=sys.stderr)
     return 0 if all(removed for _, removed in results) else 1
 
 
@@ -188,8 +207,10 @@ def cmd_keep_last(args: argparse.Namespace) -> int:
     doomed = manage.keep_last(args.prefix, args.n, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     freed = humanize.size(sum(d.total_bytes for d in doomed))
+    where = parse_url(args.prefix)
     lines = [
-        f"{verb} {d.display_id} ({humanize.size(d.total_bytes)}, {humanize.age(d.created)})" for d in doomed
+        f"{verb} {named(where, d.namespace)} ({humanize.size(d.total_bytes)}, {humanize.age(d.created)})"
+        for d in doomed
     ]
     return report_removal(
         args,

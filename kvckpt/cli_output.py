@@ -1,4 +1,8 @@
-"""What the ``kvckpt`` command prints: every line redacted, decoded and free of terminal escapes."""
+"""What the ``kvckpt`` command prints: every line redacted, decoded and free of terminal escapes.
+
+Names of checkpoints print as the characters they are (StoreURL.display), measured in terminal
+columns in tables; only control characters are escaped.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,14 @@ _ESCAPED_UTF8 = re.compile(r"(?:%[C-Fc-f][0-9A-Fa-f](?:%[89ABab][0-9A-Fa-f])+)+"
 
 
 def out(text: str = "") -> None:
-    print(printable_lines(readable(redact(text))), flush=True)
+    """Free text (messages, what the user typed): passwords redacted, escaped UTF-8 decoded."""
+    show(readable(redact(text)))
+
+
+def show(text: str) -> None:
+    """Text made of StoreURL.display() names, redacted as they were built and shown as they are:
+    decoding or redacting it again could change a name (an '@' or a '%' in it)."""
+    print(printable_lines(text), flush=True)
 
 
 def printable_lines(text: str) -> str:

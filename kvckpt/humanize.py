@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Sequence
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -51,14 +52,24 @@ def age(when: float, now: float | None = None) -> str:
     return f"{duration(delta)} ago" if delta > 0 else f"in {duration(-delta)}"
 
 
+def display_width(text: str) -> int:
+    """Terminal columns ``text`` takes: a wide East Asian character two, a combining mark none."""
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        for ch in text
+    )
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
-    """Columns padded to their widest cell; indexes in ``right`` are right-aligned (numbers)."""
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    """Columns padded to their widest cell, in terminal columns (display_width); indexes in
+    ``right`` are right-aligned (numbers)."""
+    widths = [max(display_width(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
+        padding = [" " * (widths[i] - display_width(str(cell))) for i, cell in enumerate(cells)]
         padded = [
-            str(cell).rjust(widths[i]) if i in right else str(cell).ljust(widths[i])
-            for i, cell in enumerate(cells)
+            f"{pad}{cell}" if i in right else f"{cell}{pad}"
+            for i, (cell, pad) in enumerate(zip(cells, padding, strict=True))
         ]
         return "  ".join(padded).rstrip()
 

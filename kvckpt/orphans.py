@@ -8,6 +8,15 @@ A generation ``NAMESPACE/SAVE_ID/…`` is
   write under generations they drew themselves, so a marker protects its whole namespace;
 - an *orphan* otherwise: the save died before committing, or lost its commit race.
 
+A save that died before any rank wrote data leaves only its ``.unfinished`` marker; where that is all a
+namespace holds of dead saves, the marker is listed as an orphan too (``Orphan.marker_only``), so it
+is shown and removed like one rather than lingering unseen.
+
+Saves are counted by namespace (summary): the ranks of one save write under generations each draws
+itself and nothing in the store ties them together, but a save reclaims its namespace's orphans
+before it writes (before_save), so what one namespace holds is what one save left (unless saves to
+one namespace ran at the same time).
+
 Only orphans are ever removed. A namespace whose record cannot be decoded keeps every generation (it
 cannot be told which one is committed), and so does a generation directory holding a nested record.
 Torch-free, like kvckpt.manage.
@@ -17,10 +26,10 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from kvckpt import layout, record
+from kvckpt import humanize, layout, record
 from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
 from kvckpt.store import KVStore, batched
 
@@ -37,6 +46,31 @@ class Orphan:
     num_keys: int
     nbytes: int
     keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def marker_only(self) -> bool:
+        """A save that died before any of its ranks wrote data: only its ``.unfinished`` marker
+        (naming the generation it drew, ``save_id``) is left."""
+        return self.keys == (layout.unfinished_key(self.namespace),)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def summary(found: Sequence[Orphan]) -> str:
+    """'2 saves that died left 3 orphaned generations holding 6.0 MiB': saves counted by namespace
+    (see the module's docstring), then what they left."""
+    saves = len({o.namespace for o in found})
+    generations = [o for o in found if not o.marker_only]
+    markers = len(found) - len(generations)
+    left = []
+    if generations:
+        held = humanize.size(sum(o.nbytes for o in generations))
+        left.append(f"{_plural(len(generations), 'orphaned generation')} holding {held}")
+    if markers:
+        left.append(f"{_plural(markers, '.unfinished marker')} (dead before writing any data)")
+    return f"{_plural(saves, 'save')} that died left {' and '.join(left) or 'nothing'}"
 
 
 @dataclass(frozen=True)
@@ -98,7 +132,10 @@ def survey(store: KVStore, prefix: str, *, only_namespace: bool = False) -> Surv
             data[generation].append(key)
     busy = {namespace for namespace, _ in live}
     candidates = {g for g in data if g[0] not in busy and g not in protected}
-    committed = _committed(store, {ns for ns, _ in candidates}, records)
+    stale = {ns: key for ns, key in markers.items() if ns not in busy}
+    if only_namespace:
+        stale = {ns: key for ns, key in stale.items() if ns == prefix}
+    committed = _committed(store, {ns for ns, _ in candidates} | set(stale), records)
     orphans = []
     for namespace, save_id in sorted(candidates):
         names = committed.get(namespace)
@@ -106,10 +143,23 @@ def survey(store: KVStore, prefix: str, *, only_namespace: bool = False) -> Surv
             continue
         keys = data[namespace, save_id]
         orphans.append(Orphan(namespace, save_id, len(keys), _size(store, keys), tuple(keys)))
-    stale = tuple(key for namespace, key in sorted(markers.items()) if namespace not in busy)
-    if only_namespace:
-        stale = tuple(key for key in stale if key == layout.unfinished_key(prefix))
-    return Survey(tuple(orphans), len(live), stale)
+    orphans += _lone_markers(store, stale, {o.namespace for o in orphans}, committed)
+    ordered = sorted(orphans, key=lambda o: (o.namespace, o.save_id))
+    return Survey(tuple(ordered), len(live), tuple(key for _, key in sorted(stale.items())))
+
+
+def _lone_markers(
+    store: KVStore, stale: dict[str, str], seen: set[str], committed: dict[str, set[str]]
+) -> list[Orphan]:
+    """Markers of saves that died before writing data, in namespaces with no other orphan: a
+    marker naming a committed generation (its clearing after the commit failed) is no dead save."""
+    alone = {ns: key for ns, key in stale.items() if ns not in seen and ns in committed}
+    found = []
+    for (namespace, key), raw in zip(alone.items(), store.get_many(list(alone.values())), strict=True):
+        save_id = None if raw is None else raw.decode("utf-8", "replace")
+        if save_id is not None and save_id not in committed[namespace]:
+            found.append(Orphan(namespace, save_id, 1, len(raw or b""), (key,)))
+    return found
 
 
 def _committed(
@@ -208,7 +258,7 @@ def before_save(store: KVStore, namespace: str, save_id: str, ttl: float | None)
     if store.capabilities.conditional_commit and store.get(marker) is not None:
         reclaimed = remove(store, survey(store, namespace, only_namespace=True).orphans)
     store.put(marker, save_id.encode(), ttl=ttl)
-    return reclaimed
+    return [o for o in reclaimed if not o.marker_only]  # that marker is this save's now
 
 
 def after_save(store: KVStore, namespace: str, save_id: str) -> None:

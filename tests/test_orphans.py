@@ -161,14 +161,14 @@ def test_ls_info_verify_show_orphans_and_the_gc_command_removes_them(
 
     listed = kvckpt_cli("ls", redis_server.url(namespace))
     assert listed.returncode == 0, listed.stderr
-    assert "orphans: 2 generation(s) of saves that died hold 4.0 MiB" in listed.stdout
+    assert "orphans: 2 saves that died left 2 orphaned generations holding 4.0 MiB" in listed.stdout
     assert f"`kvckpt gc {redis_server.url(namespace)}` removes them" in listed.stdout
     info = kvckpt_cli("info", redis_server.url(f"{namespace}/step1"))
-    assert "orphans: 1 generation(s) of saves that died hold 2.0 MiB" in info.stdout
+    assert "orphans: 1 save that died left 1 orphaned generation holding 2.0 MiB" in info.stdout
     verify = kvckpt_cli("verify", redis_server.url(f"{namespace}/step1"))
-    assert verify.returncode == 0 and "orphans: 1 generation(s)" in verify.stdout
+    assert verify.returncode == 0 and "orphans: 1 save that died left 1 orphaned generation" in verify.stdout
     missing = kvckpt_cli("info", redis_server.url(f"{namespace}/step2"))
-    assert missing.returncode == 1 and "1 orphaned generation(s) of a save that died hold 2.0 MiB" in (
+    assert missing.returncode == 1 and "1 save that died left 1 orphaned generation holding 2.0 MiB" in (
         missing.stderr
     )
 
@@ -179,7 +179,7 @@ def test_ls_info_verify_show_orphans_and_the_gc_command_removes_them(
     assert len(kvckpt.list_orphans(redis_server.url(namespace))) == 2
     removed = kvckpt_cli("gc", redis_server.url(namespace))
     assert removed.returncode == 0, removed.stderr
-    assert "removed 2 orphaned generation(s), 4.0 MiB" in removed.stdout
+    assert "removed what 2 saves that died left 2 orphaned generations holding 4.0 MiB" in removed.stdout
     assert kvckpt.list_orphans(redis_server.url(namespace)) == []
     assert "orphans" not in kvckpt_cli("ls", redis_server.url(namespace)).stdout
     kvckpt.verify(redis_server.url(f"{namespace}/step1"))
@@ -232,7 +232,7 @@ def test_a_full_store_says_how_much_orphans_hold(small_server: RedisServer, tmp_
     with pytest.raises(StoreFullError) as raised:
         kvckpt.save({"big": torch.zeros(8 << 20)}, small_server.url("run/step2"))  # 32 MiB
     message = str(raised.value)
-    assert "1 orphaned generation(s) of saves that died hold 2.0 MiB under " in message
+    assert "1 save that died left 1 orphaned generation holding 2.0 MiB under " in message
     assert f"`kvckpt gc {small_server.url('run')}`" in message
     assert raised.value.orphan_bytes == 2 << 20  # type: ignore[attr-defined]
 

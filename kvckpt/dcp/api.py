@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageReader
 
-from kvckpt import humanize, orphans
+from kvckpt import orphans
 from kvckpt.dcp.copy import durable_reader
 from kvckpt.dcp.copy import read_metadata as read_durable_metadata
 from kvckpt.dcp.reader import KVStorageReader
@@ -346,7 +346,7 @@ def _with_orphans(writer: KVStorageWriter, full: StoreFullError) -> StoreFullErr
     if target.display != target.namespace:  # a URL (not an injected client's bare namespace)
         prefix = parse_url(target.display).with_namespace(root).to_url(redact=True)
     return StoreFullError(
-        f"{full} ({len(left.orphans)} orphaned generation(s) of saves that died hold "
-        f"{humanize.size(left.nbytes)} under {prefix}: `kvckpt gc {prefix}` or kvckpt.gc() frees them)",
+        f"{full} ({orphans.summary(left.orphans)} under {prefix}: `kvckpt gc {prefix}` or kvckpt.gc() "
+        "frees them)",
         orphan_bytes=left.nbytes,
     )

@@ -144,8 +144,8 @@ def _translate(
 ) -> Exception:
     if isinstance(exc, rex.OutOfMemoryError):
         return StoreFullError(
-            f"{where}: Redis is out of memory while {action} (maxmemory reached); "
-            "free memory or raise maxmemory, and use maxmemory-policy noeviction"
+            f"{where}: Redis is out of memory while {action} (maxmemory reached); free memory or raise "
+            f"maxmemory{_policy_advice(where)}"
         )
     if isinstance(exc, rex.NoPermissionError):
         return StoreUnavailableError(
@@ -187,6 +187,30 @@ def _translate(
 
 # Server safety --------------------------------------------------------------------------------
 
+#: The maxmemory-policy check_settings last read from each server, by the name its store gives it
+#: (the store's description; "DESCRIPTION node HOST:PORT" for a Cluster's nodes): what a
+#: StoreFullError from that store may say about the policy.
+_policies_read: dict[str, str] = {}
+
+
+def _policy_advice(where: str) -> str:
+    """Advice on the maxmemory-policy of the server(s) named ``where``: none when every one read is
+    noeviction (Redis refusing writes is then what that policy is for)."""
+    read = {
+        policy
+        for name, policy in list(_policies_read.items())
+        if name == where or name.startswith(f"{where} node ")
+    }
+    if not read:
+        return "; set maxmemory-policy noeviction if it is not (kvckpt has not read it)"
+    unsafe = sorted(read - {SAFE_MAXMEMORY_POLICY})
+    if not unsafe:
+        return ""
+    return (
+        f"; maxmemory-policy is {' and '.join(map(repr, unsafe))}: set it to noeviction so that a full "
+        "server refuses writes instead of evicting checkpoint keys"
+    )
+
 
 def eviction_problem(where: str, settings: dict[str, str]) -> str | None:
     """Why ``settings`` (a CONFIG GET reply) can lose checkpoint keys, or None when they cannot.
@@ -225,6 +249,8 @@ def check_settings(
             logger.debug("%s: cannot read maxmemory-policy (%s)", name, type(exc).__name__)
             continue
         policies[name] = settings.get("maxmemory-policy", "")
+        if policies[name]:
+            _policies_read[name] = policies[name]
         problem = eviction_problem(name, settings)
         if problem and not allow_eviction:
             raise UnsafeStoreConfigError(problem, server=name, policy=policies[name])
