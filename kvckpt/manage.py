@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 _VERIFY_BATCH_BYTES = 16 << 20
 
 Progress = Callable[[int], None]
+#: A checkpoint id or prefix: a URL (with ``client=``, a bare namespace), as text or os.PathLike.
+Id = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class VerifyResult:
 # Listing ---------------------------------------------------------------------------------------
 
 
-def list_checkpoints(prefix: str, *, client: Any = None, **store_options: Any) -> list[CheckpointInfo]:
+def list_checkpoints(prefix: Id, *, client: Any = None, **store_options: Any) -> list[CheckpointInfo]:
     """Committed checkpoints at or below ``prefix`` (a URL whose namespace is the prefix), oldest first.
 
     Only namespaces with a record are listed, so a save still in progress or one that died never is
@@ -57,7 +60,7 @@ def list_checkpoints(prefix: str, *, client: Any = None, **store_options: Any) -
         return catalog.summaries(scope)
 
 
-def latest(prefix: str, *, verify: bool = False, client: Any = None, **store_options: Any) -> str | None:
+def latest(prefix: Id, *, verify: bool = False, client: Any = None, **store_options: Any) -> str | None:
     """The checkpoint_id of the newest committed checkpoint under ``prefix``, or None.
 
     The id keeps any password the prefix URL carried, so ``kvckpt.load(state, kvckpt.latest(prefix))``
@@ -79,7 +82,7 @@ def latest(prefix: str, *, verify: bool = False, client: Any = None, **store_opt
         return None
 
 
-def info(checkpoint_id: str, *, client: Any = None, **store_options: Any) -> CheckpointInfo:
+def info(checkpoint_id: Id, *, client: Any = None, **store_options: Any) -> CheckpointInfo:
     """One checkpoint's summary and its entries (fqn, dtype, global shape, chunks, bytes)."""
     with catalog.Scope(checkpoint_id, client, store_options) as scope:
         bodies = catalog.bodies(scope, scope.namespace, scope.display_id)
@@ -105,7 +108,7 @@ def info(checkpoint_id: str, *, client: Any = None, **store_options: Any) -> Che
         return dataclasses.replace(summary, entries=tuple(entries.values()))
 
 
-def list_orphans(prefix: str, *, client: Any = None, **store_options: Any) -> list[orphans.Orphan]:
+def list_orphans(prefix: Id, *, client: Any = None, **store_options: Any) -> list[orphans.Orphan]:
     """Generations at or below ``prefix`` that no record names and no live save is writing: what
     saves that died left behind (docs/record-format.md). Each says its keys and bytes."""
     with catalog.Scope(prefix, client, store_options) as scope:
@@ -113,7 +116,7 @@ def list_orphans(prefix: str, *, client: Any = None, **store_options: Any) -> li
 
 
 def gc(
-    prefix: str, *, dry_run: bool = False, client: Any = None, **store_options: Any
+    prefix: Id, *, dry_run: bool = False, client: Any = None, **store_options: Any
 ) -> list[orphans.Orphan]:
     """Delete the orphaned generations at or below ``prefix``; returns them (with ``dry_run``, only
     finds them). Never touches a generation a record names, nor a save in progress (one whose
@@ -128,7 +131,7 @@ def gc(
 
 
 def verify(
-    checkpoint_id: str,
+    checkpoint_id: Id,
     *,
     progress: Progress | None = None,
     io_threads: int = 2,
@@ -223,11 +226,34 @@ def _reclaim(store: KVStore, prefix: str, *, only_namespace: bool = False) -> li
     return orphans.remove(store, found.orphans, found.markers)
 
 
-def _delete(store: KVStore, namespace: str) -> bool:
+def _taken(store: KVStore, key: str, listed: CheckpointInfo | None) -> bytes | None:
+    """Remove the record at ``key`` and return it, atomically: a save swapping in a new record
+    meanwhile keeps it (and its data) whole rather than losing it to this delete. With ``listed``,
+    only the record as it was listed goes (docs/protocol.md: keep_last deletes what it chose), never
+    one an overwrite committed since, which the store's clock tells apart."""
+    if listed is None or not store.capabilities.conditional_commit:
+        return store.take(key)
+    raw = store.get(key)
+    if raw is None:
+        return None
+    try:
+        body = record.decode_record(raw, key)
+    except CorruptCheckpointError:
+        body = {}
+    clock, ours = body.get("commit_clock"), body.get("save_id") == listed.save_id
+    if isinstance(clock, int | float) and listed.commit_clock is not None:
+        ours = clock <= listed.commit_clock
+    if not ours or not store.delete_if(key, raw):
+        log.info("%s changed since it was listed; keeping the new record", key)
+        return None
+    return raw
+
+
+def _delete(store: KVStore, namespace: str, listed: CheckpointInfo | None = None) -> bool:
     found = False
     for key in [layout.record_key(namespace), *orphans.rank_records(store, namespace)]:
-        raw = store.take(key)  # first, and atomically: a save swapping in a new record meanwhile
-        if raw is None:  # keeps it (and its data) whole rather than losing it to this delete
+        raw = _taken(store, key, listed)
+        if raw is None:
             continue
         found = True
         try:
@@ -240,7 +266,7 @@ def _delete(store: KVStore, namespace: str) -> bool:
     return found
 
 
-def delete(checkpoint_id: str, *, client: Any = None, **store_options: Any) -> bool:
+def delete(checkpoint_id: Id, *, client: Any = None, **store_options: Any) -> bool:
     """Remove a checkpoint: the record first (it stops being visible at once), then its data.
 
     Returns False when there was no record. Rank-local records (use_collectives=False) go too. Keys
@@ -251,7 +277,7 @@ def delete(checkpoint_id: str, *, client: Any = None, **store_options: Any) -> b
 
 
 def keep_last(
-    prefix: str, n: int, *, dry_run: bool = False, client: Any = None, **store_options: Any
+    prefix: Id, n: int, *, dry_run: bool = False, client: Any = None, **store_options: Any
 ) -> list[CheckpointInfo]:
     """Delete all but the ``n`` most recently committed checkpoints under ``prefix``, oldest first.
 
@@ -267,7 +293,7 @@ def keep_last(
         doomed = infos[: max(0, len(infos) - n)]
         if not dry_run:
             for old in doomed:
-                _delete(scope.store, old.namespace)
+                _delete(scope.store, old.namespace, old)
             reclaimed = _reclaim(scope.store, scope.namespace)
             if reclaimed:
                 log.info("keep_last: removed %d orphaned generation(s) of saves that died", len(reclaimed))
