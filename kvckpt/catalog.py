@@ -5,6 +5,7 @@ Torch-free; kvckpt.manage builds the public management API on it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from kvckpt import layout, orphans, record
+from kvckpt import deadline, layout, orphans, record
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from kvckpt.registry import parse_url
 from kvckpt.store import KVStore, batched
@@ -116,7 +117,9 @@ class CheckpointInfo:
 
 
 class Scope:
-    """A prefix or checkpoint_id opened on its store, and how to name namespaces under it."""
+    """A prefix or checkpoint_id opened on its store, and how to name namespaces under it. While it
+    is open every store operation shares one deadline (kvckpt.deadline): a listing, a gc or a
+    keep_last fails within the store's total_timeout when the store stops answering."""
 
     def __init__(self, checkpoint_id: object, client: Any, options: dict[str, Any]) -> None:
         checkpoint_id = checkpoint_text(checkpoint_id)
@@ -126,6 +129,7 @@ class Scope:
         self.namespace = target.namespace
         self.display_id = target.display
         self._url: StoreURL | None = None
+        self._deadline = contextlib.ExitStack()
         if not self._resolver.injected:
             assert isinstance(checkpoint_id, str)
             self._url = parse_url(checkpoint_id)
@@ -138,10 +142,14 @@ class Scope:
         return namespace if self._url is None else self._url.with_namespace(namespace).to_url(redact=False)
 
     def __enter__(self) -> Scope:
+        self._deadline.enter_context(deadline.scope())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._resolver.close()
+        try:
+            self._resolver.close()
+        finally:
+            self._deadline.close()
 
 
 def _number(body: dict[str, Any], key: str, name: str, kind: type[int] | type[float] = int) -> Any:

@@ -136,6 +136,18 @@ class Committer:
         )
 
 
+def left_to_gc(exc: BaseException, left: list[str]) -> None:
+    """Say in a failed save's error what its cleanup could not remove (``left``): the store stopped
+    answering before the save's deadline (kvckpt.deadline), and waiting on it again would break the
+    promise that a hung store fails a save within its total_timeout. What is left is harmless: no
+    record names it, gc removes it, and it expires."""
+    note = f"cleaning up was left to kvckpt.gc and expiry: {', '.join(left)} could not be removed in time"
+    if isinstance(exc, KVCheckpointError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}; {note}",)  # the message, kept with the error's type and fields
+    else:  # not ours to reword (an interrupt, a torch error): the log says it
+        log.warning("%s", note)
+
+
 def discard(store: KVStore, keys: list[str]) -> bool:
     """Best-effort removal after a failure; what remains still expires through pending_ttl.
     True when every key is gone."""

@@ -7,6 +7,11 @@ expiry of a key that still exists. The commit is conditional on the marker, in o
 that also removes it (kvckpt.store.KVStore.commit), so a save whose marker lapsed (its process died,
 or stalled for longer than ``live_ttl``) can never commit, and :func:`kvckpt.gc` may treat a
 generation without a marker and without a record as an orphan. docs/protocol.md has the whole rule.
+
+That same rule makes a late refresh harmless (PEXPIRE never creates a key), so stopping never waits
+for a refresh stuck on a hung server: the thread is told to stop and left to finish on its own, its
+own operations bounded by the store's timeouts (it runs outside the save's deadline, in a context of
+its own).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._abandoned = threading.Event()
         self._thread: threading.Thread | None = None
+        self._finalizer: weakref.finalize[[threading.Event, threading.Event], Heartbeat] | None = None
 
     def start(self) -> None:
         who = f"{socket.gethostname()} pid {os.getpid()}".encode()
@@ -50,21 +56,26 @@ class Heartbeat:
             daemon=True,
         )
         self._thread.start()
-        weakref.finalize(self, _abandon, stop, abandoned)  # a writer dropped after a failed save
+        self._finalizer = weakref.finalize(self, _abandon, stop, abandoned)  # a writer dropped mid-save
 
     def halt(self) -> None:
-        """Stop refreshing and leave the marker: right before the commit, which consumes it."""
+        """Stop refreshing and leave the marker: right before the commit, which consumes it. A
+        refresh still in flight may land after the commit or the marker's removal, and then changes
+        nothing (see the module's docstring)."""
+        if self._finalizer is not None:
+            self._finalizer.detach()  # stopped on purpose: the thread, still waking, must not remove it
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
 
-    def stop(self) -> None:
-        """Stop refreshing and remove the marker (best effort: it expires anyway)."""
+    def stop(self) -> bool:
+        """Stop refreshing and remove the marker (best effort: it expires anyway); False when it
+        could not be removed, so the save's error can say it was left to expire."""
         self.halt()
         try:
             self.store.delete_many([self.key])
         except KVCheckpointError as exc:
             log.warning("%s: could not remove this save's heartbeat: %s", self.key, exc)
+            return False
+        return True
 
 
 def _abandon(stop: threading.Event, abandoned: threading.Event) -> None:

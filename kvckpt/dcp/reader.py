@@ -27,6 +27,7 @@ from kvckpt.coalesce import read_coalesced
 from kvckpt.dcp.codec import DTYPES, decode_metadata
 from kvckpt.dcp.safe_load import hand_over
 from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, row_slab, writable_byte_view
+from kvckpt.deadline import shared
 from kvckpt.errors import (
     CheckpointChangedError,
     CheckpointNotFoundError,
@@ -96,6 +97,7 @@ class KVStorageReader(Addressed, StorageReader):
 
     # Metadata ---------------------------------------------------------------------------------
 
+    @shared
     @paused_gc()
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Fetch the record every time DCP asks; decode it again only when it changed.
@@ -171,6 +173,7 @@ class KVStorageReader(Addressed, StorageReader):
 
     # Data -------------------------------------------------------------------------------------
 
+    @shared
     @paused_gc()
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         self._load_objects([i for i in plan.items if i.type == LoadItemType.BYTE_IO], planner)

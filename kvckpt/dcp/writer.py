@@ -3,6 +3,10 @@
 Every rank writes its items' raw bytes under a fresh generation (save_id) with a pending expiry; the
 coordinator then makes the data permanent (or gives it the user's ttl) and commits the record last,
 put-if-absent or as an atomic swap. A save that dies anywhere leaves no record and only expiring data.
+
+DCP calls a writer's steps separately (prepare_global_plan, write_data, finish), so the writer keeps
+its save's deadline (kvckpt.deadline) across them: every store operation of the save, cleanup after a
+failure included, shares it, and a hung store fails the save within its total_timeout.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import io
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
@@ -24,9 +29,10 @@ from torch.futures import Future
 
 from kvckpt import layout, orphans, record
 from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
-from kvckpt.commit import Committer, discard, retire
+from kvckpt.commit import Committer, discard, left_to_gc, retire
 from kvckpt.dcp.codec import dtype_name, encode_metadata
 from kvckpt.dcp.tensor_bytes import byte_view, host_contiguous
+from kvckpt.deadline import Deadline, using
 from kvckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -45,6 +51,30 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_PENDING_TTL = 6 * 3600.0
 #: Committed data outlives its record by this margin, so no reader sees a record without its data.
 TTL_MARGIN = 60.0
+
+W = TypeVar("W", bound="KVStorageWriter")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _step(method: Callable[Concatenate[W, P], R]) -> Callable[Concatenate[W, P], R]:
+    """A DCP step of the save, under the save's deadline. Its start is progress: the time since the
+    last step was DCP's (planning, waiting for other ranks), not the store's. A failure whose
+    cleanup could not finish says what it left to kvckpt.gc and expiry."""
+
+    def step(self: W, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        self._left = []
+        self._deadline.progress()
+        with using(self._deadline):
+            try:
+                return method(self, *args, **kwargs)
+            except BaseException as exc:
+                if self._left:
+                    left_to_gc(exc, self._left)
+                raise
+
+    functools.update_wrapper(step, method)
+    return step
 
 
 class KVStorageWriter(Addressed, StorageWriter):
@@ -92,6 +122,9 @@ class KVStorageWriter(Addressed, StorageWriter):
         #: in the order. The clock is None when the source's was another store's (docs/protocol.md).
         self.source_order: tuple[float, float | None] | None = None
         self._heartbeat: Heartbeat | None = None
+        self._deadline = Deadline()
+        #: What this step's cleanup after a failure could not remove (left to kvckpt.gc and expiry).
+        self._left: list[str] = []
         if chunk_bytes <= 0 or block_bytes <= 0:
             raise ValueError("chunk_bytes and block_bytes must be positive")
         if ttl is not None and ttl <= 0:
@@ -126,7 +159,8 @@ class KVStorageWriter(Addressed, StorageWriter):
         return layout.record_key(self.target.namespace, rank)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        self._end_live()  # a save that failed elsewhere never reached finish
+        with using(self._deadline):  # the previous save's
+            self._end_live()  # a save that failed elsewhere never reached finish
         self._retarget(checkpoint_id)
         self._save_id = layout.new_save_id()
 
@@ -141,10 +175,12 @@ class KVStorageWriter(Addressed, StorageWriter):
         self._use_collectives = kwargs.get("use_collectives", True)
         self._generation = None  # a reused writer starts every save without one
         self._ranks = 0
+        self._deadline = Deadline()
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
 
+    @_step
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Runs on the coordinator: refuse early (before any data moves) and pick the generation."""
         self.target.store.check_server_settings(allow_eviction=self.allow_eviction)
@@ -166,6 +202,7 @@ class KVStorageWriter(Addressed, StorageWriter):
 
     # Data -------------------------------------------------------------------------------------
 
+    @_step
     @paused_gc()
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's items under a generation that is fresh for this save.
@@ -214,7 +251,7 @@ class KVStorageWriter(Addressed, StorageWriter):
                     )
                 flush()
         except BaseException:
-            if discard(store, submitted) and self._ranks == 1:  # then that was all of its data
+            if self._discard(store, submitted) and self._ranks == 1:  # then that was all of its data
                 self._clear_unfinished(store)
             self._end_live()  # the coordinator's own failure: this save will not commit
             raise
@@ -235,6 +272,7 @@ class KVStorageWriter(Addressed, StorageWriter):
 
     # Commit -----------------------------------------------------------------------------------
 
+    @_step
     @paused_gc()
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         store, target = self.target.store, self.target
@@ -340,11 +378,19 @@ class KVStorageWriter(Addressed, StorageWriter):
             orphans.after_save(store, self.target.namespace, self._save_id)
         except KVCheckpointError as exc:  # the marker only costs the next save one look
             log.debug("%s: could not clear its .unfinished marker: %s", self.target.display, exc)
+            self._left.append("its .unfinished marker")
 
     def _end_live(self) -> None:
         heartbeat, self._heartbeat = self._heartbeat, None
-        if heartbeat is not None:
-            heartbeat.stop()
+        if heartbeat is not None and not heartbeat.stop():
+            self._left.append(f"its liveness marker (expires within live_ttl={self.live_ttl:g}s)")
+
+    def _discard(self, store: KVStore, keys: list[str]) -> bool:
+        """Remove this failed save's ``keys`` (kvckpt.commit.discard); True when all are gone."""
+        if discard(store, keys):
+            return True
+        self._left.append("its data (expires after pending_ttl)" if self._pending_ttl(store) else "its data")
+        return False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -371,10 +417,10 @@ class KVStorageWriter(Addressed, StorageWriter):
                 present = store.expire_many(part, self._data_ttl())
                 missing += [key for key, ok in zip(part, present, strict=True) if not ok]
         except KVCheckpointError:  # keys already made permanent must not outlive the failed save
-            discard(store, keys)
+            self._discard(store, keys)
             raise
         if missing:
-            discard(store, keys)
+            self._discard(store, keys)
             raise CorruptCheckpointError(
                 f"{self.target.display}: {len(missing)} data key(s) vanished before the commit, e.g. "
                 f"{missing[0]!r} (evicted by the server's maxmemory-policy, deleted, or older than "
@@ -385,5 +431,5 @@ class KVStorageWriter(Addressed, StorageWriter):
     def _abandon(self, store: KVStore, keys: list[str]) -> None:
         """This save will not commit: remove all its data (``keys``, every rank's), and then its
         ``.unfinished`` marker, since it left nothing for the next save to look for."""
-        if discard(store, keys):
+        if self._discard(store, keys):
             self._clear_unfinished(store)

@@ -1,8 +1,10 @@
 """The etcd client: endpoints, TLS, authentication, one call with failover, and one pipelined path.
 
 Every call carries ``hasleader`` metadata so a member without a leader refuses at once instead of
-queueing the request, and each call has one deadline (``timeout``) across all endpoint attempts:
-quorum loss surfaces as ``StoreUnavailableError`` in seconds. Idempotent calls move to the next
+queueing the request, and each call has one deadline across all endpoint attempts: ``timeout``, cut
+to what the deadline shared by the whole save, load, listing or gc leaves (kvckpt.deadline: the
+store may go ``timeout`` seconds without progress), so quorum loss or a hung member surfaces as
+``StoreUnavailableError`` within ``timeout``, cleanup included. Idempotent calls move to the next
 endpoint when one is down; conditional writes are sent once, to a member whose connection was
 confirmed first, and never re-sent. ``pipeline`` keeps up to ``inflight`` idempotent calls on the wire
 for every batched operation (reads, txns of writes, deletes).
@@ -19,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from kvckpt.deadline import Deadline, current
 from kvckpt.errors import (
     InvalidCheckpointIdError,
     KVCheckpointError,
@@ -234,7 +237,8 @@ class EtcdClient:
     ) -> bytes:
         """Send one request; move to the next endpoint when one is down (idempotent calls only)."""
         endpoints = self._endpoint_list()
-        deadline = time.monotonic() + self.timeout
+        shared = current()
+        deadline = time.monotonic() + self._left(shared, action)
         failures: list[str] = []
         order = [(self._current + i) % len(endpoints) for i in range(len(endpoints))]
         reauthenticated = False
@@ -257,6 +261,7 @@ class EtcdClient:
                 reply: bytes = endpoint.call(method)(
                     request, timeout=deadline - time.monotonic(), metadata=self._metadata()
                 )
+                shared.progress()
                 return reply
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -276,6 +281,20 @@ class EtcdClient:
             action=action,
         )
 
+    def _left(self, shared: Deadline, action: str) -> float:
+        """Seconds the next call may take: ``timeout``, cut to what ``shared`` leaves; when it left
+        nothing the call fails at once (whatever a failed save had left to clean up goes to
+        kvckpt.gc and expiry)."""
+        left = shared.remaining(self.timeout)
+        if left <= 0:
+            raise StoreUnavailableError(
+                f"{self.description}: no time left while {action}: etcd made no progress for "
+                f"timeout={self.timeout:g}s, the deadline every operation of this save, load, listing "
+                "or gc shares; check that a quorum of members is up and answering, or raise timeout=",
+                action=action,
+            )
+        return min(self.timeout, left)
+
     def _unavailable_hint(self, failures: list[str]) -> str:
         text = " ".join(failures).lower()
         if "handshake" in text:
@@ -293,6 +312,7 @@ class EtcdClient:
         """
         window: deque[tuple[Any, Call]] = deque()
         endpoints = self._endpoint_list()
+        shared = current()
         while True:
             while len(window) < self.inflight and (call := next_call()) is not None:
                 endpoint = endpoints[self._current]
@@ -300,7 +320,7 @@ class EtcdClient:
                     self._resend(call, action, write)  # connects (and logs in) first
                     continue
                 future = endpoint.call(call.method).future(
-                    call.request, timeout=self.timeout, metadata=self._metadata()
+                    call.request, timeout=self._left(shared, action), metadata=self._metadata()
                 )
                 window.append((future, call))
             if not window:
@@ -318,6 +338,7 @@ class EtcdClient:
                 for other, _ in window:
                     other.cancel()
                 raise self._translate(exc, action, len(call.request), write) from None
+            shared.progress()
             call.done(reply)
 
     def _resend(self, call: Call, action: str, write: bool) -> None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
 import redis.exceptions as rex
 
+from kvckpt.deadline import Deadline, current, using
 from kvckpt.errors import InvalidStoreOptionError, ReplicationError, StoreUnavailableError
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis.base import Command, Options, RespStore, read_settings, scan_keys
@@ -45,7 +45,7 @@ from kvckpt.stores.redis.common import (
 from kvckpt.stores.redis.retry import GaveUp
 from kvckpt.stores.redis.routing import Router
 from kvckpt.stores.redis.slots import AddressRemap, colocated_key, fence_key_on, key_slot
-from kvckpt.stores.redis.transport import Reply, RespConnection, raise_first
+from kvckpt.stores.redis.transport import Reply, RespConnection, Transport, raise_first
 from kvckpt.stores.redis.url import parse_cluster_url
 from kvckpt.urls import StoreURL
 
@@ -173,16 +173,16 @@ class RedisClusterStore(RespStore):
         pattern = glob_escape(prefix) + "*"
         seen: set[str] = set()  # a key migrating during the scan can show up on two nodes
         scanned: set[str] = set()
-        started = time.monotonic()
+        deadline = current()  # passed along, not installed: a generator would leak it to its caller
         failures = 0
         with self._errors("listing keys"):
             while True:
                 name = ""
                 try:
-                    for name in self._router.table().primaries:
+                    for name in self._router.table(deadline).primaries:
                         if name in scanned:
                             continue
-                        execute = partial(self._router.transport(name).execute, what="listing keys")
+                        execute = partial(_listing, self._router.transport(name), deadline)
                         for key in scan_keys(execute, prefix, pattern):
                             if key not in seen:
                                 seen.add(key)
@@ -191,7 +191,7 @@ class RedisClusterStore(RespStore):
                     return
                 except GaveUp as exc:
                     failures = self._router.next_round(
-                        failures, started, exc.__cause__ or exc, "listing keys", failed={name}
+                        failures, deadline, exc.__cause__ or exc, "listing keys", failed={name}
                     )
 
     # Server safety --------------------------------------------------------------------------
@@ -217,7 +217,7 @@ class RedisClusterStore(RespStore):
             return get
 
         with self._errors("reading server settings"):
-            table = self._router.refresh(time.monotonic())
+            table = self._router.refresh()
             nodes = [*table.primaries, *table.replicas()]
             outcomes = self._router.map(config_get, nodes)
             servers = []
@@ -243,7 +243,7 @@ class RedisClusterStore(RespStore):
         check_wait_args(replicas, timeout)
         with self._errors("waiting for replicas"):
             # Current primaries: failovers since the writes show.
-            table = self._router.refresh(time.monotonic())
+            table = self._router.refresh()
             serving = {owner for owner in table.owners if owner is not None}
             lost = sorted(self._router.written - serving)
             if lost:
@@ -275,3 +275,9 @@ class RedisClusterStore(RespStore):
         fewest = fewest_acks(self.description, acks, replicas, timeout)
         self._router.written.clear()
         return fewest
+
+
+def _listing(transport: Transport, deadline: Deadline, commands: list[Command]) -> list[Reply]:
+    """One SCAN page from one node, within the listing's ``deadline``."""
+    with using(deadline):
+        return transport.execute(commands, "listing keys")

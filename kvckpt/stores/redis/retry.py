@@ -2,9 +2,12 @@
 
 A dropped link is worth retrying at once; a server that accepts connections but never answers is not
 worth waiting on ``retries + 1`` times. So the policy bounds both: ``retries`` re-sends, ``backoff``
-doubling up to ``backoff_cap`` between them, and ``total_timeout``: no attempt starts that could not
-finish (one ``timeout``) within it. A hung server therefore fails within ``max(timeout,
-total_timeout)``; each retry is logged (INFO, logger ``kvckpt.stores.redis``).
+doubling up to ``backoff_cap`` between them, and ``total_timeout``: the time the store may go without
+progress, shared by every operation of one save, load, listing or gc (kvckpt.deadline). No retry
+starts that could not finish (one ``timeout``) before that deadline, no attempt waits past it, and an
+operation that cannot start before it fails at once. A hung server therefore fails a whole save,
+cleanup included, within ``total_timeout``; each retry is logged (INFO, logger
+``kvckpt.stores.redis``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TypeVar
 
 import redis.exceptions as rex
 
+from kvckpt.deadline import Deadline, Passed, current
 from kvckpt.errors import InvalidStoreOptionError
 
 logger = logging.getLogger("kvckpt.stores.redis")
@@ -67,25 +71,40 @@ class RetryPolicy:
         what: str,
         retry_on: tuple[type[BaseException], ...] = RETRYABLE,
         give_up_on: tuple[type[BaseException], ...] = (rex.AuthenticationError,),
+        deadline: Deadline | None = None,
     ) -> T:
-        """``attempt()`` until it returns, retrying ``retry_on`` failures within the policy's bounds."""
-        started = time.monotonic()
+        """``attempt()`` until it returns, retrying ``retry_on`` failures within the policy's bounds
+        and ``deadline`` (the shared one by default); a success is progress."""
+        deadline = deadline or current()
         for number in range(self.retries + 1):
             try:
-                return attempt()
+                result = attempt()
             except give_up_on:
                 raise
             except retry_on as exc:
-                self.pause(number, started, exc, where=where, what=what)
+                self.pause(number, deadline, exc, where=where, what=what)
+            else:
+                deadline.progress()
+                return result
         raise AssertionError("unreachable")
 
-    def pause(self, number: int, started: float, failure: BaseException, *, where: str, what: str) -> None:
-        """After failed attempt ``number`` (from 0) of something begun at ``started`` (monotonic):
-        log and sleep before the next one, or raise GaveUp from ``failure`` when none may follow."""
+    def left(self, deadline: Deadline) -> float:
+        """How long the next attempt may wait for a reply: ``timeout``, cut to what the deadline
+        leaves; raises GaveUp at once when it left nothing."""
+        remaining = deadline.remaining(self.total_timeout)
+        if remaining <= 0:
+            raise GaveUp(0, deadline.idle()) from Passed(self.total_timeout)
+        return min(self.timeout, remaining)
+
+    def pause(
+        self, number: int, deadline: Deadline, failure: BaseException, *, where: str, what: str
+    ) -> None:
+        """After failed attempt ``number`` (from 0): log and sleep before the next one, or raise
+        GaveUp from ``failure`` when none may follow (no retry left, or none could finish before
+        ``deadline``)."""
         wait = self.delay(number)
-        elapsed = time.monotonic() - started
-        if number >= self.retries or elapsed + wait + self.timeout > self.total_timeout:
-            raise GaveUp(number + 1, elapsed) from failure
+        if number >= self.retries or deadline.remaining(self.total_timeout) < wait + self.timeout:
+            raise GaveUp(number + 1, deadline.idle()) from failure
         kind = type(failure).__name__
         logger.info(
             "%s: %s failed (%s); retry %d of %d in %.2fs", where, what, kind, number + 1, self.retries, wait
@@ -105,4 +124,6 @@ class GaveUp(Exception):
 
     def __str__(self) -> str:
         at = f", the last at node {self.node}" if self.node else ""
+        if not self.attempts:
+            return f"no attempt: {self.__cause__}{at}"
         return f"{self.attempts} attempt(s) in {self.seconds:.1f}s{at}"

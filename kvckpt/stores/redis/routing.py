@@ -4,9 +4,9 @@ reach every key wherever it lives (the rules are in kvckpt.stores.redis.cluster'
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import redis.exceptions as rex
 
 from kvckpt._buffers import key_str
+from kvckpt.deadline import Deadline, current, scope, using
 from kvckpt.stores.redis.base import Command
 from kvckpt.stores.redis.retry import GaveUp, RetryPolicy
 from kvckpt.stores.redis.slots import Address, AddressRemap, SlotTable, key_slot, node_name
@@ -121,30 +122,33 @@ class Router:
                     self._transports[name] = transport
         return transport
 
-    def table(self) -> SlotTable:
+    def table(self, deadline: Deadline | None = None) -> SlotTable:
         table = self._table
         if table is not None:
             return table
+        deadline = deadline or current()
         with self._loading:  # I/O threads start at once: one of them reads the table
-            started, failures = time.monotonic(), 0
+            failures = 0
             while self._table is None:
                 try:
-                    self.refresh(started)
+                    self.refresh(deadline)
                 except GaveUp as exc:
                     failure = exc.__cause__ or exc
                     with naming({node_name(a) for a in self.startup}):
                         self.policy.pause(
-                            failures, started, failure, where=self.description, what="reading the slot table"
+                            failures, deadline, failure, where=self.description, what="reading the slot table"
                         )
                     failures += 1
             return self._table
 
-    def refresh(self, started: float, *, avoid: frozenset[str] = frozenset()) -> SlotTable:
+    def refresh(self, deadline: Deadline | None = None, *, avoid: frozenset[str] = frozenset()) -> SlotTable:
         """Re-read the slot table from the first node that answers (known nodes, then startup ones).
 
-        Asks no node whose reply could not arrive within the policy's total timeout. When none answers
-        the old table stays (the next round fails and the policy gives up); without one, this raises.
+        Asks no node whose reply could not arrive before ``deadline`` (kvckpt.deadline). When none
+        answers the old table stays (the next round fails and the policy gives up); without one, this
+        raises.
         """
+        deadline = deadline or current()
         known = self._table
         candidates: list[Address] = []
         if known is not None:
@@ -153,14 +157,12 @@ class Router:
         candidates += [a for a in self.startup if a not in candidates]  # as given: never remapped
         failure: BaseException | None = None
         for address in candidates:
-            if (
-                failure is not None
-                and time.monotonic() - started + self.policy.timeout > self.policy.total_timeout
-            ):
+            if failure is not None and deadline.remaining(self.policy.total_timeout) < self.policy.timeout:
                 break
             transport = self.transport(node_name(address), address)
             try:
-                (reply,) = transport.execute([("CLUSTER", "SLOTS")], "reading the slot table")
+                with using(deadline):
+                    (reply,) = transport.execute([("CLUSTER", "SLOTS")], "reading the slot table")
             except GaveUp as exc:
                 failure = exc.__cause__ or exc
                 continue
@@ -173,7 +175,7 @@ class Router:
         if known is not None:
             return known
         assert failure is not None
-        raise GaveUp(len(candidates), time.monotonic() - started) from failure
+        raise GaveUp(len(candidates), deadline.idle()) from failure
 
     def owner(self, key: str, table: SlotTable) -> str:
         owner = table.owner(key_slot(key))
@@ -209,7 +211,9 @@ class Router:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="kvckpt-cluster")
             executor = self._executor
-        return list(executor.map(guarded, items))
+        # Each in a copy of the caller's context: the operation's deadline (kvckpt.deadline) goes along.
+        futures = [executor.submit(contextvars.copy_context().run, guarded, item) for item in items]
+        return [future.result() for future in futures]
 
     def route(
         self, keys: Sequence[str], send: Send, command: Callable[[int], Command], *, writes: bool, what: str
@@ -218,12 +222,23 @@ class Router:
 
         Raises the first error reply that is not about routing, or GaveUp once the policy stops.
         """
+        with scope() as deadline:  # one for the rounds and every node's batch (kvckpt.deadline)
+            return self._route(keys, send, command, writes, what, deadline)
+
+    def _route(
+        self,
+        keys: Sequence[str],
+        send: Send,
+        command: Callable[[int], Command],
+        writes: bool,
+        what: str,
+        deadline: Deadline,
+    ) -> list[Reply]:
         replies: list[Reply] = [None] * len(keys)
         todo = list(range(len(keys)))
-        started = time.monotonic()
         failures = redirects = 0
         while todo:
-            table = self.table()
+            table = self.table(deadline)
             groups: dict[str, list[int]] = {}
             for i in todo:
                 groups.setdefault(self.owner(keys[i], table), []).append(i)
@@ -250,20 +265,20 @@ class Router:
                 redirects += 1  # MOVED only: the table already says where the keys went
                 continue
             failure = failure or rex.ClusterDownError("CLUSTERDOWN the keys' slots keep moving")
-            failures = self.next_round(failures, started, failure, what, failed=left.dead)
+            failures = self.next_round(failures, deadline, failure, what, failed=left.dead)
         return replies
 
     def next_round(
-        self, failures: int, started: float, failure: BaseException, what: str, failed: set[str]
+        self, failures: int, deadline: Deadline, failure: BaseException, what: str, failed: set[str]
     ) -> int:
         """After a round that ``failed`` on those nodes: back off (or give up, as the policy says,
         naming them), re-read the slot table from another node, and give up if another round could
         not finish in time. Returns the number of failed rounds so far."""
         with naming(failed):
-            self.policy.pause(failures, started, failure, where=self.description, what=what)
-            self.refresh(started, avoid=frozenset(failed))
-            if time.monotonic() - started + self.policy.timeout > self.policy.total_timeout:
-                raise GaveUp(failures + 1, time.monotonic() - started) from failure
+            self.policy.pause(failures, deadline, failure, where=self.description, what=what)
+            self.refresh(deadline, avoid=frozenset(failed))
+            if deadline.remaining(self.policy.total_timeout) < self.policy.timeout:
+                raise GaveUp(failures + 1, deadline.idle()) from failure
         return failures + 1
 
     def _take(
@@ -318,11 +333,14 @@ class Router:
     def once(self, command: Command, key: str) -> Reply:
         """A commit of ``key``, sent once to the key's primary; sent again only after a redirection
         or when connecting failed (nothing was sent then)."""
-        started = time.monotonic()
+        with scope() as deadline:
+            return self._once(command, key, deadline)
+
+    def _once(self, command: Command, key: str, deadline: Deadline) -> Reply:
         asking: tuple[str, Address] | None = None
         failures = 0
         for _ in range(MAX_REDIRECTS + self.policy.retries + 1):
-            name = asking[0] if asking else self.owner(key, self.table())
+            name = asking[0] if asking else self.owner(key, self.table(deadline))
             try:
                 reply = self.transport(*(asking or (name,))).once(command, asking=asking is not None)
             except rex.MovedError as moved:
@@ -334,11 +352,11 @@ class Router:
                 continue
             except (GaveUp, *RETRY_REPLIES) as exc:
                 reason = exc.__cause__ or exc if isinstance(exc, GaveUp) else exc
-                failures = self.next_round(failures, started, reason, "committing", failed={name})
+                failures = self.next_round(failures, deadline, reason, "committing", failed={name})
                 asking = None
                 continue
             self.written.add(name)
             return reply
-        raise GaveUp(failures, time.monotonic() - started) from rex.ClusterDownError(
+        raise GaveUp(failures, deadline.idle()) from rex.ClusterDownError(
             "CLUSTERDOWN the record's slot keeps moving"
         )

@@ -14,6 +14,7 @@ Every operation retries through one ``RetryPolicy``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import select
 import socket
 import ssl
@@ -26,6 +27,7 @@ from typing import TypeAlias, TypeVar
 import redis.exceptions as rex
 
 from kvckpt._buffers import byte_view, key_bytes
+from kvckpt.deadline import Deadline, current
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis.retry import RetryPolicy
 
@@ -135,23 +137,26 @@ class RespConnection:
         self._buf = bytearray(READ_BUFFER)
         self._view = memoryview(self._buf)
         self._pos = self._end = 0
+        #: How long each operation may wait at most, asked as it starts (RetryPolicy.left: the deadline).
+        self.bound: Callable[[], float] | None = None
 
     @property
     def connected(self) -> bool:
         return self._sock is not None
 
-    def connect(self) -> None:
+    def connect(self, wait: float | None = None) -> None:
         ep = self.endpoint
+        connect_timeout = ep.connect_timeout if wait is None else min(ep.connect_timeout or wait, wait)
         if ep.unix_path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.settimeout(ep.connect_timeout)
+                sock.settimeout(connect_timeout)
                 sock.connect(ep.unix_path)
             except BaseException:
                 sock.close()
                 raise
         else:
-            sock = socket.create_connection((ep.host, ep.port), timeout=ep.connect_timeout)
+            sock = socket.create_connection((ep.host, ep.port), timeout=connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if ep.tls:
@@ -160,7 +165,7 @@ class RespConnection:
                 except BaseException:
                     sock.close()
                     raise
-        sock.settimeout(ep.timeout)
+        sock.settimeout(ep.timeout if wait is None else wait)
         self._sock, self._pos, self._end = sock, 0, 0
         setup: list[tuple[Arg, ...]] = []
         if ep.username:  # as redis-py does: a user without a password authenticates with ""
@@ -193,9 +198,12 @@ class RespConnection:
     @contextmanager
     def _io(self) -> Iterator[socket.socket]:
         """The socket; any failure but a complete server error reply closes it (it may be out of step)."""
+        wait = None if self.bound is None else self.bound()
         if self._sock is None:
-            self.connect()
+            self.connect(wait)
         assert self._sock is not None
+        if wait is not None:
+            self._sock.settimeout(wait)
         try:
             yield self._sock
         except rex.ResponseError:
@@ -381,14 +389,18 @@ class Transport:
                 self._idle.append(conn)
 
     def run(self, operation: Callable[[RespConnection], T], what: str = "a batch") -> T:
+        """``operation`` on a connection, retried within the shared deadline (kvckpt.deadline)."""
+        deadline = current()
+
         def attempt() -> T:
             conn = self._take()
             try:
+                conn.bound = functools.partial(self.policy.left, deadline)
                 return operation(conn)
             finally:
                 self._give(conn)
 
-        return self.policy.run(attempt, where=self.where, what=what)
+        return self.policy.run(attempt, where=self.where, what=what, deadline=deadline)
 
     def once(self, command: tuple[Arg, ...], *, asking: bool = False) -> Reply:
         """Send a commit exactly once; after a lost reply, fence it so it can never run late.
@@ -399,9 +411,11 @@ class Transport:
         (docs/reliability.md). Without the CLIENT permission it is sent once, unfenced. ``asking``
         sends ASKING first (a Cluster node importing the key's slot serves it only then).
         """
+        deadline = current()
         conn = self._take()
         try:
-            conn_id = self._client_id(conn)
+            conn.bound = functools.partial(self.policy.left, deadline)
+            conn_id = self._client_id(conn, deadline)
             try:
                 reply = conn.execute([("ASKING",), command] if asking else [command])[-1]
             except (OSError, rex.ConnectionError, rex.TimeoutError):
@@ -412,13 +426,14 @@ class Transport:
                 raise
         finally:
             self._give(conn)
+        deadline.progress()
         raise_first([reply])
         return reply
 
-    def _client_id(self, conn: RespConnection) -> int | None:
+    def _client_id(self, conn: RespConnection, deadline: Deadline) -> int | None:
         """This connection's id on the server (connecting first, with retries); None if not allowed."""
         (reply,) = self.policy.run(
-            lambda: conn.execute([("CLIENT", "ID")]), where=self.where, what="connecting"
+            lambda: conn.execute([("CLIENT", "ID")]), where=self.where, what="connecting", deadline=deadline
         )
         return reply if isinstance(reply, int) else None
 
