@@ -8,8 +8,7 @@ at a time and checks the invariants after every step (tests/sim/world.py says wh
 
 By default 3,000 seeds run, about 215,000 scheduling steps in all, in two child processes (about
 75 s on the 2-core development machine). ``KVCKPT_SIM_SEEDS=N`` runs N seeds, ``KVCKPT_SIM_SEED=S``
-runs seed S alone and prints its trace, and ``KVCKPT_SIM_STRICT_KEEP_LAST=1`` adds the check that
-keep_last removes only what it chose (tests/sim/world.py). A failure prints the seed, the violated
+runs seed S alone and prints its trace. A failure prints the seed, the violated
 invariant and the trace; the same seed replays exactly: the children run with ``PYTHONHASHSEED=0``,
 as kvckpt iterates sets of strings whose order depends on the hash seed.
 """

@@ -27,7 +27,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import os
 import random
 import sys
 import threading
@@ -62,11 +61,6 @@ NAMESPACES = ("sim/a", "sim/b")
 LIVE_TTL = 1e7
 #: Two chunks per tensor: more keys, more places for a scan or a delete to interleave.
 CHUNK_BYTES = 8
-#: With ``KVCKPT_SIM_STRICT_KEEP_LAST=1``, keep_last may remove only the checkpoints it chose: not
-#: one that overwrote a namespace after keep_last listed it. Off by default, as kvckpt.keep_last
-#: removes whatever record a doomed namespace holds when it gets there (its deletes count as on
-#: purpose); on, it shows that race.
-STRICT_KEEP_LAST = os.environ.get("KVCKPT_SIM_STRICT_KEEP_LAST") == "1"
 #: Where host clocks start (Unix seconds); the store's clock adds one second per operation.
 EPOCH = 1.8e9
 
@@ -689,7 +683,7 @@ class World:
                 )
 
     def _check_keep_last(self) -> None:
-        if STRICT_KEEP_LAST and self.keep_last_runs:
+        if self.keep_last_runs:  # keep_last removes only what it chose, never a later overwrite
             chosen = {info.save_id for _, doomed in self.keep_last_runs for info in doomed}
             for who, gone in self.taken:
                 if who == "keep_last" and not chosen & set(gone.save_ids):
