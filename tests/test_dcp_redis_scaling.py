@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -75,14 +77,35 @@ def test_save_and_load_while_slots_migrate(redis_cluster: RedisCluster, namespac
         source = redis_cluster.begin_slot_migration(slot, target)
         moves.append((slot, source))
     reference = {f"t{i}": torch.full((16,), float(i)) for i in range(1500)}  # ~14 keys in those slots
+    record_source = dict(moves)[record_slot]
+    watcher = redis.Redis(port=target.port)
+    tries = int(watcher.info("errorstats").get("errorstat_TRYAGAIN", {}).get("count", 0))
+
+    def finish_the_record_slot_once_the_commit_waits() -> None:
+        """The commit checks the save's marker and writes the record in one script: while their slot
+        migrates, with the record not yet written, Redis answers TRYAGAIN, and the commit is retried
+        (docs/operations-redis.md) until the slot has moved."""
+        deadline = time.monotonic() + 60
+        while int(watcher.info("errorstats").get("errorstat_TRYAGAIN", {}).get("count", 0)) == tries:
+            assert time.monotonic() < deadline, "the commit never met its migrating slot"
+            time.sleep(0.05)
+        redis_cluster.move_slot_keys(record_slot, record_source, target)
+        redis_cluster.finish_slot_migration(record_slot, target)
+
+    mover = threading.Thread(target=finish_the_record_slot_once_the_commit_waits)
     try:
+        mover.start()
         kvckpt.save(reference, redis_cluster.url(namespace))
+        mover.join(60)
+        moves = [(slot, source) for slot, source in moves if slot != record_slot]
         for slot, source in moves[::2]:  # half the slots move their keys now: ASK redirects
             redis_cluster.move_slot_keys(slot, source, target)
         loaded = blank(reference)
         kvckpt.load(loaded, redis_cluster.url(namespace))
         assert_loaded(reference, loaded)
     finally:
+        mover.join(60)
+        watcher.close()
         for slot, source in moves:
             redis_cluster.move_slot_keys(slot, source, target)
             redis_cluster.finish_slot_migration(slot, target)

@@ -114,7 +114,8 @@ def save(
 
     ``no_dist`` saves this process's state alone; ``use_collectives=False`` gives every rank its own
     record (``NAMESPACE/__R.metadata``), as DCP defines both. ``step`` is recorded, and orders
-    ``kvckpt.latest``/``keep_last`` (a copy keeps it).
+    ``kvckpt.latest``/``keep_last`` (a copy keeps it). Returns the Metadata the commit recorded
+    (storage_meta, version) on the rank that committed, DCP's plan metadata on the others.
     """
     writer = KVStorageWriter(checkpoint_id, client=client, step=step, **writer_options)
     try:
@@ -131,7 +132,7 @@ def save(
         raise _with_orphans(writer, full) from full
     finally:
         writer._end_live()  # a rank that failed elsewhere never let this one reach finish
-    return metadata
+    return writer.recorded or metadata
 
 
 def load(

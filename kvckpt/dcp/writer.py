@@ -122,6 +122,9 @@ class KVStorageWriter(Addressed, StorageWriter):
         #: in the order. The clock is None when the source's was another store's (docs/protocol.md).
         self.source_order: tuple[float, float | None] | None = None
         self._heartbeat: Heartbeat | None = None
+        #: The Metadata the last commit recorded (on the rank that committed): DCP's own, which
+        #: dcp.save returns, is left as DCP made it, since DCP may hand it to the next save.
+        self.recorded: Metadata | None = None
         self._deadline = Deadline()
         #: What this step's cleanup after a failure could not remove (left to kvckpt.gc and expiry).
         self._left: list[str] = []
@@ -314,6 +317,7 @@ class KVStorageWriter(Addressed, StorageWriter):
             elif store.capabilities.conditional_commit:  # one clock orders commits: the store's
                 body["commit_clock"] = store.clock(self.record_key)
             self._commit(store, record.encode_record(body), keys, hint)
+            self.recorded = metadata
         finally:
             self._end_live()
         self._clear_unfinished(store)
