@@ -261,8 +261,8 @@ def dying(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[int]]]:
     budgets: list[list[int]] = []
     real_connect = resp.RespConnection.connect
 
-    def connect(self: resp.RespConnection) -> None:
-        real_connect(self)
+    def connect(self: resp.RespConnection, wait: float | None = None) -> None:
+        real_connect(self, wait)
         if budgets:
             assert self._sock is not None
             self._sock = DyingSocket(self._sock, budgets.pop(0), "reset" if len(budgets) % 2 else "eof")  # type: ignore[assignment]
