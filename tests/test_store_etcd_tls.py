@@ -36,6 +36,7 @@ def tls_files(server: EtcdServer) -> TLSFiles:
 
 class TestEtcdOverTLS(StoreTests):
     expiry_wait = 4.0  # etcd leases: whole seconds, at least ~2 s
+    model_examples = 4  # the same store as TestEtcd (12 sequences there), here over TLS: ~4 s each
 
     @pytest.fixture
     def raw(self, tls_etcd: EtcdServer) -> EtcdRaw:

@@ -38,6 +38,8 @@ class StoreTests:
     picklable = True
     #: Seconds to wait for a short TTL to lapse; servers expire lazily or on a timer.
     expiry_wait = 3.0
+    #: Random operation sequences test_contract_against_a_model runs (25 steps each).
+    model_examples = 12
 
     @pytest.fixture
     def store(self) -> Iterator[KVStore]:
@@ -79,7 +81,7 @@ class StoreTests:
     def test_contract_against_a_model(self, store: KVStore, raw: RawAccess | None) -> None:
         from kvckpt.testing.stateful import check_contract
 
-        check_contract(store, raw)
+        check_contract(store, raw, max_examples=self.model_examples)
 
     def test_missing_key_is_none(self, store: KVStore, prefix: str) -> None:
         assert store.get(prefix + "nope") is None

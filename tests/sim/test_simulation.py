@@ -6,8 +6,8 @@ orphans already in the store) and the faults (lost replies, commits delivered la
 past the liveness TTL or killed, non-atomic SCANs), then runs kvckpt's own code one store operation
 at a time and checks the invariants after every step (tests/sim/world.py says which).
 
-By default 3,000 seeds run, about 215,000 scheduling steps in all, in two child processes (about
-75 s on the 2-core development machine). ``KVCKPT_SIM_SEEDS=N`` runs N seeds, ``KVCKPT_SIM_SEED=S``
+By default 2,000 seeds run, about 150,000 scheduling steps in all, in two child processes (about
+40 s on the 2-core development machine). ``KVCKPT_SIM_SEEDS=N`` runs N seeds, ``KVCKPT_SIM_SEED=S``
 runs seed S alone and prints its trace. A failure prints the seed, the violated
 invariant and the trace; the same seed replays exactly: the children run with ``PYTHONHASHSEED=0``,
 as kvckpt iterates sets of strings whose order depends on the hash seed.
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SEEDS = 3000
+DEFAULT_SEEDS = 2000
 
 
 def _children(first: int, count: int, jobs: int, trace: bool) -> list[tuple[int, str]]:
