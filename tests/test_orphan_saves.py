@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
@@ -25,30 +23,21 @@ from kvckpt import layout, orphans
 from tests.harness.servers import RedisServer
 from tests.ranks import run_ranks
 from tests.test_cli import kvckpt_cli
-from tests.test_orphans import generations, wait_for
+from tests.test_orphans import GateOnRank1, generations, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 LIVE_TTL = 1.0
 
 
-class ExitOnRank1AtGate(DefaultSavePlanner):
-    """Rank 1 ends its process before its second item, once ``gate`` exists."""
-
-    def __init__(self, gate: str) -> None:
-        super().__init__()
-        self.gate, self.resolved = gate, 0
+class ExitOnRank1AtGate(GateOnRank1):
+    """Rank 1 ends its process at its second item, once ``gate`` exists (before writing it)."""
 
     def resolve_data(self, write_item: Any) -> Any:
-        if dist.get_rank() == 1:
-            self.resolved += 1
-            if self.resolved == 2:
-                deadline = time.monotonic() + 120
-                while not Path(self.gate).exists():
-                    assert time.monotonic() < deadline, f"the test never opened {self.gate}"
-                    time.sleep(0.02)
-                os._exit(3)
-        return super().resolve_data(write_item)
+        data = super().resolve_data(write_item)  # rank 1 waits at the gate on its second item
+        if dist.get_rank() == 1 and self.resolved == 2:
+            os._exit(3)
+        return data
 
 
 def dies_midway(rank: int, world_size: int, url: str, gate: str) -> None:
