@@ -9,7 +9,7 @@ from __future__ import annotations
 from kvckpt.store import Buffer
 
 
-def byte_view(value: Buffer) -> memoryview:
+def flat_view(value: Buffer) -> memoryview:
     """A flat byte view: sizes are counted in bytes even for a memoryview of wide items."""
     view = value if isinstance(value, memoryview) else memoryview(value)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")

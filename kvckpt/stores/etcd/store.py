@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from kvckpt._buffers import byte_view, key_bytes, key_str
+from kvckpt._buffers import flat_view, key_bytes, key_str
 from kvckpt.errors import CheckpointTooLargeError, KVCheckpointError, StoreFullError
 from kvckpt.store import Buffer, Capabilities, Commit, KVStore, RangeRead
 from kvckpt.stores.etcd import wire as pb
@@ -301,7 +301,7 @@ class EtcdStore(KVStore):
             value = found.get(r.key)
             if value is None or not r.into.nbytes:
                 continue
-            into = byte_view(r.into)
+            into = flat_view(r.into)
             chunk = value[r.offset : r.offset + into.nbytes]
             into[: chunk.nbytes] = chunk
             copied[i] = chunk.nbytes
@@ -324,7 +324,7 @@ class EtcdStore(KVStore):
     def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:
         if not items:
             return
-        latest = {key: byte_view(value) for key, value in items}  # a txn may not name a key twice
+        latest = {key: flat_view(value) for key, value in items}  # a txn may not name a key twice
         for key, view in latest.items():
             self._check_value(key, view)
         lease = self.client.grant(_ttl_seconds(ttl)) if ttl is not None else 0
@@ -335,7 +335,7 @@ class EtcdStore(KVStore):
         self._run_txns(ops, "writing")
 
     def put(self, key: str, value: Buffer, *, create: bool = False, ttl: float | None = None) -> bool:
-        view = byte_view(value)
+        view = flat_view(value)
         self._check_value(key, view)
         lease = self.client.grant(_ttl_seconds(ttl)) if ttl is not None else 0
         raw = key_bytes(key)
@@ -355,7 +355,7 @@ class EtcdStore(KVStore):
         return written
 
     def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
-        view = byte_view(value)
+        view = flat_view(value)
         self._check_value(key, view)
         lease = self.client.grant(_ttl_seconds(ttl)) if ttl is not None else 0
         request = pb.put_request(key_bytes(key), view, lease=lease, prev_kv=True)
@@ -368,7 +368,7 @@ class EtcdStore(KVStore):
     ) -> Commit:
         """One txn (kvckpt.stores.etcd.wire.commit_request): put the record and delete the marker
         only while the marker exists (and, with ``create``, the record does not)."""
-        view = byte_view(value)
+        view = flat_view(value)
         self._check_value(key, view)
         lease = self.client.grant(_ttl_seconds(ttl)) if ttl is not None else 0
         request = pb.commit_request(key_bytes(key), view, key_bytes(live_key), create=create, lease=lease)
@@ -379,7 +379,7 @@ class EtcdStore(KVStore):
         return Commit(written, alive, None if create else previous)
 
     def delete_if(self, key: str, expected: Buffer) -> bool:
-        request = pb.join(pb.delete_if_request(key_bytes(key), byte_view(expected)))
+        request = pb.join(pb.delete_if_request(key_bytes(key), flat_view(expected)))
         reply = self.client.rpc(pb.TXN, request, action="deleting", idempotent=False, write=True)
         return pb.parse_txn_response(reply).succeeded
 

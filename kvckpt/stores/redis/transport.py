@@ -26,7 +26,7 @@ from typing import TypeAlias, TypeVar
 
 import redis.exceptions as rex
 
-from kvckpt._buffers import byte_view, key_bytes
+from kvckpt._buffers import flat_view, key_bytes
 from kvckpt.deadline import Deadline, current
 from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis.retry import RetryPolicy
@@ -83,7 +83,7 @@ def _arg(value: Arg) -> bytes:
         return key_bytes(value)
     if isinstance(value, int):
         return str(value).encode()
-    return bytes(byte_view(value))
+    return bytes(flat_view(value))
 
 
 def pack(*args: Arg) -> bytes:
@@ -228,7 +228,7 @@ class RespConnection:
             out = bytearray()
             for key, value in items:
                 k = _arg(key)
-                data = byte_view(value)
+                data = flat_view(value)
                 out += b"%s$%d\r\n%s\r\n$%d\r\n" % (head, len(k), k, data.nbytes)
                 if data.nbytes >= DIRECT_SEND:
                     sock.sendall(out)
@@ -251,7 +251,7 @@ class RespConnection:
             out = bytearray()
             pieces: list[tuple[int, memoryview]] = []  # (read, where its piece lands), in reply order
             for i, r in enumerate(reads):
-                dest = byte_view(r.into)
+                dest = flat_view(r.into)
                 for start in range(0, dest.nbytes, READ_PIECE):
                     piece = dest[start : start + READ_PIECE]
                     first = r.offset + start
