@@ -63,6 +63,15 @@ class StoreUnavailableError(KVCheckpointError, ConnectionError):
     """The store cannot be reached or stopped answering within the timeout."""
 
 
+class StoreProtocolError(StoreUnavailableError):
+    """The server answered with bytes that are not a reply of its protocol (a wrong type, a bad or
+    absurd length, a line without end): another service at that address, or a stream altered on the
+    way. Never retried: the same server would answer the same way."""
+
+    #: The server, as the store names it.
+    source: str
+
+
 class StoreFullError(KVCheckpointError):
     """The store refused a write for lack of memory or quota."""
 
@@ -108,8 +117,22 @@ class UnsafeObjectError(KVCheckpointError):
     """A stored non-tensor value needs classes a safe load refuses to construct (allow_pickle=False)."""
 
 
-class InvalidStoreOptionError(KVCheckpointError, TypeError):
-    """A store option the backend does not know (usually a typo)."""
+class InvalidArgumentError(KVCheckpointError, ValueError, TypeError):
+    """An argument of a kvckpt constructor or function is wrong: a keyword or store option nobody
+    takes (a typo, usually), or a value of the wrong type or out of range. The message names the
+    argument (``.options`` lists them) and what it takes. The checkpoint_id itself, query included,
+    is InvalidCheckpointIdError's.
+
+    A ValueError and a TypeError both, so ``except`` clauses written for what these checks raised
+    before (ValueError for a range, TypeError for an unknown store option) still catch it.
+    """
+
+    #: The arguments or store options at fault, as the caller spelled them.
+    options: list[str]
+
+
+#: Its name from when it covered store options alone, still documented and raised by that name.
+InvalidStoreOptionError = InvalidArgumentError
 
 
 class PickleLoadWarning(UserWarning):

@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 
 from kvckpt._buffers import flat_view, key_bytes, key_str
-from kvckpt.errors import CheckpointTooLargeError, KVCheckpointError, StoreFullError
+from kvckpt.arguments import seconds, whole
+from kvckpt.errors import CheckpointTooLargeError, InvalidArgumentError, KVCheckpointError, StoreFullError
 from kvckpt.store import Buffer, Capabilities, Commit, KVStore, RangeRead
 from kvckpt.stores.etcd import wire as pb
 from kvckpt.stores.etcd.client import Call, EtcdClient, MiB, ReplyTooLarge
@@ -75,18 +76,18 @@ class EtcdStore(KVStore):
         description: str = "",
     ) -> None:
         if not endpoints:
-            raise ValueError("EtcdStore needs at least one endpoint")
-        if max_request_bytes <= 2 * KEY_AND_FRAMING_BYTES:
-            raise ValueError(f"max_request_bytes={max_request_bytes} is too small for any value")
-        if not 1 <= max_txn_ops:
-            raise ValueError("max_txn_ops must be at least 1")
+            raise InvalidArgumentError("EtcdStore needs a (host, port) endpoint", options=["endpoints"])
+        seconds("EtcdStore", timeout=timeout, connect_timeout=connect_timeout)
+        whole("EtcdStore", 2 * KEY_AND_FRAMING_BYTES + 1, max_request_bytes=max_request_bytes)
+        whole("EtcdStore", 1, max_txn_ops=max_txn_ops, inflight=inflight, scan_page=scan_page)
+        whole("EtcdStore", 1, none=True, max_total_bytes=max_total_bytes)
         self.targets = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in endpoints]
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes
         self.max_txn_ops = max_txn_ops
         self.max_reply_bytes = max_reply_bytes
         self.max_total_bytes = max_total_bytes
-        self.scan_page = max(1, scan_page)
+        self.scan_page = scan_page
         self.description = description or f"etcd://{','.join(self.targets)}"
         self.capabilities = Capabilities(
             max_value_bytes=max_request_bytes - KEY_AND_FRAMING_BYTES,

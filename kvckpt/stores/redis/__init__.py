@@ -6,12 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvckpt.errors import InvalidArgumentError
 from kvckpt.store import KVStore
 
 
 def wrap_client(client: Any) -> KVStore:
     """A KVStore around a redis-py-compatible client; a ``redis.RedisCluster`` sends to each key's node."""
     import redis.cluster
+
+    if not all(callable(getattr(client, name, None)) for name in ("pipeline", "execute_command")):
+        raise InvalidArgumentError(
+            f"client= takes a redis-py-compatible client (redis.Redis, redis.RedisCluster, "
+            f"fakeredis.FakeRedis) or a kvckpt.KVStore, got {type(client).__name__}; to connect by "
+            "URL, leave client= out and pass the URL as the checkpoint_id",
+            options=["client"],
+        )
 
     if isinstance(client, redis.cluster.RedisCluster):
         from kvckpt.stores.redis.client_cluster import ClientClusterStore
