@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, overload
 
+from kvckpt.arguments import mapping
 from kvckpt.errors import InvalidCheckpointIdError, InvalidStoreOptionError, KVCheckpointError
 from kvckpt.registry import backend_for, open_store, owns, parse_url, schemes
 from kvckpt.store import KVStore
@@ -28,6 +29,7 @@ class Resolver:
     """Opens stores for checkpoint_ids, reusing one connection while the server stays the same."""
 
     def __init__(self, client: Any = None, store_options: dict[str, Any] | None = None) -> None:
+        mapping("store_options", store_options)
         self._options = dict(store_options or {})
         self._server: StoreURL | None = None
         self._store: KVStore | None = None

@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import kvckpt
+import kvckpt.errors
 
 PACKAGE = Path(kvckpt.__file__).parent
 #: A module longer than this holds more than one thing: split it by what it holds.
@@ -116,3 +117,15 @@ def test_the_test_harness_is_not_shipped() -> None:
         "kvckpt.testing.fake_server",
         "kvckpt.testing.pytest_plugin",
     }
+
+
+def test_every_error_and_warning_is_exported() -> None:
+    """A user catches what kvckpt raises or warns by its name on ``kvckpt``, as the README lists them."""
+    defined = {
+        name
+        for name, value in vars(kvckpt.errors).items()
+        if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == "kvckpt.errors"
+    }
+    assert {"KVCheckpointError", "ReplicationError", "UnsafeStoreConfigWarning"} <= defined
+    assert defined - set(kvckpt.__all__) == set()
+    assert all(getattr(kvckpt, name) is getattr(kvckpt.errors, name) for name in defined)
