@@ -42,11 +42,11 @@ def seconds(where: str, /, *, none: bool = False, **values: object) -> None:
             )
 
 
-def mapping(where: str, name: str, value: object) -> None:
+def mapping(name: str, value: object) -> None:
     """``value`` is a dict of keyword options (or None)."""
     if value is not None and not isinstance(value, dict):
         raise InvalidArgumentError(
-            f"{where}: {name} takes a dict of keyword options, got {type(value).__name__}; "
+            f"{name} takes a dict of keyword options, got {type(value).__name__}; "
             f"pass e.g. {name}={{'timeout': 30}}",
             options=[name],
         )
