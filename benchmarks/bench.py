@@ -515,7 +515,7 @@ def machine(redis_binary: str) -> dict[str, Any]:
     import redis
     import torch
 
-    from kvckpt.local_server import find_binary
+    from kvckpt.cli.local_server import find_binary
 
     binary = redis_binary or find_binary("redis-server")
     server = subprocess.run([binary, "--version"], capture_output=True, text=True)

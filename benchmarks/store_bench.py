@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--redis-server", default="", help="redis-server binary (default: from PATH)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # this checkout's kvckpt, whatever is installed
+    from kvckpt.cli.local_server import RedisServer
     from kvckpt.dcp.tensor_bytes import byte_view
-    from kvckpt.local_server import RedisServer
     from kvckpt.registry import open_store
     from kvckpt.store import RangeRead
     from kvckpt.transfer import Transfer

@@ -35,7 +35,7 @@ from kvckpt.errors import (
     UnsafeStoreConfigError,
     UnsafeStoreConfigWarning,
 )
-from kvckpt.manage import (
+from kvckpt.management.api import (
     CheckpointInfo,
     Entry,
     VerifyResult,
@@ -48,19 +48,19 @@ from kvckpt.manage import (
     list_orphans,
     verify,
 )
-from kvckpt.orphans import Orphan
+from kvckpt.management.orphans import Orphan
 from kvckpt.registry import open_store, register_backend
 from kvckpt.store import Capabilities, KVStore, RangeRead
-from kvckpt.tiers import DrainedCheckpoint, durable_checkpoints, newest_restorable
+from kvckpt.tiered.tiers import DrainedCheckpoint, durable_checkpoints, newest_restorable
 
 if TYPE_CHECKING:
     from kvckpt.dcp.api import load, save
-    from kvckpt.dcp.copy import CopyResult, copy
-    from kvckpt.dcp.drain import Drained, Drainer
-    from kvckpt.dcp.hook import install
     from kvckpt.dcp.reader import KVStorageReader
     from kvckpt.dcp.safe_load import SafeLoadPlanner
     from kvckpt.dcp.writer import KVStorageWriter
+    from kvckpt.integrations.hook import install
+    from kvckpt.tiered.copy import CopyResult, copy
+    from kvckpt.tiered.drain import Drained, Drainer
 
 __version__ = "0.1.0"
 
@@ -70,11 +70,11 @@ _LAZY = {
     "SafeLoadPlanner": "kvckpt.dcp.safe_load",
     "save": "kvckpt.dcp.api",
     "load": "kvckpt.dcp.api",
-    "copy": "kvckpt.dcp.copy",
-    "CopyResult": "kvckpt.dcp.copy",
-    "install": "kvckpt.dcp.hook",
-    "Drainer": "kvckpt.dcp.drain",
-    "Drained": "kvckpt.dcp.drain",
+    "copy": "kvckpt.tiered.copy",
+    "CopyResult": "kvckpt.tiered.copy",
+    "install": "kvckpt.integrations.hook",
+    "Drainer": "kvckpt.tiered.drain",
+    "Drained": "kvckpt.tiered.drain",
 }
 
 __all__ = [

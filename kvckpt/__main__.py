@@ -2,6 +2,6 @@
 
 import sys
 
-from kvckpt.cli import main
+from kvckpt.cli.main import main
 
 sys.exit(main())

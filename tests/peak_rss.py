@@ -16,9 +16,9 @@ import json
 import sys
 import time
 
-import kvckpt.dcp.copy
-import kvckpt.dcp.drain  # noqa: F401
-from kvckpt import cli
+import kvckpt.tiered.copy
+import kvckpt.tiered.drain  # noqa: F401
+from kvckpt.cli import main as cli
 
 with contextlib.suppress(ImportError):
     import s3fs  # noqa: F401  (a drain to s3:// imports it; the baseline should hold it)

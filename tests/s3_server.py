@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvckpt.local_server import free_port, stop_process, tail_of, wait_until
+from kvckpt.cli.local_server import free_port, stop_process, tail_of, wait_until
 from tests.harness.base import Throwaway
 
 #: moto accepts any credentials; these keep botocore from looking for real ones.

@@ -183,8 +183,8 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 
 def test_console_script_entry_point_is_the_cli() -> None:
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "kvckpt"]
-    assert script.value == "kvckpt.cli:main"
-    from kvckpt.cli import main
+    assert script.value == "kvckpt.cli.main:main"
+    from kvckpt.cli.main import main
 
     assert script.load() is main
 
@@ -201,7 +201,7 @@ def test_demo_on_a_private_server() -> None:
 
 def test_demo_against_a_given_store(redis_server: RedisServer, namespace: str) -> None:
     """In-process (the subprocess test above covers the command line): --url keeps its checkpoints."""
-    from kvckpt.dcp.demo import run_demo
+    from kvckpt.cli.demo import run_demo
 
     said: list[str] = []
     assert run_demo(redis_server.url(namespace), steps=6, every=2, keep=1, say=said.append) is True
@@ -284,7 +284,7 @@ def test_progress_bar_only_on_a_terminal(redis_server: RedisServer, namespace: s
 
 def test_management_commands_do_not_import_torch() -> None:
     """ls/info/verify/rm/keep-last must start fast: only cp and demo may pull in torch."""
-    code = "import sys, kvckpt, kvckpt.cli, kvckpt.manage; print('torch' in sys.modules)"
+    code = "import sys, kvckpt, kvckpt.cli.main, kvckpt.management.api; print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr

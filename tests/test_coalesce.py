@@ -9,7 +9,7 @@ import redis
 from hypothesis import given
 
 from kvckpt import open_store
-from kvckpt.coalesce import merge_spans, read_coalesced
+from kvckpt.dcp.coalesce import merge_spans, read_coalesced
 from kvckpt.store import KVStore, RangeRead
 from kvckpt.target import wrap_client
 from tests.conftest import Backend

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
 import kvckpt
-from kvckpt import origin
+from kvckpt.tiered import origin
 from tests.harness.servers import EtcdServer, RedisServer
 from tests.test_cli import kvckpt_cli
 
@@ -112,7 +112,7 @@ def test_a_store_folder_store_round_trip_keeps_step_and_commit_time(
     # dcp.save into the folder again: the sidecar names the .metadata it was written with, so the
     # new checkpoint there does not pass for step 2.
     dcp.save(state(7), storage_writer=FileSystemWriter(tmp_path / "b", overwrite=True), no_dist=True)
-    with caplog.at_level(logging.WARNING, logger="kvckpt.origin"):
+    with caplog.at_level(logging.WARNING, logger="kvckpt.tiered.origin"):
         kvckpt.copy(tmp_path / "b", url(f"{namespace}/resaved"))
     assert "describes another checkpoint" in caplog.text
     resaved = kvckpt.info(url(f"{namespace}/resaved"))

@@ -17,8 +17,8 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 import kvckpt
-from kvckpt.dcp.hook import installed
-from kvckpt.fsview import KVCheckpointFileSystem
+from kvckpt.integrations.fsview import KVCheckpointFileSystem
+from kvckpt.integrations.hook import installed
 from tests.harness.servers import RedisServer, free_port
 
 

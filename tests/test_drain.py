@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import kvckpt
-from kvckpt import tiers
+from kvckpt.tiered import tiers
 from tests.harness.proxy import FaultProxy
 from tests.harness.servers import RedisServer, free_port
 from tests.helpers import bits_equal, random_tensor

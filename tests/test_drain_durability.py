@@ -19,8 +19,8 @@ import pytest
 import redis
 
 import kvckpt
-from kvckpt import tiers
-from kvckpt.local_server import RedisServer
+from kvckpt.cli.local_server import RedisServer
+from kvckpt.tiered import tiers
 from tests.harness.proxy import FaultProxy
 from tests.ranks import ROOT
 from tests.s3_server import MotoServer
@@ -106,7 +106,7 @@ KILLED_WHILE_INSTALLING = """
 import os, sys
 import s3fs
 import kvckpt
-from kvckpt import tiers
+from kvckpt.tiered import tiers
 
 source, prefix = sys.argv[1:3]
 final = tiers.Destination(prefix).path("last")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvckpt
-from kvckpt.fsview import KVCheckpointFileSystem, register_fsspec
+from kvckpt.integrations.fsview import KVCheckpointFileSystem, register_fsspec
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kvckpt
-from kvckpt.dcp.lightning import KVCheckpointIO, split_tensors
+from kvckpt.integrations.lightning import KVCheckpointIO, split_tensors
 from tests.harness.servers import RedisServer
 from tests.jobs import finish, start
 
@@ -90,7 +90,7 @@ def test_last_checkpoint_lookup_keeps_the_url(kvckpt_url: str) -> None:
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from kvckpt.dcp.lightning import KVModelCheckpoint
+    from kvckpt.integrations.lightning import KVModelCheckpoint
 
     io = KVCheckpointIO()
     for name in ("last.ckpt", "last-v1.ckpt", "step=4.ckpt", "lastly.ckpt"):
@@ -110,7 +110,7 @@ def test_last_checkpoint_lookup_keeps_the_url(kvckpt_url: str) -> None:
 CALLBACKS_FIRST = """
 import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
-from kvckpt.dcp.lightning import KVCheckpointIO, KVModelCheckpoint
+from kvckpt.integrations.lightning import KVCheckpointIO, KVModelCheckpoint
 
 for cls in (KVModelCheckpoint, ModelCheckpoint):
     assert cls(dirpath=sys.argv[1]).dirpath == sys.argv[1]

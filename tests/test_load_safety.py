@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import kvckpt
-from kvckpt import cli
+from kvckpt.cli import main as cli
 from kvckpt.dcp import safe_load
 from kvckpt.errors import PickleLoadWarning, UnsafeObjectError
 from tests.harness.servers import RedisServer

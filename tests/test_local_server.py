@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvckpt.local_server import (
+from kvckpt.cli.local_server import (
     RedisServer,
     ServerStartError,
     allocator_of,

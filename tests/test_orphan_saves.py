@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 import kvckpt
-from kvckpt import layout, orphans
+from kvckpt import layout
+from kvckpt.management import orphans
 from tests.harness.servers import RedisServer
 from tests.ranks import run_ranks
 from tests.test_cli import kvckpt_cli

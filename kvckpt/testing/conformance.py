@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from kvckpt.errors import KVCheckpointError
-from kvckpt.orphans import require_conditional_commit
+from kvckpt.management.orphans import require_conditional_commit
 from kvckpt.store import Commit, KVStore, RangeRead
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ def kvckpt_tcp_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def kvckpt_redis_server() -> Iterator[Any]:
     """A real redis-server for the session (skips the requesting test when no binary is found)."""
-    from kvckpt.local_server import RedisServer, find_binary
+    from kvckpt.cli.local_server import RedisServer, find_binary
 
     try:
         binary = find_binary("redis-server")

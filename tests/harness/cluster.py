@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvckpt.local_server import REDIS_CHECKPOINT_SETTINGS, RedisServer, find_binary, free_port, wait_until
+from kvckpt.cli.local_server import REDIS_CHECKPOINT_SETTINGS, RedisServer, find_binary, free_port, wait_until
 from tests.harness.base import Throwaway, _info, redis_call
 
 

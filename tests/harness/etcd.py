@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvckpt.local_server import find_binary, free_port, stop_process, tail_of, wait_until
+from kvckpt.cli.local_server import find_binary, free_port, stop_process, tail_of, wait_until
 from tests.harness.base import Throwaway
 from tests.harness.tls import TLSFiles
 

@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from kvckpt.local_server import find_binary
+from kvckpt.cli.local_server import find_binary
 from tests.harness.tls import TLSFiles
 
 

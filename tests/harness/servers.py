@@ -1,6 +1,6 @@
 """The throw-away servers tests and benchmarks start, under one import (see the modules beside it)."""
 
-from kvckpt.local_server import (
+from kvckpt.cli.local_server import (
     REDIS_CHECKPOINT_SETTINGS,
     REDIS_KEEP_FREED_MEMORY_ENV,
     RedisServer,

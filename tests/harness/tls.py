@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from kvckpt.local_server import RedisServer
+from kvckpt.cli.local_server import RedisServer
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from kvckpt.dcp.lightning import KVCheckpointIO, KVModelCheckpoint
 from kvckpt.dcp.writer import KVStorageWriter
+from kvckpt.integrations.lightning import KVCheckpointIO, KVModelCheckpoint
 
 BATCHES_PER_EPOCH = 4
 EVERY_N_STEPS = 4

@@ -45,9 +45,9 @@ import kvckpt
 # Every actor's module is imported before a run patches the ``time`` they see, even in a process's
 # first run (kvckpt imports its torch parts lazily).
 import kvckpt.dcp.api
-import kvckpt.dcp.drain
-import kvckpt.heartbeat
 import kvckpt.layout
+import kvckpt.protocol.heartbeat
+import kvckpt.tiered.drain
 import kvckpt.transfer
 from kvckpt import layout, record
 from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
@@ -122,7 +122,7 @@ class _HostClock:
 
 
 class _Threading:
-    """``threading`` for kvckpt.heartbeat: a thread it starts belongs to the actor that started it."""
+    """``threading`` for the heartbeat module: a thread it starts belongs to the actor that started it."""
 
     def __init__(self, sched: Scheduler) -> None:
         class Thread(threading.Thread):
@@ -175,7 +175,7 @@ def _patched(world: World) -> Iterator[None]:
 
     put(kvckpt.layout, "new_save_id", world.new_save_id)
     put(kvckpt.transfer, "ThreadPoolExecutor", _actor_pool(sched))
-    put(kvckpt.heartbeat, "threading", _Threading(sched))
+    put(kvckpt.protocol.heartbeat, "threading", _Threading(sched))
     clock = _HostClock(world)
     for name, module in list(sys.modules.items()):
         if name.startswith("kvckpt") and getattr(module, "time", None) is time:
