@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from kvckpt import humanize, manage
+from kvckpt import humanize
+from kvckpt.cli.local_server import RedisServer, find_redis_server
 from kvckpt.dcp.api import load, save
-from kvckpt.local_server import RedisServer, find_redis_server
+from kvckpt.management import api as manage
 from kvckpt.registry import parse_url
 
 WIDTH, BATCH = 1024, 32

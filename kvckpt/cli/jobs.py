@@ -14,15 +14,16 @@ import sys
 import time
 from typing import Any
 
-from kvckpt import humanize, manage
-from kvckpt.cli_output import emit_json, out
+from kvckpt import humanize
+from kvckpt.cli.output import emit_json, out
+from kvckpt.cli.progress import progress_bar
 from kvckpt.errors import KVCheckpointError
-from kvckpt.progress import progress_bar
+from kvckpt.management import api as manage
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    from kvckpt.dcp.copy import copy
     from kvckpt.registry import owns
+    from kvckpt.tiered.copy import copy
 
     started = time.perf_counter()
     total = manage.info(args.src).total_bytes if owns(args.src) else folder_bytes(args.src)
@@ -56,7 +57,7 @@ def folder_bytes(path: str) -> int | None:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from kvckpt.dcp.drain import run_command
+    from kvckpt.tiered.drain import run_command
 
     options = {key: _option_value(value) for key, _, value in (o.partition("=") for o in args.storage_option)}
     return run_command(
@@ -82,13 +83,13 @@ def _option_value(text: str) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kvckpt.dcp.demo import run_demo
+    from kvckpt.cli.demo import run_demo
 
     return 0 if run_demo(url=args.url, steps=args.steps, every=args.every, keep=args.keep, say=out) else 1
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from kvckpt.local_server import (
+    from kvckpt.cli.local_server import (
         REDIS_KEEP_FREED_MEMORY_ENV,
         RedisServer,
         ServerStartError,

@@ -17,13 +17,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import kvckpt
-from kvckpt import humanize, layout, manage, orphans
-from kvckpt.cli_jobs import cmd_cp, cmd_demo, cmd_drain, cmd_server
-from kvckpt.cli_output import emit_json, out, show
+from kvckpt import humanize, layout
+from kvckpt.cli.jobs import cmd_cp, cmd_demo, cmd_drain, cmd_server
+from kvckpt.cli.output import emit_json, out, show
+from kvckpt.cli.progress import progress_bar
 from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
 from kvckpt.humanize import printable
-from kvckpt.orphans import Orphan
-from kvckpt.progress import progress_bar
+from kvckpt.management import api as manage
+from kvckpt.management import orphans
+from kvckpt.management.orphans import Orphan
 from kvckpt.registry import parse_url
 from kvckpt.urls import StoreURL, redact, redact_url
 

@@ -27,9 +27,6 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageReader
 
-from kvckpt import orphans
-from kvckpt.dcp.copy import durable_reader
-from kvckpt.dcp.copy import read_metadata as read_durable_metadata
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.safe_load import SafeLoadPlanner as SafeLoadPlanner  # re-exported: kvckpt.SafeLoadPlanner
 from kvckpt.dcp.writer import KVStorageWriter
@@ -43,8 +40,11 @@ from kvckpt.errors import (
     UnpicklableValueError,
 )
 from kvckpt.humanize import printable
+from kvckpt.management import orphans
 from kvckpt.registry import owns, parse_url
 from kvckpt.target import checkpoint_text
+from kvckpt.tiered.copy import durable_reader
+from kvckpt.tiered.copy import read_metadata as read_durable_metadata
 
 Diagnosis = Callable[[], KVCheckpointError | None]
 

@@ -4,7 +4,7 @@ A ReadItem asks for a box of one stored tensor. When that box is one contiguous 
 slice) only those bytes are fetched, widened to checksum-block boundaries, straight into the target
 tensor's memory when it is a CPU tensor of the same dtype; otherwise the whole rows (dim-0 slices)
 holding the box are fetched into a scratch tensor and the box copied out of it. Ranges of one key that
-overlap or touch are fetched once (kvckpt.coalesce).
+overlap or touch are fetched once (kvckpt.dcp.coalesce).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from torch.futures import Future
 
 from kvckpt import layout, record
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
-from kvckpt.coalesce import read_coalesced
+from kvckpt.dcp.coalesce import read_coalesced
 from kvckpt.dcp.codec import DTYPES, decode_metadata
+from kvckpt.dcp.gcpause import paused_gc
 from kvckpt.dcp.safe_load import hand_over
 from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, row_slab, writable_byte_view
 from kvckpt.deadline import shared
@@ -34,7 +35,6 @@ from kvckpt.errors import (
     CorruptCheckpointError,
     KVCheckpointError,
 )
-from kvckpt.gcpause import paused_gc
 from kvckpt.store import RangeRead
 from kvckpt.target import Addressed
 from kvckpt.transfer import Transfer

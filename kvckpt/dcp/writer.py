@@ -27,10 +27,10 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from kvckpt import layout, orphans, record
+from kvckpt import layout, record
 from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
-from kvckpt.commit import Committer, discard, left_to_gc, retire
 from kvckpt.dcp.codec import dtype_name, encode_metadata
+from kvckpt.dcp.gcpause import paused_gc
 from kvckpt.dcp.tensor_bytes import byte_view, host_contiguous
 from kvckpt.deadline import Deadline, using
 from kvckpt.errors import (
@@ -38,8 +38,9 @@ from kvckpt.errors import (
     CorruptCheckpointError,
     KVCheckpointError,
 )
-from kvckpt.gcpause import paused_gc
-from kvckpt.heartbeat import DEFAULT_LIVE_TTL, Heartbeat
+from kvckpt.management import orphans
+from kvckpt.protocol.commit import Committer, discard, left_to_gc, retire
+from kvckpt.protocol.heartbeat import DEFAULT_LIVE_TTL, Heartbeat
 from kvckpt.store import Buffer, KVStore
 from kvckpt.target import Addressed
 from kvckpt.transfer import Transfer
@@ -352,11 +353,11 @@ class KVStorageWriter(Addressed, StorageWriter):
         if outcome.previous is not None:
             retire(store, self.target.namespace, outcome.previous, set(keys))
 
-    # Liveness (kvckpt.heartbeat): what keeps kvckpt.gc away from this save -------------------
+    # Liveness (kvckpt.protocol.heartbeat): what keeps kvckpt.gc away from this save -------------------
 
     def _begin_live(self, store: KVStore) -> None:
         """Before any data of the new generation is written: reclaim what earlier saves to this
-        namespace left when they died (kvckpt.orphans.before_save), then mark this save alive for
+        namespace left when they died (kvckpt.management.orphans.before_save), then mark this save alive for
         as long as it runs."""
         self._end_live()
         try:
@@ -390,7 +391,7 @@ class KVStorageWriter(Addressed, StorageWriter):
             self._left.append(f"its liveness marker (expires within live_ttl={self.live_ttl:g}s)")
 
     def _discard(self, store: KVStore, keys: list[str]) -> bool:
-        """Remove this failed save's ``keys`` (kvckpt.commit.discard); True when all are gone."""
+        """Remove this failed save's ``keys`` (kvckpt.protocol.commit.discard); True when all are gone."""
         if discard(store, keys):
             return True
         self._left.append("its data (expires after pending_ttl)" if self._pending_ttl(store) else "its data")

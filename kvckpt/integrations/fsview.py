@@ -21,7 +21,7 @@ from fsspec import AbstractFileSystem, register_implementation
 
 from kvckpt import layout
 from kvckpt.errors import KVCheckpointError
-from kvckpt.manage import CheckpointInfo, delete, list_checkpoints
+from kvckpt.management.api import CheckpointInfo, delete, list_checkpoints
 from kvckpt.registry import parse_url
 
 #: Schemes whose URLs end in the namespace, so a framework can join folder names onto them.

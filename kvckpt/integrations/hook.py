@@ -87,7 +87,7 @@ def install() -> None:
     probe and delete checkpoint folders through fsspec (Lightning's ModelCheckpoint, torchtitan's
     CheckpointManager) see committed checkpoints. Call it once per process, before the first save.
     """
-    from kvckpt.fsview import register_fsspec
+    from kvckpt.integrations.fsview import register_fsspec
 
     with _lock:
         for module in _MODULES:

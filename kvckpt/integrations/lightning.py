@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from kvckpt.dcp.api import SafeLoadPlanner, single_process_quietly, unwrapped_errors
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
-from kvckpt.fsview import register_fsspec
-from kvckpt.manage import delete
+from kvckpt.integrations.fsview import register_fsspec
+from kvckpt.management.api import delete
 from kvckpt.registry import owns
 
 #: The state-dict key of the non-tensor remainder; tensors sit at "tensor/<path>".

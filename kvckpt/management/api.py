@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kvckpt import catalog, layout, orphans, record
-from kvckpt.catalog import CheckpointInfo as CheckpointInfo  # re-exported: kvckpt.CheckpointInfo
-from kvckpt.catalog import Entry as Entry
+from kvckpt import layout, record
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, KVCheckpointError
 from kvckpt.layout import StoredChunk
+from kvckpt.management import catalog, orphans
+from kvckpt.management.catalog import CheckpointInfo as CheckpointInfo  # re-exported: kvckpt.CheckpointInfo
+from kvckpt.management.catalog import Entry as Entry
 from kvckpt.store import KVStore, batched
 from kvckpt.transfer import Transfer
 
@@ -218,7 +219,7 @@ def _delete_keys(store: KVStore, keys: Iterator[str] | list[str]) -> int:
 
 def _reclaim(store: KVStore, prefix: str, *, only_namespace: bool = False) -> list[orphans.Orphan]:
     """Remove the orphaned generations at or below ``prefix`` where the store can tell them apart
-    from a save about to commit (kvckpt.orphans.remove); elsewhere leave them, with a warning."""
+    from a save about to commit (kvckpt.management.orphans.remove); elsewhere leave them, with a warning."""
     if not store.capabilities.conditional_commit:
         log.warning("%s: orphaned generations are left (no conditional commit in this store)", prefix)
         return []

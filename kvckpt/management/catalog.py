@@ -1,6 +1,6 @@
 """What the records under a namespace say: checkpoint summaries, entries and stored item rows.
 
-Torch-free; kvckpt.manage builds the public management API on it.
+Torch-free; kvckpt.management.api builds the public management API on it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from kvckpt import deadline, layout, orphans, record
+from kvckpt import deadline, layout, record
 from kvckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from kvckpt.management import orphans
 from kvckpt.registry import parse_url
 from kvckpt.store import KVStore, batched
 from kvckpt.target import Resolver, checkpoint_text

@@ -4,7 +4,7 @@ A generation ``NAMESPACE/SAVE_ID/…`` is
 
 - *committed* when a record in its namespace (``.metadata`` or a rank's ``__R.metadata``) names it;
 - *in progress* while any save's marker ``NAMESPACE/.live/SAVE_ID`` exists in its namespace
-  (kvckpt.heartbeat): only a save's coordinator keeps a marker, while the other ranks of that save
+  (kvckpt.protocol.heartbeat): only a save's coordinator keeps a marker, while the other ranks of that save
   write under generations they drew themselves, so a marker protects its whole namespace;
 - an *orphan* otherwise: the save died before committing, or lost its commit race.
 
@@ -19,7 +19,7 @@ one namespace ran at the same time).
 
 Only orphans are ever removed. A namespace whose record cannot be decoded keeps every generation (it
 cannot be told which one is committed), and so does a generation directory holding a nested record.
-Torch-free, like kvckpt.manage.
+Torch-free, like kvckpt.management.api.
 """
 
 from __future__ import annotations

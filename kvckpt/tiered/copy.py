@@ -9,7 +9,7 @@ Both ends are driven through DCP's own StorageReader/StorageWriter calls, item b
   than a quarter of it is copied from a store as dim-0 slices (a folder source holds one stored item);
 - non-tensor values travel as the bytes DCP stored: nothing is unpickled. (Reading a folder's
   ``.metadata`` is DCP's own pickle load, as in ``dcp.load``: import only folders you trust.)
-- a copy keeps its source's step and commit time, into a folder as a JSON sidecar (kvckpt.origin)
+- a copy keeps its source's step and commit time, into a folder as a JSON sidecar (kvckpt.tiered.origin)
   that a copy out of that folder reads back.
 """
 
@@ -49,7 +49,6 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
-from kvckpt import origin
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
 from kvckpt.errors import (
@@ -61,7 +60,8 @@ from kvckpt.errors import (
 )
 from kvckpt.registry import owns, schemes
 from kvckpt.target import checkpoint_text
-from kvckpt.tiers import open_fsspec
+from kvckpt.tiered import origin
+from kvckpt.tiered.tiers import open_fsspec
 from kvckpt.urls import redact, scheme_of
 
 METADATA_FILE = origin.METADATA_FILE
@@ -354,7 +354,7 @@ def _umask() -> int:
 
 def _origin(reader: StorageReader, src: str | os.PathLike[str]) -> origin.Origin | None:
     """The source's step and commit time: a copy keeps them, so latest() and keep_last order it as
-    its source. A folder says them in the drainer's marker or a copy's sidecar (kvckpt.origin)."""
+    its source. A folder says them in the drainer's marker or a copy's sidecar (kvckpt.tiered.origin)."""
     if not isinstance(reader, KVStorageReader):
         return origin.read(Path(src))
     body = reader.record_body

@@ -1,11 +1,11 @@
 """Drain committed checkpoints from a kvckpt store to durable storage, in a process beside the job.
 
 The drainer polls the store prefix (a SCAN of records, as ``kvckpt ls``), picks what is due and copies
-it with :mod:`kvckpt.dcp.copy`'s bounded streaming: checksums are verified as the store is read, at
+it with :mod:`kvckpt.tiered.copy`'s bounded streaming: checksums are verified as the store is read, at
 most ``group_bytes`` of it is held, and what lands is a plain DCP checkpoint written by DCP's own
 ``FileSystemWriter`` (local folders) or ``FsspecWriter`` (``s3://…`` and any fsspec URL).
 
-A copy is complete only once ``.kvckpt-drained.json`` is in it (:mod:`kvckpt.tiers`), and a copy is
+A copy is complete only once ``.kvckpt-drained.json`` is in it (:mod:`kvckpt.tiered.tiers`), and a copy is
 never removed before its replacement is complete: a local copy is written into a hidden sibling
 folder and renamed into place with its marker; on an object store (no rename) the first copy of a
 name is written in place with ``.kvckpt-draining.json`` first and the marker last, and a replacement
@@ -32,8 +32,7 @@ from typing import Any
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from kvckpt import humanize, manage
-from kvckpt.dcp.copy import METADATA_FILE, CopyPlan, StagedFolderWriter, plan_for, write_copy
+from kvckpt import humanize
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.errors import (
     CheckpointChangedError,
@@ -42,9 +41,11 @@ from kvckpt.errors import (
     CorruptCheckpointError,
     KVCheckpointError,
 )
-from kvckpt.manage import CheckpointInfo
+from kvckpt.management import api as manage
+from kvckpt.management.api import CheckpointInfo
 from kvckpt.registry import parse_url
-from kvckpt.tiers import IN_PROGRESS, MARKER, Destination
+from kvckpt.tiered.copy import METADATA_FILE, CopyPlan, StagedFolderWriter, plan_for, write_copy
+from kvckpt.tiered.tiers import IN_PROGRESS, MARKER, Destination
 from kvckpt.urls import redact
 
 log = logging.getLogger("kvckpt.drain")

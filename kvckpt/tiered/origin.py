@@ -5,7 +5,7 @@ records neither. So that a checkpoint keeps its place through a folder (``kvckpt
 store, or a restore from the durable tier), the folders kvckpt writes say it beside DCP's files, in
 JSON, never a pickle:
 
-- ``.kvckpt-drained.json``, the drainer's completion marker (kvckpt.tiers);
+- ``.kvckpt-drained.json``, the drainer's completion marker (kvckpt.tiered.tiers);
 - ``.kvckpt-source.json`` (:data:`SIDECAR`), written by a copy into a folder.
 
 Both leave the folder a plain DCP checkpoint: DCP's readers open ``.metadata`` and the files it
@@ -27,8 +27,8 @@ from typing import Any
 
 import xxhash
 
-from kvckpt import tiers
 from kvckpt.errors import CorruptCheckpointError
+from kvckpt.tiered import tiers
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from kvckpt import catalog, manage
 from kvckpt.errors import (
     InvalidCheckpointIdError,
     KVCheckpointError,
     MissingDependencyError,
     StoreUnavailableError,
 )
+from kvckpt.management import api as manage
+from kvckpt.management import catalog
 from kvckpt.registry import owns, parse_url, schemes
 from kvckpt.urls import redact, scheme_of
 
@@ -172,7 +173,7 @@ class Destination:
         return found
 
     def checkpoints(self) -> list[DrainedCheckpoint]:
-        """One complete copy per name, oldest source first (kvckpt.catalog.newest_last: the store's
+        """One complete copy per name, oldest source first (kvckpt.management.catalog.newest_last: the store's
         order); damaged markers are skipped.
 
         The copy at the name where it is complete, else (a replacement cut short or still being moved
