@@ -25,8 +25,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 import kvckpt
 from kvckpt.registry import open_store
 from kvckpt.store import KVStore, RangeRead
-from kvckpt.stores.redis import transport as resp
-from kvckpt.stores.redis import wrap_client
+from kvckpt.stores.redis import resp, transport, wrap_client
 from kvckpt.stores.redis.client import ClientStore
 from kvckpt.stores.redis.standalone import RedisStore
 from kvckpt.testing.conformance import StoreTests
@@ -42,16 +41,16 @@ EDGES = sorted(
         0,
         1,
         2,
-        resp.DIRECT_SEND - 1,
-        resp.DIRECT_SEND,
-        resp.DIRECT_SEND + 1,
+        transport.DIRECT_SEND - 1,
+        transport.DIRECT_SEND,
+        transport.DIRECT_SEND + 1,
         resp.READ_BUFFER - 1,
         resp.READ_BUFFER,
         resp.READ_BUFFER + 3,
-        resp.READ_PIECE - 1,
-        resp.READ_PIECE + 1,
-        2 * resp.READ_PIECE,
-        resp.SEND_BUFFER + 5,
+        transport.READ_PIECE - 1,
+        transport.READ_PIECE + 1,
+        2 * transport.READ_PIECE,
+        transport.SEND_BUFFER + 5,
         (4 << 20) + 7,
     }
 )
@@ -83,7 +82,7 @@ def tiny_buffers(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
     read_buffer, direct, piece = request.param
     monkeypatch.setattr(resp, "READ_BUFFER", read_buffer)
     monkeypatch.setattr(resp, "DIRECT_RECV", direct)
-    monkeypatch.setattr(resp, "READ_PIECE", piece)
+    monkeypatch.setattr(transport, "READ_PIECE", piece)
 
 
 # Which path a store takes ----------------------------------------------------------------------
@@ -259,15 +258,15 @@ class DyingSocket:
 def dying(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[int]]]:
     """Budgets of received bytes, one per new connection (a connection without one is healthy)."""
     budgets: list[list[int]] = []
-    real_connect = resp.RespConnection.connect
+    real_connect = transport.RespConnection.connect
 
-    def connect(self: resp.RespConnection, wait: float | None = None) -> None:
+    def connect(self: transport.RespConnection, wait: float | None = None) -> None:
         real_connect(self, wait)
         if budgets:
             assert self._sock is not None
             self._sock = DyingSocket(self._sock, budgets.pop(0), "reset" if len(budgets) % 2 else "eof")  # type: ignore[assignment]
 
-    monkeypatch.setattr(resp.RespConnection, "connect", connect)
+    monkeypatch.setattr(transport.RespConnection, "connect", connect)
     yield budgets
 
 
@@ -366,21 +365,21 @@ def test_dcp_partial_reads_at_odd_offsets_across_chunks(redis_server: RedisServe
     reader.target.store.close()
 
 
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.parametrize("link", ["tcp", "unix"])
 def test_dcp_round_trip_with_chunks_at_odd_sizes(
-    redis_server: RedisServer, namespace: str, transport: str
+    redis_server: RedisServer, namespace: str, link: str
 ) -> None:
-    url = redis_server.url(namespace) if transport == "tcp" else redis_server.unix_url(namespace)
+    url = redis_server.url(namespace) if link == "tcp" else redis_server.unix_url(namespace)
     state: dict[str, Any] = {
         "big": random_tensor((513, 1031), torch.float32, seed=1),  # ~2 MiB over chunks of 300,001 bytes
-        "edge": random_tensor((resp.DIRECT_SEND + 1,), torch.uint8, seed=2),
+        "edge": random_tensor((transport.DIRECT_SEND + 1,), torch.uint8, seed=2),
         "many": {str(i): random_tensor((i + 1,), torch.bfloat16, seed=i) for i in range(300)},
         "step": 7,
     }
     kvckpt.save(state, url, chunk_bytes=300_001, block_bytes=65_537, io_threads=3)
     loaded: dict[str, Any] = {
         "big": torch.zeros(513, 1031),
-        "edge": torch.zeros(resp.DIRECT_SEND + 1, dtype=torch.uint8),
+        "edge": torch.zeros(transport.DIRECT_SEND + 1, dtype=torch.uint8),
         "many": {k: torch.zeros_like(v) for k, v in state["many"].items()},
         "step": 0,
     }

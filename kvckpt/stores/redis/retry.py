@@ -21,13 +21,14 @@ from typing import TypeVar
 import redis.exceptions as rex
 
 from kvckpt.deadline import Deadline, Passed, current
-from kvckpt.errors import InvalidStoreOptionError
+from kvckpt.errors import InvalidStoreOptionError, StoreProtocolError
 
 logger = logging.getLogger("kvckpt.stores.redis")
 
 T = TypeVar("T")
 
-#: Failures after which an idempotent operation is sent again on a fresh connection.
+#: Failures after which an idempotent operation is sent again on a fresh connection (but a reply that
+#: is not RESP, StoreProtocolError: the same server would answer the same way).
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, rex.ConnectionError, rex.TimeoutError)
 
 
@@ -70,7 +71,7 @@ class RetryPolicy:
         where: str,
         what: str,
         retry_on: tuple[type[BaseException], ...] = RETRYABLE,
-        give_up_on: tuple[type[BaseException], ...] = (rex.AuthenticationError,),
+        give_up_on: tuple[type[BaseException], ...] = (rex.AuthenticationError, StoreProtocolError),
         deadline: Deadline | None = None,
     ) -> T:
         """``attempt()`` until it returns, retrying ``retry_on`` failures within the policy's bounds

@@ -4,11 +4,12 @@ Values leave from, and land in, the caller's memory. redis-py hands every reply 
 object (one copy there, another into the tensor) and sends each memoryview argument with its own
 ``sendall`` (10,000 small values: 10,000 syscalls). Here a batch is one write of its small parts,
 large values go out straight from the tensor's memory, and each GETRANGE reply is received straight
-into its destination (``recv_into``, which works on an ``SSLSocket`` too).
+into its destination (``recv_into``, which works on an ``SSLSocket`` too). This module holds the
+sockets, the login, the pool and the send-once commit; packing and reading replies are resp.py's.
 
 Failures are raised as redis-py's exception classes, so the stores translate them into kvckpt's errors
-the same way whether they came from here or from a redis-py client (Cluster, an injected client).
-Every operation retries through one ``RetryPolicy``.
+the same way whether they came from here or from a redis-py client (Cluster, an injected client); a
+reply that is not RESP is StoreProtocolError. Every operation retries through one ``RetryPolicy``.
 """
 
 from __future__ import annotations
@@ -22,84 +23,29 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 import redis.exceptions as rex
 
-from kvckpt._buffers import flat_view, key_bytes
+from kvckpt._buffers import flat_view
 from kvckpt.deadline import Deadline, current
 from kvckpt.store import Buffer, RangeRead
+from kvckpt.stores.redis.resp import Arg as Arg  # "as": the stores import these three from here
+from kvckpt.stores.redis.resp import Reply as Reply
+from kvckpt.stores.redis.resp import RespReader, arg_bytes, pack
+from kvckpt.stores.redis.resp import raise_first as raise_first
 from kvckpt.stores.redis.retry import RetryPolicy
+
+T = TypeVar("T")
 
 #: A value at least this large is sent from its own memory rather than copied into the batch buffer.
 DIRECT_SEND = 64 << 10
-#: A reply still missing at least this many bytes is received straight into its destination.
-DIRECT_RECV = 64 << 10
 #: Ranges are asked for in pieces of at most this size. The server copies each reply into a buffer
 #: of the reply's size; pieces this small reuse its allocator's free memory, where a 4 MiB reply
 #: took fresh pages (redis-server 7.0 with jemalloc: ~55,000 page faults per 512 MiB read; 1 MiB: none).
 READ_PIECE = 1 << 20
 #: Small parts of a batch are flushed to the socket once this much has accumulated.
 SEND_BUFFER = 1 << 20
-READ_BUFFER = 256 << 10
-#: A status or header line longer than this means the stream is not RESP (or is out of step).
-MAX_LINE = 64 << 10
-
-#: A reply: status line (str), integer, bulk string (bytes, None when nil), array, or an error reply.
-Reply: TypeAlias = "str | int | bytes | list[Reply] | rex.RedisError | None"
-Arg: TypeAlias = "str | bytes | int | Buffer"
-T = TypeVar("T")
-
-_ERROR_CODES: dict[bytes, type[rex.RedisError]] = {
-    b"OOM": rex.OutOfMemoryError,
-    b"NOAUTH": rex.AuthenticationError,
-    b"WRONGPASS": rex.AuthenticationError,
-    b"NOPERM": rex.NoPermissionError,
-    b"READONLY": rex.ReadOnlyError,
-    b"LOADING": rex.BusyLoadingError,
-    b"TRYAGAIN": rex.TryAgainError,
-    b"CLUSTERDOWN": rex.ClusterDownError,
-}
-
-
-#: Cluster redirections: the exception is built from the text after the code ("SLOT HOST:PORT").
-_REDIRECTIONS: dict[bytes, type[rex.AskError]] = {b"MOVED": rex.MovedError, b"ASK": rex.AskError}
-
-
-def server_error(line: bytes) -> rex.RedisError:
-    """An error reply (after its '-') as the redis-py exception for its code (the reply's first word)."""
-    code, _, rest = line.partition(b" ")
-    text = line.decode("utf-8", "replace")
-    redirection = _REDIRECTIONS.get(code)
-    if redirection is not None and rest.count(b" ") == 1 and b":" in rest:
-        return redirection(rest.decode("utf-8", "replace"))
-    return _ERROR_CODES.get(code, rex.ResponseError)(text)
-
-
-def _arg(value: Arg) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return key_bytes(value)
-    if isinstance(value, int):
-        return str(value).encode()
-    return bytes(flat_view(value))
-
-
-def pack(*args: Arg) -> bytes:
-    """One command as a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in map(_arg, args):
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
-
-
-def raise_first(replies: Sequence[T]) -> list[T]:
-    """``replies`` as a list, once none of them is an error reply (else the first one is raised)."""
-    for reply in replies:
-        if isinstance(reply, rex.RedisError):
-            raise reply
-    return list(replies)
 
 
 @dataclass(frozen=True)
@@ -134,9 +80,8 @@ class RespConnection:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._sock: socket.socket | None = None
-        self._buf = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buf)
-        self._pos = self._end = 0
+        where = endpoint.unix_path or f"{endpoint.host}:{endpoint.port}"
+        self._reader = RespReader(self._recv_into, source=f"Redis at {where}")
         #: How long each operation may wait at most, asked as it starts (RetryPolicy.left: the deadline).
         self.bound: Callable[[], float] | None = None
 
@@ -166,7 +111,8 @@ class RespConnection:
                     sock.close()
                     raise
         sock.settimeout(ep.timeout if wait is None else wait)
-        self._sock, self._pos, self._end = sock, 0, 0
+        self._sock = sock
+        self._reader.clear()
         setup: list[tuple[Arg, ...]] = []
         if ep.username:  # as redis-py does: a user without a password authenticates with ""
             setup.append(("AUTH", ep.username, ep.password or ""))
@@ -184,6 +130,11 @@ class RespConnection:
                     raise rex.AuthenticationError(str(reply))
                 raise reply
 
+    def _recv_into(self, view: memoryview) -> int:
+        if self._sock is None:
+            raise rex.ConnectionError("the connection is closed")
+        return self._sock.recv_into(view)
+
     def drop_if_stale(self) -> None:
         """Close an idle connection the server closed (or wrote to unasked): reuse would fail mid-batch."""
         if self._sock is not None and select.select([self._sock], [], [], 0)[0]:
@@ -191,7 +142,7 @@ class RespConnection:
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
-        self._pos = self._end = 0
+        self._reader.clear()
         if sock is not None:
             sock.close()
 
@@ -218,7 +169,7 @@ class RespConnection:
         """Pipeline small commands; error replies come back as exception objects, in place."""
         with self._io() as sock:
             sock.sendall(b"".join(pack(*command) for command in commands))
-            return [self._reply() for _ in commands]
+            return [self._reader.reply() for _ in commands]
 
     def set_many(self, items: Sequence[tuple[str, Buffer]], px: int | None) -> list[Reply]:
         """SET each key (with PX when given); error replies come back as exception objects, in place."""
@@ -227,7 +178,7 @@ class RespConnection:
         with self._io() as sock:
             out = bytearray()
             for key, value in items:
-                k = _arg(key)
+                k = arg_bytes(key)
                 data = flat_view(value)
                 out += b"%s$%d\r\n%s\r\n$%d\r\n" % (head, len(k), k, data.nbytes)
                 if data.nbytes >= DIRECT_SEND:
@@ -242,7 +193,7 @@ class RespConnection:
                     out.clear()
             if out:
                 sock.sendall(out)
-            return [self._reply() for _ in items]
+            return [self._reader.reply() for _ in items]
 
     def getrange_into(self, reads: Sequence[RangeRead]) -> list[int | rex.RedisError]:
         """GETRANGE each read's bytes straight into its buffer; returns how many bytes each got, or
@@ -260,105 +211,13 @@ class RespConnection:
             sock.sendall(out)
             counts: list[int | rex.RedisError] = [0] * len(reads)
             for i, piece in pieces:
-                line = self._line()
-                if line[:1] == b"$":
-                    got = self._bulk_into(int(line[1:]), piece)
-                    count = counts[i]
-                    if isinstance(count, int):
-                        counts[i] = count + got
-                elif line[:1] == b"-":
-                    counts[i] = server_error(line[1:])
-                else:
-                    raise rex.InvalidResponse(f"unexpected reply {line[:40]!r} to GETRANGE")
+                got = self._reader.bulk_into(piece, "GETRANGE")
+                count = counts[i]
+                if isinstance(got, rex.RedisError):
+                    counts[i] = got
+                elif isinstance(count, int):
+                    counts[i] = count + got
             return counts
-
-    # Reading -----------------------------------------------------------------------------------
-
-    def _fill(self) -> None:
-        """Receive more bytes into the read buffer (at least one, or ConnectionError)."""
-        assert self._sock is not None
-        if self._pos == self._end:
-            self._pos = self._end = 0
-        elif self._end == len(self._buf):  # full: move the unread tail to the front, or grow
-            size = self._end - self._pos
-            if self._pos == 0:  # one line fills the whole buffer (bounded by MAX_LINE)
-                bigger = bytearray(2 * len(self._buf))
-                bigger[:size] = self._view
-                self._buf, self._view = bigger, memoryview(bigger)
-            else:
-                self._buf[:size] = self._buf[self._pos : self._end]  # a copy first: the ranges overlap
-            self._pos, self._end = 0, size
-        received = self._sock.recv_into(self._view[self._end :])
-        if not received:
-            raise rex.ConnectionError("Redis closed the connection mid-reply")
-        self._end += received
-
-    def _line(self) -> bytes:
-        while True:
-            at = self._buf.find(b"\r\n", self._pos, self._end)
-            if at >= 0:
-                line = bytes(self._view[self._pos : at])
-                self._pos = at + 2
-                return line
-            if self._end - self._pos > MAX_LINE:
-                raise rex.InvalidResponse("reply line too long: the connection is not speaking RESP")
-            self._fill()
-
-    def _read_into(self, dest: memoryview) -> None:
-        """Fill ``dest`` exactly: buffered bytes first, then straight from the socket when much is left."""
-        assert self._sock is not None
-        want, got = dest.nbytes, 0
-        while got < want:
-            if self._pos == self._end and want - got >= DIRECT_RECV:
-                received = self._sock.recv_into(dest[got:])
-                if not received:
-                    raise rex.ConnectionError("Redis closed the connection mid-reply")
-                got += received
-                continue
-            if self._pos == self._end:
-                self._fill()
-            take = min(self._end - self._pos, want - got)
-            dest[got : got + take] = self._view[self._pos : self._pos + take]
-            self._pos += take
-            got += take
-
-    def _crlf(self) -> None:
-        while self._end - self._pos < 2:
-            self._fill()
-        if self._buf[self._pos] != 13 or self._buf[self._pos + 1] != 10:  # CR LF
-            raise rex.InvalidResponse("bulk reply not followed by CRLF: the stream is out of step")
-        self._pos += 2
-
-    def _bulk_into(self, length: int, dest: memoryview) -> int:
-        """The body of a bulk reply of ``length`` bytes (never more than asked for) into ``dest``."""
-        if length < 0:
-            return 0
-        if length > dest.nbytes:
-            raise rex.InvalidResponse(f"a {length}-byte reply to a {dest.nbytes}-byte request")
-        self._read_into(dest[:length])
-        self._crlf()
-        return length
-
-    def _reply(self) -> Reply:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest.decode("utf-8", "replace")
-        if kind == b":":
-            return int(rest)
-        if kind == b"-":
-            return server_error(rest)
-        if kind == b"$":
-            length = int(rest)
-            if length < 0:
-                return None
-            data = bytearray(length)
-            self._bulk_into(length, memoryview(data))
-            return bytes(data)
-        if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [self._reply() for _ in range(count)]
-        raise rex.InvalidResponse(f"unknown reply type {line[:40]!r}")
 
 
 class Transport:
