@@ -1,11 +1,15 @@
 """The few etcd v3 gRPC messages kvckpt needs, encoded and decoded by hand (protobuf wire format).
 
-Why by hand: the published etcd clients ship ``*_pb2.py`` generated for one protobuf major version
-(``etcd3`` 0.12 fails to import under protobuf >= 4; ``etcd-sdk-python`` needs >= 5.27 and does not
-declare it), so they break whenever the user's other packages pin protobuf. The wire format of the
-messages used here is tiny and frozen by etcd's API compatibility promise, so kvckpt needs only
-``grpcio`` with identity serializers. It also saves copies: a value goes into the request as a
-buffer joined once, and replies are parsed into memoryviews of the received bytes.
+Why by hand: each published etcd client ships ``*_pb2.py`` generated for one range of protobuf
+versions, and breaks when the user's other packages pin protobuf outside it. ``etcd3`` 0.12.0 (its
+latest) declares ``protobuf>=3.6.1``, yet under protobuf 4.21, 5.29 and 7.36 ``import etcd3`` raises
+"Descriptors cannot be created directly"; ``etcd-sdk-python`` 0.0.7's modules need protobuf 5.27.2
+or later, which it does not declare. ``aetcd`` 1.0.0 (``protobuf>4,<8``; it too needs 5.27.2) is
+asyncio-only: every ``aetcd.Client`` operation is a coroutine, while kvckpt's stores are synchronous,
+called from DCP's and kvckpt's threads. The wire format of the messages used here is tiny and frozen
+by etcd's API compatibility promise, so kvckpt needs only ``grpcio`` with identity serializers. It
+also saves copies: a value goes into the request as a buffer joined once, and replies are parsed into
+memoryviews of the received bytes.
 
 Field numbers follow etcd's ``api/etcdserverpb/rpc.proto`` and ``api/mvccpb/kv.proto`` (3.3+).
 """
