@@ -76,7 +76,7 @@ class EtcdStore(KVStore):
         description: str = "",
     ) -> None:
         if not endpoints:
-            raise InvalidArgumentError("EtcdStore needs a (host, port) endpoint", options=["endpoints"])
+            raise InvalidArgumentError("EtcdStore: endpoints=[]: name a (host, port)", options=["endpoints"])
         seconds("EtcdStore", timeout=timeout, connect_timeout=connect_timeout)
         whole("EtcdStore", 2 * KEY_AND_FRAMING_BYTES + 1, max_request_bytes=max_request_bytes)
         whole("EtcdStore", 1, max_txn_ops=max_txn_ops, inflight=inflight, scan_page=scan_page)
