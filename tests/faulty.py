@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kvckpt import layout
-from kvckpt.stores.redis.base import COMMIT_SCRIPT
+from kvckpt.stores.redis.commands import COMMIT_SCRIPT
 from tests.harness.proxy import FaultProxy, resp_prefix
 from tests.harness.servers import RedisCluster, RedisServer
 from tests.helpers import bits_equal, random_tensor

@@ -26,7 +26,7 @@ import pytest
 import kvckpt
 from kvckpt import layout
 from kvckpt.dcp import writer
-from kvckpt.stores.redis.common import ACL_RULES
+from kvckpt.stores.redis.commands import ACL_RULES
 from kvckpt.stores.redis.slots import key_slot
 from tests.faulty import QUICK, Faulty, blank, faulty, same, state
 from tests.harness.proxy import FaultProxy, resp_prefix
@@ -106,7 +106,7 @@ def _first_node_namespace(faulty: Faulty, prefix: str) -> tuple[str, set[int]]:
     Cluster visits first, and the slots that primary serves."""
     store = kvckpt.open_store(faulty.via_proxy(prefix), **faulty.options)
     try:
-        table = store._router.table()  # type: ignore[attr-defined]
+        table = store.channel.router.table()  # type: ignore[attr-defined]
     finally:
         store.close()
     first = table.primaries[0]

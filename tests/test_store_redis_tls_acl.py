@@ -17,7 +17,8 @@ import redis
 from kvckpt.errors import InvalidCheckpointIdError, StoreUnavailableError
 from kvckpt.registry import open_store, parse_url
 from kvckpt.store import Commit, KVStore, RangeRead
-from kvckpt.stores.redis.common import ACL_RULES, PASSWORD_ENV
+from kvckpt.stores.redis.commands import ACL_RULES
+from kvckpt.stores.redis.options import PASSWORD_ENV
 from kvckpt.stores.redis.standalone import RedisStore
 from kvckpt.testing.conformance import StoreTests
 from tests.harness.raw import RedisRaw

@@ -1,5 +1,6 @@
-"""Redis backends: standalone (standalone.py) and Cluster (cluster.py, slots.py), both over kvckpt's
-RESP transport (transport.py, retry.py), and an injected redis-py-compatible client (client.py;
+"""Redis backends: every KVStore operation once (operations.py), carried by one of three channels:
+kvckpt's RESP transport to a standalone server (standalone.py; transport.py, retry.py) or to each node
+of a Cluster (cluster.py, routing.py, slots.py), or an injected redis-py-compatible client (client.py;
 client_cluster.py for a ``redis.RedisCluster``). See docs/design.md for how they fit together."""
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import redis.exceptions as rex
 
 from kvckpt._buffers import key_str
 from kvckpt.deadline import Deadline, current, scope, using
-from kvckpt.stores.redis.base import Command
+from kvckpt.stores.redis.commands import Command
 from kvckpt.stores.redis.retry import GaveUp, RetryPolicy
 from kvckpt.stores.redis.slots import Address, AddressRemap, SlotTable, key_slot, node_name
 from kvckpt.stores.redis.transport import Endpoint, Reply, RespConnection, Transport, raise_first
@@ -246,7 +246,7 @@ class Router:
             items = list(groups.items())
             batches = self.map(lambda g: self.transport(g[0]).run(lambda conn: send(conn, g[1]), what), items)
             for (name, idxs), outcome in zip(items, batches, strict=True):
-                self._take(left, replies, name, idxs, outcome, writes)
+                self._take_replies(left, replies, name, idxs, outcome, writes)
             if left.asks:
                 count = sum(len(idxs) for idxs in left.asks.values())
                 logger.debug(
@@ -255,7 +255,7 @@ class Router:
                 asked = list(left.asks.items())
                 results = self.map(lambda a: self._asking(a[0], [command(i) for i in a[1]], what), asked)
                 for ((name, _), idxs), outcome in zip(asked, results, strict=True):
-                    self._take(left, replies, name, idxs, outcome, writes)
+                    self._take_replies(left, replies, name, idxs, outcome, writes)
             todo, failure = left.todo, left.failure
             if not todo:
                 break
@@ -281,7 +281,7 @@ class Router:
                 raise GaveUp(failures + 1, deadline.idle()) from failure
         return failures + 1
 
-    def _take(
+    def _take_replies(
         self,
         left: _Left,
         replies: list[Reply],

@@ -1,7 +1,8 @@
 """KVStore over one standalone Redis server (``redis://``, ``rediss://``, ``redis+unix://``).
 
-Every operation goes through kvckpt's RESP transport (kvckpt.stores.redis.transport) and its one
-retry policy; a client object the caller injects goes through kvckpt.stores.redis.client instead.
+The operations are kvckpt.stores.redis.operations'; here they travel over kvckpt's RESP transport
+(kvckpt.stores.redis.transport) and its one retry policy. A client object the caller injects is
+another channel (kvckpt.stores.redis.client).
 """
 
 from __future__ import annotations
@@ -9,90 +10,52 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kvckpt.errors import InvalidCheckpointIdError, ReplicationError
+from kvckpt.errors import InvalidCheckpointIdError
 from kvckpt.store import Buffer, RangeRead
-from kvckpt.stores.redis import common
-from kvckpt.stores.redis.base import Command, Options, RespStore, read_settings, scan_keys
-from kvckpt.stores.redis.common import (
-    TO_CLUSTER,
-    check_settings,
-    check_wait_args,
-    glob_escape,
-    replication_message,
-    translated,
-    wait_on,
-)
+from kvckpt.stores.redis.commands import Command, ms, scan_pages, settings_of
+from kvckpt.stores.redis.failures import TO_CLUSTER
+from kvckpt.stores.redis.operations import Channel, RedisOperations, Server
+from kvckpt.stores.redis.options import Options
+from kvckpt.stores.redis.replicas import WaitOne
 from kvckpt.stores.redis.retry import RetryPolicy
 from kvckpt.stores.redis.transport import Endpoint, Reply, Transport, raise_first
 from kvckpt.stores.redis.url import parse_standalone_url
 from kvckpt.urls import StoreURL
 
 
-class RedisStore(RespStore):
-    """KVStore over one Redis server, on connections it opens itself."""
+class TransportChannel(Channel):
+    """Commands to one server over kvckpt's RESP transport: values leave from and land in the
+    caller's memory."""
 
-    parse_url = staticmethod(parse_standalone_url)
-
-    def __init__(self, endpoint: Endpoint, policy: RetryPolicy, description: str) -> None:
-        self.endpoint = endpoint
-        self.policy = policy
-        self.description = description
-        self._transport = Transport(endpoint, policy, description)
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.description = transport.where
         self._kind_checked = False
 
-    @classmethod
-    def from_url(cls, url: StoreURL, **options: Any) -> RedisStore:
-        """``options`` are kvckpt.stores.redis.base.Options; any other redis-py option needs a redis-py
-        client of your own (``client=``)."""
-        settings = Options(**options)
-        host, port = url.hosts[0] if url.hosts else ("", 0)
-        unix_path = url.socket_path if url.scheme == "redis+unix" else None
-        endpoint = settings.endpoint(url, host=host, port=port, unix_path=unix_path, db=url.db or 0)
-        return cls(endpoint, settings.policy(), str(url.server))
+    @property
+    def timeout(self) -> float | None:
+        return self.transport.policy.timeout
 
-    def close(self) -> None:
-        self._transport.close()
+    def commands(self, commands: Sequence[Command], what: str) -> list[Reply]:
+        return self.transport.execute(commands, what)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"endpoint": self.endpoint, "policy": self.policy, "description": self.description}
+    def once(self, command: Command, key: str) -> Reply:
+        return self.transport.once(command)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)  # type: ignore[misc]
+    def time(self, key: str) -> Reply:
+        return self.transport.execute([("TIME",)], "reading the server's clock")[0]
 
-    def _errors(self, action: str) -> Any:
-        return translated(self.description, action, self.policy.timeout)
+    def write(self, items: Sequence[tuple[str, Buffer]], ttl: float | None) -> None:
+        expiry = ms(ttl) if ttl is not None else None
+        raise_first(self.transport.run(lambda conn: conn.set_many(items, expiry), "writing"))
 
-    def _commands(self, commands: Sequence[Command], what: str) -> list[Reply]:
-        return self._transport.execute(commands, what)
-
-    def _once(self, command: Command, key: str) -> Reply:
-        return self._transport.once(command)
-
-    def _time(self, key: str) -> Reply:
-        return self._transport.execute([("TIME",)], "reading the server's clock")[0]
-
-    # KVStore --------------------------------------------------------------------------------
-
-    def read_into_many(self, reads: Sequence[RangeRead]) -> list[int]:
-        if not any(len(r.into) for r in reads):
-            return [0] * len(reads)
-        with self._errors("reading"):
-            counts = raise_first(self._transport.run(lambda conn: conn.getrange_into(reads), "reading"))
+    def read_into(self, reads: Sequence[RangeRead]) -> list[int]:
+        counts = raise_first(self.transport.run(lambda conn: conn.getrange_into(reads), "reading"))
         return [n for n in counts if isinstance(n, int)]
 
-    def put_many(self, items: Sequence[tuple[str, Buffer]], *, ttl: float | None = None) -> None:
-        if not items:
-            return
-        expiry = common.ms(ttl) if ttl is not None else None
-        with self._errors("writing"):
-            raise_first(self._transport.run(lambda conn: conn.set_many(items, expiry), "writing"))
-
-    def scan_prefix(self, prefix: str) -> Iterator[str]:
-        with self._errors("listing keys"):
-            self._refuse_a_cluster_node()
-            yield from scan_keys(
-                lambda c: self._transport.execute(c, "listing keys"), prefix, glob_escape(prefix) + "*"
-            )
+    def scan(self, pattern: str) -> Iterator[Reply]:
+        self._refuse_a_cluster_node()
+        yield from scan_pages(lambda c: self.transport.execute(c, "listing keys"), pattern)
 
     def _refuse_a_cluster_node(self) -> None:
         """Every other command on a Cluster node answers MOVED for keys elsewhere, but SCAN lists only
@@ -100,38 +63,55 @@ class RedisStore(RespStore):
         first (once per store); a user whose ACL denies CLUSTER MYID is not asked again."""
         if self._kind_checked:
             return
-        (reply,) = self._transport.run(lambda conn: conn.execute([("CLUSTER", "MYID")]), "listing keys")
+        (reply,) = self.transport.run(lambda conn: conn.execute([("CLUSTER", "MYID")]), "listing keys")
         if isinstance(reply, bytes | str):
             raise InvalidCheckpointIdError(
                 f"{self.description} {TO_CLUSTER} (listing keys of one node would miss the others')"
             )
         self._kind_checked = True
 
-    # Server safety (called by the DCP adapter around a save) ----------------------------------
-
-    def check_server_settings(self, *, allow_eviction: bool = False) -> dict[str, str]:
-        """Refuse a server that may evict checkpoint keys (common.check_settings); returns its policy."""
-        with self._errors("reading server settings"):
-            return check_settings(
-                [(self.description, lambda: read_settings(self._transport))], allow_eviction
+    def servers(self) -> list[Server]:
+        def config_get() -> dict[str, str]:
+            return settings_of(
+                self.transport.execute([("CONFIG", "GET", "maxmemory*")], "reading server settings")[0]
             )
 
-    def wait_for_replicas(self, replicas: int, timeout: float, fence_key: str | None = None) -> int:
-        """Block until ``replicas`` replicas hold every write made so far (Redis WAIT).
+        return [(self.description, config_get)]
 
-        Returns how many acknowledged; raises ReplicationError when fewer did within ``timeout``
-        seconds, because a failover now could lose acknowledged writes. ``fence_key`` (a key the
-        caller may write, e.g. under its namespace) makes WAIT cover every connection's writes.
-        """
-        check_wait_args(replicas, timeout)
-
+    def wait_each(self, wait: WaitOne, fence_key: str | None) -> dict[str | None, int]:
         def run(commands: list[tuple[Any, ...]]) -> list[Any]:
-            return self._transport.execute(commands, "waiting for replicas")
+            return self.transport.execute(commands, "waiting for replicas")
 
-        with self._errors("waiting for replicas"):
-            acked = wait_on(run, replicas, timeout, fence_key, self.policy.timeout)
-        if acked < replicas:
-            raise ReplicationError(
-                replication_message(self.description, acked, replicas, timeout), acked=acked, wanted=replicas
-            )
-        return acked
+        return {None: wait(run, fence_key)}
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class RedisStore(RedisOperations):
+    """KVStore over one Redis server, on connections it opens itself."""
+
+    parse_url = staticmethod(parse_standalone_url)
+    #: The options ``from_url`` takes (kvckpt.target checks them before anything connects).
+    store_options = Options
+
+    def __init__(self, endpoint: Endpoint, policy: RetryPolicy, description: str) -> None:
+        self.endpoint = endpoint
+        self.policy = policy
+        super().__init__(TransportChannel(Transport(endpoint, policy, description)))
+
+    @classmethod
+    def from_url(cls, url: StoreURL, **options: Any) -> RedisStore:
+        """``options`` are kvckpt.stores.redis.options.Options; any other redis-py option needs a
+        redis-py client of your own (``client=``)."""
+        settings = Options(**options)
+        host, port = url.hosts[0] if url.hosts else ("", 0)
+        unix_path = url.socket_path if url.scheme == "redis+unix" else None
+        endpoint = settings.endpoint(url, host=host, port=port, unix_path=unix_path, db=url.db or 0)
+        return cls(endpoint, settings.policy(), str(url.server))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "policy": self.policy, "description": self.description}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]

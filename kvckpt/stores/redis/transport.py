@@ -14,7 +14,6 @@ reply that is not RESP is StoreProtocolError. Every operation retries through on
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import select
 import socket
@@ -30,6 +29,7 @@ import redis.exceptions as rex
 from kvckpt._buffers import flat_view
 from kvckpt.deadline import Deadline, current
 from kvckpt.store import Buffer, RangeRead
+from kvckpt.stores.redis.fencing import send_once
 from kvckpt.stores.redis.resp import Arg as Arg  # "as": the stores import these three from here
 from kvckpt.stores.redis.resp import Reply as Reply
 from kvckpt.stores.redis.resp import RespReader, arg_bytes, pack
@@ -236,7 +236,7 @@ class Transport:
         self._idle: list[RespConnection] = []
         self._lock = threading.Lock()
 
-    def _take(self) -> RespConnection:
+    def _take_connection(self) -> RespConnection:
         with self._lock:
             conn = self._idle.pop() if self._idle else RespConnection(self.endpoint)
         conn.drop_if_stale()
@@ -252,7 +252,7 @@ class Transport:
         deadline = current()
 
         def attempt() -> T:
-            conn = self._take()
+            conn = self._take_connection()
             try:
                 conn.bound = functools.partial(self.policy.left, deadline)
                 return operation(conn)
@@ -262,27 +262,21 @@ class Transport:
         return self.policy.run(attempt, where=self.where, what=what, deadline=deadline)
 
     def once(self, command: tuple[Arg, ...], *, asking: bool = False) -> Reply:
-        """Send a commit exactly once; after a lost reply, fence it so it can never run late.
-
-        A re-sent conditional commit could reinstate a record whose data another writer already
-        retired. After a lost reply the connection is killed server-side (CLIENT KILL ID), so the
-        commit either has run or never will, and the caller learns which by reading the record
-        (docs/reliability.md). Without the CLIENT permission it is sent once, unfenced. ``asking``
-        sends ASKING first (a Cluster node importing the key's slot serves it only then).
-        """
+        """Send a commit exactly once; after a lost reply, fence it so it can never run late
+        (kvckpt.stores.redis.fencing). ``asking`` sends ASKING first (a Cluster node importing the
+        key's slot serves it only then)."""
         deadline = current()
-        conn = self._take()
+        conn = self._take_connection()
         try:
             conn.bound = functools.partial(self.policy.left, deadline)
-            conn_id = self._client_id(conn, deadline)
-            try:
-                reply = conn.execute([("ASKING",), command] if asking else [command])[-1]
-            except (OSError, rex.ConnectionError, rex.TimeoutError):
-                conn.close()
-                if conn_id is not None:
-                    with contextlib.suppress(Exception):
-                        self.run(lambda other: other.execute([("CLIENT", "KILL", "ID", conn_id)]), "fencing")
-                raise
+            reply = send_once(
+                lambda: self._client_id(conn, deadline),
+                lambda: conn.execute([("ASKING",), command] if asking else [command])[-1],
+                conn.close,
+                lambda conn_id: self.run(
+                    lambda other: other.execute([("CLIENT", "KILL", "ID", conn_id)]), "fencing"
+                ),
+            )
         finally:
             self._give(conn)
         deadline.progress()

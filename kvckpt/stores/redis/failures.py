@@ -1,103 +1,33 @@
-"""What standalone Redis, Redis Cluster and an injected client share: errors, WAIT, the eviction check.
+"""How a Redis store's failures become kvckpt's errors, and the server settings that decide some of
+them (a server that may evict keys is refused; a full one is explained by its policy).
 
-Both I/O paths (kvckpt's RESP transport and redis-py) raise redis-py's exception classes, so one
-translation serves every store.
+Both ways commands travel (kvckpt's RESP transport and a redis-py client) raise redis-py's exception
+classes, so one translation serves every store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import re
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import redis.exceptions as rex
 
 from kvckpt.errors import (
     InvalidCheckpointIdError,
     KVCheckpointError,
-    ReplicationError,
     StoreFullError,
     StoreUnavailableError,
     UnsafeStoreConfigError,
     UnsafeStoreConfigWarning,
 )
-from kvckpt.store import Buffer, RangeRead
 from kvckpt.stores.redis.retry import GaveUp
-from kvckpt.urls import StoreURL
 
 logger = logging.getLogger("kvckpt.stores.redis")
 
-REDIS_MAX_VALUE = 512 * 1024 * 1024
-PASSWORD_ENV = "REDISCLI_AUTH"
 #: The only maxmemory-policy under which Redis never drops a key it acknowledged.
 SAFE_MAXMEMORY_POLICY = "noeviction"
-#: The least an ACL user needs (``ACL SETUSER name on >password ~NAMESPACE/* -@all`` + these);
-#: ``config|get`` only serves check_server_settings, which skips quietly without it. ``eval`` runs the
-#: commit script (whose own commands are in the list) and ``time`` reads the store's clock
-#: (docs/protocol.md). ``client|id client|kill`` are optional: a second fence after a lost reply.
-ACL_RULES = (
-    "+get", "+set", "+getrange", "+getdel", "+pexpire", "+persist", "+exists", "+unlink", "+scan", "+ping",
-    "+wait", "+strlen", "+eval", "+time",
-    "+config|get",
-)  # fmt: skip
-
-
-def glob_escape(text: str) -> str:
-    """Make ``text`` literal inside a Redis MATCH pattern (Redis escapes with backslash)."""
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
-def as_bytes_view(value: Buffer) -> Buffer:
-    """A 1-D byte view: redis-py measures arguments with len(), which counts items, not bytes."""
-    if isinstance(value, memoryview) and (value.ndim != 1 or value.itemsize != 1):
-        return value.cast("B")
-    return value
-
-
-def copy_replies(
-    reads: Sequence[RangeRead], todo: list[int], replies: list[bytes], copied: list[int]
-) -> None:
-    """Copy each GETRANGE reply into its read's buffer; a short reply means a missing or short value."""
-    for i, data in zip(todo, replies, strict=True):
-        into = reads[i].into.cast("B") if reads[i].into.format != "B" else reads[i].into
-        n = min(len(data), into.nbytes)
-        into[:n] = data[:n]
-        copied[i] = n
-
-
-def ms(ttl: float) -> int:
-    return max(1, round(ttl * 1000))
-
-
-def px(ttl: float | None) -> list[Any]:
-    """``PX milliseconds`` for a SET, or nothing."""
-    return [] if ttl is None else ["PX", ms(ttl)]
-
-
-def str_of(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def password_of(url: StoreURL, password: str | None) -> str | None:
-    """The password: given explicitly, else in the URL, else in REDISCLI_AUTH (as redis-cli reads it)."""
-    return password or url.password or os.environ.get(PASSWORD_ENV) or None
-
-
-def expiry_commands(keys: Sequence[str], ttl: float | None) -> list[tuple[Any, ...]]:
-    """PEXPIRE each key, or PERSIST + EXISTS (PERSIST is 0 for a key without expiry too)."""
-    if ttl is None:
-        return [c for key in keys for c in (("PERSIST", key), ("EXISTS", key))]
-    return [("PEXPIRE", key, ms(ttl)) for key in keys]
-
-
-def expiry_results(replies: Sequence[Any], ttl: float | None) -> list[bool]:
-    return [bool(r) for r in (replies[1::2] if ttl is None else replies)]
-
 
 # Errors ---------------------------------------------------------------------------------------
 
@@ -257,61 +187,3 @@ def check_settings(
         if problem:
             warnings.warn(problem, UnsafeStoreConfigWarning, stacklevel=3)
     return policies
-
-
-def wait_on(
-    run: Callable[[list[tuple[Any, ...]]], list[Any]],
-    replicas: int,
-    timeout: float,
-    fence_key: str | None = None,
-    socket_timeout: float | None = None,
-) -> int:
-    """Redis ``WAIT`` on one server: how many replicas acknowledged every write made before the call.
-
-    ``run`` sends commands on one connection and returns their replies. WAIT waits for the replication
-    offset of the *connection* it runs on, as of that connection's last write (Redis 7.2+ moves it
-    only on commands that propagate; older servers on any command). A pooled connection may not have
-    carried our writes, so a small write to ``fence_key`` (removed right after, and expiring in a
-    minute anyway) goes first on the same connection: its offset then covers every write any
-    connection made before. Without a fence key a PING does that on servers before 7.2. Long
-    timeouts are cut into slices shorter than the socket timeout so the reply never times out.
-    """
-    deadline = time.monotonic() + timeout
-    step = socket_timeout * 0.8 if socket_timeout else timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        first: tuple[Any, ...] = ("PING",) if fence_key is None else ("SET", fence_key, b"wait", "PX", 60_000)
-        commands = [first, ("WAIT", replicas, max(1, int(min(remaining, step) * 1000)))]
-        if fence_key is not None:
-            commands.append(("UNLINK", fence_key))
-        acked = int(run(commands)[1])
-        if acked >= replicas or time.monotonic() >= deadline:
-            return acked
-
-
-def check_wait_args(replicas: int, timeout: float) -> None:
-    if replicas < 0 or not timeout > 0:
-        raise ValueError(f"wait_for_replicas needs replicas >= 0 and timeout > 0, got {replicas}, {timeout}")
-
-
-def replication_message(where: str, acked: int, wanted: int, timeout: float) -> str:
-    return (
-        f"{where}: only {acked} of {wanted} replica(s) acknowledged the writes within {timeout:g}s; a "
-        "failover now could lose them. Check the replicas are up and linked (INFO replication) and "
-        "that the replica output buffer limit is not cutting them off, or require fewer replicas"
-    )
-
-
-def fewest_acks(where: str, acks: dict[str, int], wanted: int, timeout: float) -> int:
-    """The fewest acknowledgements of the primaries in ``acks`` (node name → replicas that acked);
-    raises ReplicationError naming every primary short of ``wanted``."""
-    short = {name: n for name, n in acks.items() if n < wanted}
-    if short:
-        name, acked = min(short.items(), key=lambda item: item[1])
-        raise ReplicationError(
-            replication_message(f"{where} primary {name}", acked, wanted, timeout),
-            acked=acked,
-            wanted=wanted,
-            nodes=sorted(short),
-        )
-    return min(acks.values(), default=wanted)
