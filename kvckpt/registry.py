@@ -13,12 +13,19 @@ grammar, returning a kvckpt.urls.StoreURL) and ``from_url(url, **store_options)`
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
+import inspect
 import threading
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-from kvckpt.errors import InvalidCheckpointIdError, MissingDependencyError
+from kvckpt.errors import (
+    InvalidArgumentError,
+    InvalidCheckpointIdError,
+    MissingDependencyError,
+)
 from kvckpt.store import KVStore
 from kvckpt.urls import StoreURL, redact, scheme_of
 
@@ -58,9 +65,13 @@ def register_backend(scheme: str, backend: str | StoreFactory, *, extra: str | N
     ``extra`` names the pip extra to suggest when importing the module fails. Re-registering a scheme
     replaces it (tests and plugins may override a built-in)."""
     if not scheme or scheme != scheme.lower() or scheme_of(f"{scheme}://x/y") != scheme:
-        raise ValueError(f"not a URL scheme: {scheme!r} (lower-case letters, digits, '+', '.', '-')")
+        raise InvalidArgumentError(
+            f"not a URL scheme: {scheme!r}; use lower-case letters, digits, '+', '.', '-'", options=["scheme"]
+        )
     if isinstance(backend, str) and ":" not in backend:
-        raise ValueError(f"backend must be 'module:Class', got {backend!r}")
+        raise InvalidArgumentError(
+            f"backend must be 'module:Class' or the class itself, got {backend!r}", options=["backend"]
+        )
     with _lock:
         _registered[scheme] = (backend, extra)
 
@@ -127,5 +138,46 @@ def parse_url(text: str) -> StoreURL:
 
 
 def open_store(url: str | StoreURL, **options: Any) -> KVStore:
+    """The store ``url`` names, given its backend's ``options``; an option it does not take is
+    InvalidArgumentError naming the closest one it takes."""
     parsed = url if isinstance(url, StoreURL) else parse_url(url)
+    check_store_options(parsed.scheme, options)
     return backend_for(parsed.scheme).from_url(parsed, **options)
+
+
+def _named(func: Any) -> tuple[set[str], bool]:
+    """The keyword names ``func`` takes, and whether it also takes any other (``**kwargs``)."""
+    params = inspect.signature(func).parameters.values()
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return names - {"self", "cls", "url"}, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def check_store_options(scheme: str, options: dict[str, Any]) -> None:
+    """Refuse an option the backend would only trip over when it first connects (a typo, usually).
+
+    A backend's ``from_url`` names its own options, or takes ``**options`` that a dataclass in its
+    ``store_options`` attribute names (the Redis stores share theirs); what else it takes goes to the
+    class it builds, whose constructor names the rest. A backend that passes any other keyword on to
+    a client library of its own is left to that library.
+    """
+    if not options:
+        return
+    factory = backend_for(scheme)
+    known, open_ended = _named(factory.from_url)
+    declared = getattr(factory, "store_options", None)
+    if open_ended and isinstance(declared, type) and dataclasses.is_dataclass(declared):
+        known |= {f.name for f in dataclasses.fields(declared)}
+        open_ended = False
+    own = sorted(known)
+    if open_ended:
+        extra, open_ended = _named(factory)
+        known |= extra
+    unknown = sorted(set(options) - known)
+    if unknown and not open_ended:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InvalidArgumentError(
+            f"unknown store option(s) {', '.join(map(repr, unknown))} for {scheme}:// URLs{hint} "
+            f"(the backend's own: {', '.join(own)})",
+            options=unknown,
+        )

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import inspect
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, overload
 
 from kvckpt.arguments import mapping
-from kvckpt.errors import InvalidCheckpointIdError, InvalidStoreOptionError, KVCheckpointError
-from kvckpt.registry import backend_for, open_store, owns, parse_url, schemes
+from kvckpt.errors import InvalidCheckpointIdError, KVCheckpointError
+from kvckpt.registry import open_store, owns, parse_url, schemes
 from kvckpt.store import KVStore
 from kvckpt.urls import StoreURL, redact, scheme_of
 
@@ -63,7 +60,6 @@ class Resolver:
             )
         url = parse_url(checkpoint_id)
         if self._store is None or self._server != url.server:
-            check_store_options(url.scheme, self._options)
             self.close()
             self._store = open_store(url, **self._options)
             self._server = url.server
@@ -149,41 +145,3 @@ def wrap_client(client: Any) -> KVStore:
     from kvckpt.stores.redis import wrap_client as wrap_redis_client
 
     return wrap_redis_client(client)
-
-
-def _named(func: Any) -> tuple[set[str], bool]:
-    """The keyword names ``func`` takes, and whether it also takes any other (``**kwargs``)."""
-    params = inspect.signature(func).parameters.values()
-    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-    return names - {"self", "cls", "url"}, any(p.kind == p.VAR_KEYWORD for p in params)
-
-
-def check_store_options(scheme: str, options: dict[str, Any]) -> None:
-    """Refuse an option the backend would only trip over when it first connects (a typo, usually).
-
-    A backend's ``from_url`` names its own options, or takes ``**options`` that a dataclass in its
-    ``store_options`` attribute names (the Redis stores share theirs); what else it takes goes to the
-    class it builds, whose constructor names the rest. A backend that passes any other keyword on to
-    a client library of its own is left to that library.
-    """
-    if not options:
-        return
-    factory = backend_for(scheme)
-    known, open_ended = _named(factory.from_url)
-    declared = getattr(factory, "store_options", None)
-    if open_ended and isinstance(declared, type) and dataclasses.is_dataclass(declared):
-        known |= {f.name for f in dataclasses.fields(declared)}
-        open_ended = False
-    own = sorted(known)
-    if open_ended:
-        extra, open_ended = _named(factory)
-        known |= extra
-    unknown = sorted(set(options) - known)
-    if unknown and not open_ended:
-        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise InvalidStoreOptionError(
-            f"unknown store option(s) {', '.join(map(repr, unknown))} for {scheme}:// URLs{hint} "
-            f"(the backend's own: {', '.join(own)})",
-            options=unknown,
-        )

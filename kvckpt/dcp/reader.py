@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from kvckpt import layout, record
+from kvckpt.arguments import whole
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
 from kvckpt.dcp.coalesce import read_coalesced
 from kvckpt.dcp.codec import DTYPES, decode_metadata
@@ -73,6 +74,7 @@ class KVStorageReader(Addressed, StorageReader):
         store_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        whole("KVStorageReader", 1, io_threads=io_threads, batch_bytes=batch_bytes, group_bytes=group_bytes)
         self.allow_pickle = allow_pickle
         self.io_threads = io_threads
         self.batch_bytes = batch_bytes

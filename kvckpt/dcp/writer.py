@@ -17,7 +17,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from kvckpt import layout, record
+from kvckpt.arguments import seconds, whole
 from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
 from kvckpt.dcp.codec import dtype_name, encode_metadata
 from kvckpt.dcp.gcpause import paused_gc
@@ -113,10 +114,12 @@ class KVStorageWriter(Addressed, StorageWriter):
         live_ttl: float = DEFAULT_LIVE_TTL,
     ) -> None:
         super().__init__()
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise KVCheckpointError(f"step must be a whole number >= 0, got {step!r}")
-        if live_ttl <= 0:
-            raise KVCheckpointError(f"live_ttl must be a positive number of seconds, got {live_ttl!r}")
+        whole("KVStorageWriter", 0, none=True, step=step)
+        whole("KVStorageWriter", 0, min_replicas=min_replicas)
+        whole("KVStorageWriter", 1, io_threads=io_threads, chunk_bytes=chunk_bytes, block_bytes=block_bytes)
+        whole("KVStorageWriter", 1, batch_bytes=batch_bytes)
+        seconds("KVStorageWriter", live_ttl=live_ttl, replica_timeout=replica_timeout)
+        seconds("KVStorageWriter", none=True, ttl=ttl, pending_ttl=pending_ttl)
         self.step = step
         self.live_ttl = live_ttl
         #: (commit time, store commit clock) to record instead of now: a copy keeps its source's place
@@ -129,10 +132,6 @@ class KVStorageWriter(Addressed, StorageWriter):
         self._deadline = Deadline()
         #: What this step's cleanup after a failure could not remove (left to kvckpt.gc and expiry).
         self._left: list[str] = []
-        if chunk_bytes <= 0 or block_bytes <= 0:
-            raise ValueError("chunk_bytes and block_bytes must be positive")
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
         self.overwrite = overwrite
         self.ttl = ttl
         self.chunk_bytes = chunk_bytes
@@ -207,7 +206,6 @@ class KVStorageWriter(Addressed, StorageWriter):
     # Data -------------------------------------------------------------------------------------
 
     @_step
-    @paused_gc()
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's items under a generation that is fresh for this save.
 
@@ -218,42 +216,17 @@ class KVStorageWriter(Addressed, StorageWriter):
         record lists every key, so ranks need not share one.
         """
         save_id, self._generation = self._generation or layout.new_save_id(), None
-        store, namespace = self.target.store, self.target.namespace
-        chunk_bytes = min(self.chunk_bytes, store.capabilities.max_value_bytes)
+        store = self.target.store
         max_ops = store.capabilities.max_batch_ops
         write_ttl = self._pending_ttl(store) if self._pending_ttl(store) is not None else self._data_ttl()
         results: list[WriteResult] = []
         submitted: list[str] = []
-        batch: list[tuple[str, Buffer]] = []
-        batch_size = 0
-
-        def flush() -> None:
-            nonlocal batch, batch_size
-            if batch:
-                submitted.extend(key for key, _ in batch)
-                transfer.submit(functools.partial(store.put_many, batch, ttl=write_ttl))
-                batch, batch_size = [], 0
-
+        pieces = self._pieces(plan, planner, save_id, results)
         try:
             with Transfer(self.io_threads) as transfer:
-                for item in plan.items:
-                    view, dtype, shape = self._item_bytes(item, planner)
-                    offset = None if item.type == WriteItemType.BYTE_IO else tuple(item.index.offset or ())
-                    prefix = layout.item_prefix(save_id, item.index.fqn, offset)
-                    chunks = []
-                    for n, start in enumerate(range(0, len(view), chunk_bytes)):
-                        piece = view[start : start + chunk_bytes]
-                        sums = tuple(block_sums(piece, self.block_bytes)) if self.checksums else ()
-                        chunks.append(layout.StoredChunk(f"{prefix}/{n}", len(piece), sums))
-                        batch.append((layout.full_key(namespace, f"{prefix}/{n}"), piece))
-                        batch_size += len(piece)
-                        if batch_size >= self.batch_bytes or len(batch) >= max_ops:
-                            flush()
-                    stored = layout.StoredItem(len(view), tuple(chunks), dtype, shape)
-                    results.append(
-                        WriteResult(index=item.index, size_in_bytes=len(view), storage_data=stored)
-                    )
-                flush()
+                while batch := self._next_batch(pieces, max_ops):
+                    submitted.extend(key for key, _ in batch)
+                    transfer.submit(functools.partial(store.put_many, batch, ttl=write_ttl))
         except BaseException:
             if self._discard(store, submitted) and self._ranks == 1:  # then that was all of its data
                 self._clear_unfinished(store)
@@ -262,6 +235,42 @@ class KVStorageWriter(Addressed, StorageWriter):
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
+
+    @paused_gc()
+    def _next_batch(self, pieces: Iterator[tuple[str, memoryview]], max_ops: int) -> list[tuple[str, Buffer]]:
+        """The next ``put_many`` batch (empty when all is written). Building it allocates several
+        objects per chunk (keys, checksums, each item's record entry), enough with 10,000 items to
+        trigger full collections over the whole process (kvckpt.dcp.gcpause); the collector is paused
+        only while a batch is built, never while it travels: gc.disable() is process-wide, and with a
+        thread-based async_save the training thread runs beside the upload."""
+        batch: list[tuple[str, Buffer]] = []
+        size = 0
+        for key, piece in pieces:
+            batch.append((key, piece))
+            size += len(piece)
+            if size >= self.batch_bytes or len(batch) >= max_ops:
+                break
+        return batch
+
+    def _pieces(
+        self, plan: SavePlan, planner: SavePlanner, save_id: str, results: list[WriteResult]
+    ) -> Iterator[tuple[str, memoryview]]:
+        """Every chunk of the plan's items as (key, bytes), one item at a time, so only the chunks in
+        flight are held; an item's WriteResult joins ``results`` once all its chunks were taken."""
+        namespace = self.target.namespace
+        chunk_bytes = min(self.chunk_bytes, self.target.store.capabilities.max_value_bytes)
+        for item in plan.items:
+            view, dtype, shape = self._item_bytes(item, planner)
+            offset = None if item.type == WriteItemType.BYTE_IO else tuple(item.index.offset or ())
+            prefix = layout.item_prefix(save_id, item.index.fqn, offset)
+            chunks = []
+            for n, start in enumerate(range(0, len(view), chunk_bytes)):
+                piece = view[start : start + chunk_bytes]
+                sums = tuple(block_sums(piece, self.block_bytes)) if self.checksums else ()
+                chunks.append(layout.StoredChunk(f"{prefix}/{n}", len(piece), sums))
+                yield layout.full_key(namespace, f"{prefix}/{n}"), piece
+            stored = layout.StoredItem(len(view), tuple(chunks), dtype, shape)
+            results.append(WriteResult(index=item.index, size_in_bytes=len(view), storage_data=stored))
 
     @staticmethod
     def _item_bytes(item: Any, planner: SavePlanner) -> tuple[memoryview, str | None, tuple[int, ...] | None]:
@@ -277,36 +286,9 @@ class KVStorageWriter(Addressed, StorageWriter):
     # Commit -----------------------------------------------------------------------------------
 
     @_step
-    @paused_gc()
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        store, target = self.target.store, self.target
-        items: dict[MetadataIndex, layout.StoredItem] = {
-            result.index: result.storage_data for rank_results in results for result in rank_results
-        }
-        # A copy: with plan caching DCP hands every save the same cached Metadata object, so what
-        # this save records (its own id and generation) must never be written into it.
-        metadata = dataclasses.replace(
-            metadata,
-            storage_data=items,
-            version=CURRENT_DCP_VERSION,  # as FileSystemWriter records it; DCP's planners read it back
-            storage_meta=self._storage_meta_of(metadata.storage_meta),
-        )
-        keys = [layout.full_key(target.namespace, c.key) for item in items.values() for c in item.chunks]
-        now = time.time()
-        body = {
-            "save_id": self._save_id,
-            "created": now if self.source_order is None else self.source_order[0],
-            "step": self.step,
-            "world_size": len(results),
-            "rank": None if self._use_collectives else self._rank,
-            "checksum": ALGORITHM if self.checksums else None,
-            "block_bytes": self.block_bytes,
-            "ttl": self.ttl,
-            "expires_at": None if self.ttl is None else now + self.ttl,
-            "total_bytes": sum(item.nbytes for item in items.values()),
-            "num_keys": len(keys),
-            **encode_metadata(metadata, items),
-        }
+        store = self.target.store
+        metadata, keys, body = self._record(metadata, results)
         try:
             hint = store.get(self.record_key) if self.overwrite else None  # to retire if a reply is lost
             if self._pending_ttl(store) is not None:
@@ -324,6 +306,43 @@ class KVStorageWriter(Addressed, StorageWriter):
         self._clear_unfinished(store)
         if self.min_replicas:
             self._wait_for_replicas(store)
+
+    @paused_gc()
+    def _record(
+        self, metadata: Metadata, results: list[list[WriteResult]]
+    ) -> tuple[Metadata, list[str], dict[str, Any]]:
+        """The Metadata to record, every data key, and the record's body. Encoding the entries of
+        10,000 items allocates enough objects to trigger full collections over the whole process
+        (kvckpt.dcp.gcpause), so the collector is paused here, and only here: not while the commit
+        waits on the store."""
+        items: dict[MetadataIndex, layout.StoredItem] = {
+            result.index: result.storage_data for rank_results in results for result in rank_results
+        }
+        # A copy: with plan caching DCP hands every save the same cached Metadata object, so what
+        # this save records (its own id and generation) must never be written into it.
+        metadata = dataclasses.replace(
+            metadata,
+            storage_data=items,
+            version=CURRENT_DCP_VERSION,  # as FileSystemWriter records it; DCP's planners read it back
+            storage_meta=self._storage_meta_of(metadata.storage_meta),
+        )
+        keys = [layout.full_key(self.target.namespace, c.key) for item in items.values() for c in item.chunks]
+        now = time.time()
+        body = {
+            "save_id": self._save_id,
+            "created": now if self.source_order is None else self.source_order[0],
+            "step": self.step,
+            "world_size": len(results),
+            "rank": None if self._use_collectives else self._rank,
+            "checksum": ALGORITHM if self.checksums else None,
+            "block_bytes": self.block_bytes,
+            "ttl": self.ttl,
+            "expires_at": None if self.ttl is None else now + self.ttl,
+            "total_bytes": sum(item.nbytes for item in items.values()),
+            "num_keys": len(keys),
+            **encode_metadata(metadata, items),
+        }
+        return metadata, keys, body
 
     def _storage_meta_of(self, given: StorageMeta | None) -> StorageMeta:
         """This save's StorageMeta: DCP's (it asked before planning, when this save's generation was

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from kvckpt.arguments import keywords
 from kvckpt.dcp.api import SafeLoadPlanner, single_process_quietly, unwrapped_errors
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.writer import KVStorageWriter
@@ -97,6 +98,8 @@ class KVCheckpointIO(CheckpointIO):
     def __init__(
         self, *, allow_pickle: bool = False, safe_globals: Iterable[Any] = (), **writer_options: Any
     ) -> None:
+        keywords("KVCheckpointIO", writer_options, KVStorageWriter, taken=("checkpoint_id", "overwrite"))
+        KVStorageWriter(**writer_options)  # checks the values now, not at the first save; connects to nothing
         self.allow_pickle = allow_pickle
         self.safe_globals = list(safe_globals)
         self.writer_options = writer_options
