@@ -34,6 +34,7 @@ from kvckpt.errors import (
     UnsafeObjectError,
     UnsafeStoreConfigError,
     UnsafeStoreConfigWarning,
+    UnsupportedTorchError,
 )
 from kvckpt.management.api import (
     CheckpointInfo,
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from kvckpt.dcp.reader import KVStorageReader
     from kvckpt.dcp.safe_load import SafeLoadPlanner
     from kvckpt.dcp.writer import KVStorageWriter
-    from kvckpt.integrations.hook import install
+    from kvckpt.integrations.hook import install, uninstall
     from kvckpt.tiered.copy import CopyResult, copy
     from kvckpt.tiered.drain import Drained, Drainer
 
@@ -73,6 +74,7 @@ _LAZY = {
     "copy": "kvckpt.tiered.copy",
     "CopyResult": "kvckpt.tiered.copy",
     "install": "kvckpt.integrations.hook",
+    "uninstall": "kvckpt.integrations.hook",
     "Drainer": "kvckpt.tiered.drain",
     "Drained": "kvckpt.tiered.drain",
 }
@@ -113,6 +115,7 @@ __all__ = [
     "UnsafeObjectError",
     "UnsafeStoreConfigError",
     "UnsafeStoreConfigWarning",
+    "UnsupportedTorchError",
     "VerifyResult",
     "copy",
     "delete",
@@ -129,6 +132,7 @@ __all__ = [
     "open_store",
     "register_backend",
     "save",
+    "uninstall",
     "verify",
 ]
 

@@ -76,6 +76,17 @@ class StoreFullError(KVCheckpointError):
     """The store refused a write for lack of memory or quota."""
 
 
+class UnsupportedTorchError(KVCheckpointError):
+    """The installed torch lacks a private name kvckpt uses (DCP moved or removed it): the message
+    names it, the installed torch and the range kvckpt is tested with."""
+
+    #: The dotted name torch lacks, e.g. ``torch.distributed.checkpoint._storage_utils._storage_setup``.
+    missing: str
+    torch_version: str
+    #: The oldest and newest torch kvckpt is tested with.
+    tested: tuple[str, str]
+
+
 class UnsafeStoreConfigError(KVCheckpointError):
     """The server is configured in a way that can lose checkpoint data (e.g. an evicting policy)."""
 

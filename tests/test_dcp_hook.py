@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -19,7 +20,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 import kvckpt
 from kvckpt.integrations.fsview import KVCheckpointFileSystem
 from kvckpt.integrations.hook import installed
+from kvckpt.integrations.torch_private import PROCESS_EXECUTE_SAVE, STORAGE_SETUP
 from tests.harness.servers import RedisServer, free_port
+
+#: torch's own functions, read when pytest imports this file, before any test has run install().
+ORIGINALS = [point.get() for point in (*STORAGE_SETUP, PROCESS_EXECUTE_SAVE)]
 
 
 @pytest.fixture
@@ -32,6 +37,58 @@ def test_install_is_idempotent() -> None:
     kvckpt.install()
     kvckpt.install()
     assert installed()
+
+
+def patched_now() -> list[Any]:
+    return [point.get() for point in (*STORAGE_SETUP, PROCESS_EXECUTE_SAVE)]
+
+
+def same_objects(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def test_uninstall_puts_back_torch_functions_and_install_works_again(url: str) -> None:
+    assert not any(same_objects([now], [then]) for now, then in zip(patched_now(), ORIGINALS, strict=True))
+    try:
+        kvckpt.uninstall()
+        assert not installed() and same_objects(patched_now(), ORIGINALS)
+        kvckpt.uninstall()  # idempotent
+        assert same_objects(patched_now(), ORIGINALS)
+    finally:
+        kvckpt.install()
+    assert installed()
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=f"{url}/again")
+    assert kvckpt.info(f"{url}/again").entries[0].fqn == "w"
+
+
+UNINSTALLED_SAVE = """
+import sys, fsspec, pytest, torch, torch.distributed.checkpoint as dcp, kvckpt
+url = sys.argv[1]
+kvckpt.install()
+kvckpt.install()
+kvckpt.uninstall()
+with pytest.raises(ValueError, match="Protocol not known"):
+    fsspec.filesystem("redis", server_url=url)  # the fsspec view is gone with the hook
+with pytest.raises(RuntimeError, match="Cannot detect which StorageReader or StorageWriter"):
+    dcp.save({"w": torch.ones(2)}, checkpoint_id=url + "/gone", no_dist=True)
+with pytest.raises(RuntimeError, match="Cannot detect which StorageReader or StorageWriter"):
+    dcp.load({"w": torch.ones(2)}, checkpoint_id=url + "/gone", no_dist=True)
+kvckpt.install()
+dcp.save({"w": torch.ones(2)}, checkpoint_id=url + "/back", no_dist=True)
+"""
+
+
+def test_after_uninstall_dcp_treats_a_url_as_torch_does(url: str, tmp_path: Path) -> None:
+    """In a fresh process, so fsspec has no registration from another test: after uninstall DCP
+    raises its own error for a kvckpt URL, and writes neither to the store nor to a local folder."""
+    subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", textwrap.dedent(UNINSTALLED_SAVE), url],
+        check=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert [info.namespace.rsplit("/", 1)[-1] for info in kvckpt.list_checkpoints(url)] == ["back"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_and_load_by_url(url: str) -> None:

@@ -102,6 +102,7 @@ TORCH_AWARE = (
     "kvckpt.tiered.drain",
     "kvckpt.integrations.hook",
     "kvckpt.integrations.lightning",
+    "kvckpt.integrations.torch_private",
     "kvckpt.cli.demo",
 )
 
@@ -124,6 +125,73 @@ def test_only_the_torch_aware_modules_import_torch() -> None:
         if not torch_aware(name := module_name(path)) and name != "kvckpt" and imports_torch(path)
     ]
     assert offenders == []
+
+
+#: The one module that names torch's private modules and attributes, each looked up on first use.
+TORCH_PRIVATE = "kvckpt.integrations.torch_private"
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_torch_names(source: str) -> list[str]:
+    """The private torch names ``source`` imports or reaches, as far as the syntax shows: an import
+    from a torch module with a ``_``-prefixed part or name, or an attribute ``_x`` read from a name
+    that a torch import bound (``storage_utils._storage_setup``, ``torch.distributed._x``)."""
+    found: list[str] = []
+    bound: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "torch" or alias.name.startswith("torch."):
+                    bound.add(alias.asname or alias.name.split(".")[0])
+                    found += [alias.name] if any(map(private, alias.name.split("."))) else []
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            module = node.module or ""
+            for alias in node.names:
+                bound.add(alias.asname or alias.name)
+                if any(map(private, module.split("."))) or private(alias.name):
+                    found.append(f"{module}.{alias.name}")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            root: ast.expr = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in bound:
+                found.append(f"{ast.unparse(node.value)}.{node.attr}")
+    return found
+
+
+def test_private_torch_names_appear_only_in_the_guarded_module() -> None:
+    """torch can move or drop a private name in any release; one module looks each up on first use
+    and says which is missing (UnsupportedTorchError), so no other module may name one."""
+    offenders = {
+        name: names
+        for path in PACKAGE.rglob("*.py")
+        if (name := module_name(path)) != TORCH_PRIVATE and (names := private_torch_names(path.read_text()))
+    }
+    assert offenders == {}
+
+
+def test_the_private_name_finder_sees_imports_and_attributes() -> None:
+    source = (
+        "import torch\n"
+        "import torch.distributed.checkpoint._storage_utils as storage_utils\n"
+        "from torch.distributed.checkpoint._traverse import set_element\n"
+        "from torch.distributed.checkpoint import _nested_dict\n"
+        "from torch.distributed.checkpoint.filesystem import FileSystemWriter\n"
+        "storage_utils._storage_setup, FileSystemWriter._write, torch.distributed._x, torch.__version__\n"
+        "self._own\n"
+    )
+    assert private_torch_names(source) == [
+        "torch.distributed.checkpoint._storage_utils",
+        "torch.distributed.checkpoint._traverse.set_element",
+        "torch.distributed.checkpoint._nested_dict",
+        "storage_utils._storage_setup",
+        "FileSystemWriter._write",
+        "torch.distributed._x",
+    ]
 
 
 def test_the_torch_free_modules_import_without_torch() -> None:
@@ -168,3 +236,31 @@ def test_every_error_and_warning_is_exported() -> None:
     assert {"KVCheckpointError", "ReplicationError", "UnsafeStoreConfigWarning"} <= defined
     assert defined - set(kvckpt.__all__) == set()
     assert all(getattr(kvckpt, name) is getattr(kvckpt.errors, name) for name in defined)
+
+
+#: Modules that open, wrap or wait on sockets.
+NETWORK = ("socket", "ssl", "select", "selectors", "asyncio", "grpc", "http.client", "urllib.request")
+
+
+def network_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+    return {name for name in names if any(name == m or name.startswith(m + ".") for m in NETWORK)}
+
+
+def test_the_resp_reader_imports_no_socket() -> None:
+    """The RESP reader reads any ``recv_into`` callable, so it is tested without a server: neither it
+    nor any kvckpt module it imports (transitively) imports a socket module."""
+    graph = import_graph()
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    reached, todo = set(), ["kvckpt.stores.redis.resp"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo += graph[name]
+    assert "kvckpt.errors" in reached  # the walk follows imports at all
+    offenders = {name: found for name in sorted(reached) if (found := network_imports(paths[name]))}
+    assert offenders == {}
+    assert network_imports(paths["kvckpt.stores.redis.transport"]) >= {"socket", "ssl"}  # the rule sees one

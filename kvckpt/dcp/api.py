@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
@@ -40,6 +39,7 @@ from kvckpt.errors import (
     UnpicklableValueError,
 )
 from kvckpt.humanize import printable
+from kvckpt.integrations.torch_private import flatten_state_dict
 from kvckpt.management import orphans
 from kvckpt.registry import owns, parse_url
 from kvckpt.target import checkpoint_text

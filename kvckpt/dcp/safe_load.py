@@ -17,12 +17,12 @@ import warnings
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
 
 from kvckpt.errors import PickleLoadWarning, UnsafeObjectError
 from kvckpt.humanize import printable
+from kvckpt.integrations.torch_private import set_element
 
 _GLOBAL = re.compile(r"GLOBAL (\S+)")
 _warned = threading.Event()

@@ -15,9 +15,12 @@ file format. Torch-free.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fsspec import AbstractFileSystem, register_implementation
+from fsspec.registry import _registry as fsspec_classes  # fsspec has no public unregister
+from fsspec.registry import registry
 
 from kvckpt import layout
 from kvckpt.errors import KVCheckpointError
@@ -124,8 +127,23 @@ class KVCheckpointFileSystem(AbstractFileSystem):  # type: ignore[misc]
         )
 
 
-def register_fsspec() -> None:
-    """Register the view for kvckpt's schemes (replacing any earlier registration); idempotent."""
+def register_fsspec() -> Callable[[], None]:
+    """Register the view for kvckpt's schemes (replacing any earlier registration); idempotent.
+
+    Returns what puts back the registrations it replaced (``kvckpt.uninstall``). fsspec has no public
+    way to drop a protocol, so a scheme nobody had registered is removed from its registry dict.
+    """
     with _registered:
+        before = {scheme: registry.get(scheme) for scheme in SCHEMES}
         for scheme in SCHEMES:
             register_implementation(scheme, KVCheckpointFileSystem, clobber=True)
+
+    def restore() -> None:
+        with _registered:
+            for scheme, implementation in before.items():
+                if implementation is not None:
+                    register_implementation(scheme, implementation, clobber=True)
+                else:
+                    fsspec_classes.pop(scheme, None)
+
+    return restore

@@ -13,18 +13,18 @@ A reader made here loads non-tensor values with ``weights_only=True`` whatever t
 ``async_save(..., async_checkpointer_type=PROCESS)`` runs ``save`` in a spawned process that never
 ran ``install``; for it the writer is built here, in the caller, and DCP pickles it across (stores
 pickle without their sockets and reconnect in the child).
+
+``uninstall`` puts back everything ``install`` replaced. The patched names are torch's private ones,
+found through kvckpt.integrations.torch_private.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
-import torch.distributed.checkpoint._async_process_executor as process_executor
-import torch.distributed.checkpoint._storage_utils as storage_utils
-import torch.distributed.checkpoint.state_dict_loader as loader
-import torch.distributed.checkpoint.state_dict_saver as saver
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 from torch.futures import Future
@@ -32,14 +32,15 @@ from torch.futures import Future
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.safe_load import SafeLoadPlanner
 from kvckpt.dcp.writer import KVStorageWriter
+from kvckpt.integrations.torch_private import PROCESS_EXECUTE_SAVE, STORAGE_SETUP
 from kvckpt.registry import owns
 from kvckpt.target import checkpoint_text
 
-_MODULES = (storage_utils, saver, loader)
-_ORIGINAL_SETUP = storage_utils._storage_setup
-_Executor = process_executor._ProcessBasedAsyncCheckpointExecutor
-_ORIGINAL_EXECUTE = _Executor.execute_save
 _lock = threading.Lock()
+#: What uninstall() runs to put back each thing install() replaced; empty while not installed.
+_undo: list[Callable[[], None]] = []
+#: DCP's own functions, found by install(); the wrappers hand everything not kvckpt's to them.
+_original: dict[str, Any] = {}
 
 
 class URLStorageReader(KVStorageReader):
@@ -63,7 +64,8 @@ def _storage_setup(
     if storage is None and owns(text):
         assert isinstance(text, str)
         return URLStorageReader(text) if reader else KVStorageWriter(text)
-    return _ORIGINAL_SETUP(storage, checkpoint_id, reader=reader)
+    chosen: StorageReader | StorageWriter | None = _original["setup"](storage, checkpoint_id, reader=reader)
+    return chosen
 
 
 def _execute_save(self: Any, staged: Any, *args: Any, **kwargs: Any) -> Any:
@@ -73,11 +75,11 @@ def _execute_save(self: Any, staged: Any, *args: Any, **kwargs: Any) -> Any:
         assert isinstance(checkpoint_id, str)
         kwargs["storage_writer"] = KVStorageWriter(checkpoint_id)
         kwargs["checkpoint_id"] = checkpoint_id  # the text crosses to the process, not the caller's object
-    return _ORIGINAL_EXECUTE(self, staged, *args, **kwargs)
+    return _original["execute"](self, staged, *args, **kwargs)
 
 
 def installed() -> bool:
-    return all(module._storage_setup is _storage_setup for module in _MODULES)
+    return all(point.get() is _storage_setup for point in STORAGE_SETUP)
 
 
 def install() -> None:
@@ -86,11 +88,25 @@ def install() -> None:
     Also registers kvckpt's directory view with fsspec for the same schemes, so frameworks that list,
     probe and delete checkpoint folders through fsspec (Lightning's ModelCheckpoint, torchtitan's
     CheckpointManager) see committed checkpoints. Call it once per process, before the first save.
+    UnsupportedTorchError, with nothing changed, when the installed torch lacks a function it patches.
     """
     from kvckpt.integrations.fsview import register_fsspec
 
     with _lock:
-        for module in _MODULES:
-            module._storage_setup = _storage_setup  # type: ignore[attr-defined]
-        _Executor.execute_save = _execute_save  # type: ignore[method-assign,assignment]
-    register_fsspec()
+        if _undo:
+            return
+        # Every target is looked up before the first is replaced: a torch lacking one changes nothing.
+        found = [point.get() for point in (*STORAGE_SETUP, PROCESS_EXECUTE_SAVE)]
+        _original.update(setup=found[0], execute=found[-1])
+        _undo.extend(point.replace(_storage_setup) for point in STORAGE_SETUP)
+        _undo.append(PROCESS_EXECUTE_SAVE.replace(_execute_save))
+        _undo.append(register_fsspec())
+
+
+def uninstall() -> None:
+    """Undo ``install()``: DCP's functions and fsspec's registrations for kvckpt's schemes are what
+    they were before it, so a kvckpt URL reaches DCP's own storage choice again; idempotent, and
+    ``install()`` works again after it."""
+    with _lock:
+        while _undo:
+            _undo.pop()()

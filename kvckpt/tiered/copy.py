@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, TypeGuard, cast
 
 import torch
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -58,6 +57,7 @@ from kvckpt.errors import (
     InvalidCheckpointIdError,
     KVCheckpointError,
 )
+from kvckpt.integrations.torch_private import fsspec_reader
 from kvckpt.registry import owns, schemes
 from kvckpt.target import checkpoint_text
 from kvckpt.tiered import origin
@@ -257,7 +257,7 @@ def durable_reader(
         )
     if scheme_of(text) in (None, "file"):
         return FileSystemReader(path)
-    return FsspecReader(text, **(storage_options or {}))
+    return fsspec_reader()(text, **(storage_options or {}))
 
 
 def read_metadata(reader: StorageReader, src: object) -> Metadata:

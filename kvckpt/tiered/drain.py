@@ -18,18 +18,19 @@ untouched: the drainer only reads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from kvckpt import humanize
@@ -41,6 +42,7 @@ from kvckpt.errors import (
     CorruptCheckpointError,
     KVCheckpointError,
 )
+from kvckpt.integrations.torch_private import fsspec_writer
 from kvckpt.management import api as manage
 from kvckpt.management.api import CheckpointInfo
 from kvckpt.registry import parse_url
@@ -80,15 +82,22 @@ class _Throttle:
             time.sleep(ahead)
 
 
-class _StagedFsspecWriter(FsspecWriter):
-    """Writes a staged copy but records the name it will be moved onto, as a local copy does."""
+@functools.cache
+def _staged_fsspec_writer() -> Callable[..., FileSystemWriter]:
+    """DCP's FsspecWriter is private to torch: the subclass is made on the first drain to fsspec."""
+    base: Any = fsspec_writer()
 
-    def __init__(self, staging: str, final: str, **options: Any) -> None:
-        super().__init__(staging, sync_files=False, **options)
-        self._final = final
+    class StagedFsspecWriter(base):  # type: ignore[misc]
+        """Writes a staged copy but records the name it will be moved onto, as a local copy does."""
 
-    def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self._final, save_id=self.save_id)
+        def __init__(self, staging: str, final: str, **options: Any) -> None:
+            super().__init__(staging, sync_files=False, **options)
+            self._final = final
+
+        def storage_meta(self) -> StorageMeta | None:
+            return StorageMeta(checkpoint_id=self._final, save_id=self.save_id)
+
+    return StagedFsspecWriter
 
 
 class CopyAbandoned(KeyboardInterrupt):
@@ -266,7 +275,7 @@ class Drainer:
         try:
             if dest.local:
                 os.makedirs(folder)
-                writer: FsspecWriter | StagedFolderWriter = StagedFolderWriter(Path(folder), Path(final))
+                writer: FileSystemWriter = StagedFolderWriter(Path(folder), Path(final))
             else:
                 options = dict(dest.storage_options)
                 if "s3" in dest.fs.protocol:  # a name or a tuple of names
@@ -274,7 +283,7 @@ class Drainer:
                 if in_place:
                     dest.remove(folder)  # what a drainer cut short left: it has no marker
                     dest.write_marker(folder, IN_PROGRESS, {})
-                writer = _StagedFsspecWriter(dest.url_of(folder), dest.url(name), **options)
+                writer = _staged_fsspec_writer()(dest.url_of(folder), dest.url(name), **options)
             write_copy(reader, plan, writer, self._throttle())
             finished = {"drained_at": time.time(), "seconds": time.perf_counter() - started}
             dest.write_marker(folder, MARKER, {**marker, **finished})
