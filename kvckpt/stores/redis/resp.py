@@ -56,6 +56,8 @@ T = TypeVar("T")
 
 #: An integer or length: RESP2 integers are signed 64-bit (at most 19 digits).
 _NUMBER = re.compile(rb"-?[0-9]{1,19}")
+#: The first bytes of RESP2 replies: simple string, error, integer, bulk string, array.
+_TYPES = frozenset(b"+-:$*")
 _ADVICE = (
     "check that the URL names a Redis server (not another service) and that nothing between kvckpt "
     "and it (a proxy, a TLS terminator) alters the stream"
@@ -155,7 +157,7 @@ class RespReader:
         """The next reply; an error reply is returned as its redis-py exception, not raised."""
         stack: list[tuple[list[Reply], int]] = []  # the arrays being filled, and how many items each wants
         while True:
-            line = self._line()
+            line = self._line(typed=True)
             kind, rest = line[:1], line[1:]
             value: Reply
             if kind == b"*":
@@ -181,7 +183,7 @@ class RespReader:
     def bulk_into(self, dest: memoryview, what: str) -> int | rex.RedisError:
         """The next reply, a bulk string (``what`` asked for it) of at most ``dest.nbytes`` bytes, read
         into ``dest``; returns its length (0 for nil), or the error reply the server sent instead."""
-        line = self._line()
+        line = self._line(typed=True)
         kind = line[:1]
         if kind == b"-":
             return server_error(line[1:])
@@ -207,9 +209,8 @@ class RespReader:
             return rest.decode("utf-8", "replace")
         if kind == b":":
             return self._number(rest, "integer")
-        if kind == b"-":
-            return server_error(rest)
-        raise self._error(f"sent a reply of unknown type {line[:40]!r}")
+        assert kind == b"-"  # _line(typed=True) let no other type through
+        return server_error(rest)
 
     def _number(self, text: bytes, what: str) -> int:
         if _NUMBER.fullmatch(text) is None:
@@ -249,9 +250,15 @@ class RespReader:
             raise rex.ConnectionError(f"{self.source} closed the connection mid-reply")
         self._end += received
 
-    def _line(self) -> bytes:
+    def _line(self, typed: bool = False) -> bytes:
+        """The next line without its CRLF; a ``typed`` one (a reply's first) is refused as soon as its
+        first byte is no RESP2 type, rather than when a CRLF that may never come arrives."""
         scanned = self._pos  # where the search for CRLF resumes (one byte back: a CR may end a read)
         while True:
+            if typed and self._end > self._pos and self._buf[self._pos] not in _TYPES:
+                end = self._buf.find(b"\r\n", self._pos, self._end)
+                head = bytes(self._view[self._pos : self._end if end < 0 else end][:40])
+                raise self._error(f"sent a reply of unknown type {head!r}")
             at = self._buf.find(b"\r\n", scanned, self._end)
             if at >= 0:
                 line = bytes(self._view[self._pos : at])

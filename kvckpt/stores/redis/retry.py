@@ -2,17 +2,23 @@
 
 A dropped link is worth retrying at once; a server that accepts connections but never answers is not
 worth waiting on ``retries + 1`` times. So the policy bounds both: ``retries`` re-sends, ``backoff``
-doubling up to ``backoff_cap`` between them, and ``total_timeout``: the time the store may go without
-progress, shared by every operation of one save, load, listing or gc (kvckpt.deadline). No retry
-starts that could not finish (one ``timeout``) before that deadline, no attempt waits past it, and an
-operation that cannot start before it fails at once. A hung server therefore fails a whole save,
-cleanup included, within ``total_timeout``; each retry is logged (INFO, logger
-``kvckpt.stores.redis``).
+doubling up to ``backoff_cap`` between them (with jitter, below), and ``total_timeout``: the time the
+store may go without progress, shared by every operation of one save, load, listing or gc
+(kvckpt.deadline). No retry starts that could not finish (one ``timeout``) before that deadline, no
+attempt waits past it, and an operation that cannot start before it fails at once. A hung server
+therefore fails a whole save, cleanup included, within ``total_timeout``; each retry is logged (INFO,
+logger ``kvckpt.stores.redis``).
+
+Each wait is "equal jitter", redis-py's default backoff (``EqualJitterBackoff``): half the exponential
+delay fixed, the other half drawn uniformly. Ranks of a job that lost the same server at the same
+moment would otherwise reconnect in lockstep, every retry a thundering herd; the fixed half keeps a
+retry from coming at once.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,9 +66,11 @@ class RetryPolicy:
                     f"store option {name}={value!r}: expected more than 0 seconds", options=[name]
                 )
 
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number ``attempt + 1``."""
-        return float(min(self.backoff_cap, self.backoff * 2**attempt))
+    def delay(self, attempt: int, draw: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before retry number ``attempt + 1``: between half and all of ``backoff``
+        doubled ``attempt`` times (capped at ``backoff_cap``), where ``draw()`` (from [0, 1)) puts it."""
+        ceiling = float(min(self.backoff_cap, self.backoff * 2**attempt))
+        return ceiling / 2 + ceiling / 2 * draw()
 
     def run(
         self,
