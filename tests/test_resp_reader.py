@@ -70,7 +70,7 @@ def same(a: Reply, b: Reply) -> bool:
     return type(a) is type(b) and a == b
 
 
-LINE_TEXT = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40)
+LINE_TEXT = st.text(st.characters(exclude_characters="\r\n", codec="utf-8"), max_size=40)
 ERRORS = st.builds(lambda text: rex.ResponseError("ERR " + text), LINE_TEXT)
 SCALARS = st.one_of(
     st.none(),
