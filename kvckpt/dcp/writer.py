@@ -217,14 +217,13 @@ class KVStorageWriter(Addressed, StorageWriter):
         """
         save_id, self._generation = self._generation or layout.new_save_id(), None
         store = self.target.store
-        max_ops = store.capabilities.max_batch_ops
         write_ttl = self._pending_ttl(store) if self._pending_ttl(store) is not None else self._data_ttl()
         results: list[WriteResult] = []
         submitted: list[str] = []
         pieces = self._pieces(plan, planner, save_id, results)
         try:
             with Transfer(self.io_threads) as transfer:
-                while batch := self._next_batch(pieces, max_ops):
+                while batch := self._next_batch(pieces, store.capabilities.max_batch_ops):
                     submitted.extend(key for key, _ in batch)
                     transfer.submit(functools.partial(store.put_many, batch, ttl=write_ttl))
         except BaseException:
@@ -238,11 +237,8 @@ class KVStorageWriter(Addressed, StorageWriter):
 
     @paused_gc()
     def _next_batch(self, pieces: Iterator[tuple[str, memoryview]], max_ops: int) -> list[tuple[str, Buffer]]:
-        """The next ``put_many`` batch (empty when all is written). Building it allocates several
-        objects per chunk (keys, checksums, each item's record entry), enough with 10,000 items to
-        trigger full collections over the whole process (kvckpt.dcp.gcpause); the collector is paused
-        only while a batch is built, never while it travels: gc.disable() is process-wide, and with a
-        thread-based async_save the training thread runs beside the upload."""
+        """The next ``put_many`` batch, empty at the end. The collector is paused while it is built,
+        never while it travels (kvckpt.dcp.gcpause: training may run beside the upload)."""
         batch: list[tuple[str, Buffer]] = []
         size = 0
         for key, piece in pieces:
@@ -260,8 +256,16 @@ class KVStorageWriter(Addressed, StorageWriter):
         namespace = self.target.namespace
         chunk_bytes = min(self.chunk_bytes, self.target.store.capabilities.max_value_bytes)
         for item in plan.items:
-            view, dtype, shape = self._item_bytes(item, planner)
-            offset = None if item.type == WriteItemType.BYTE_IO else tuple(item.index.offset or ())
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                if not isinstance(data, io.BytesIO):
+                    raise KVCheckpointError(f"{item.index.fqn}: planner gave {type(data)} for a BYTE_IO item")
+                view, dtype, shape, offset = data.getbuffer(), None, None, None
+            else:
+                assert isinstance(data, torch.Tensor)
+                tensor = host_contiguous(data)
+                view, dtype, shape = byte_view(tensor), dtype_name(tensor.dtype), tuple(tensor.shape)
+                offset = tuple(item.index.offset or ())
             prefix = layout.item_prefix(save_id, item.index.fqn, offset)
             chunks = []
             for n, start in enumerate(range(0, len(view), chunk_bytes)):
@@ -271,17 +275,6 @@ class KVStorageWriter(Addressed, StorageWriter):
                 yield layout.full_key(namespace, f"{prefix}/{n}"), piece
             stored = layout.StoredItem(len(view), tuple(chunks), dtype, shape)
             results.append(WriteResult(index=item.index, size_in_bytes=len(view), storage_data=stored))
-
-    @staticmethod
-    def _item_bytes(item: Any, planner: SavePlanner) -> tuple[memoryview, str | None, tuple[int, ...] | None]:
-        data = planner.resolve_data(item)
-        if item.type == WriteItemType.BYTE_IO:
-            if not isinstance(data, io.BytesIO):
-                raise KVCheckpointError(f"{item.index.fqn}: planner returned {type(data)} for a BYTE_IO item")
-            return data.getbuffer(), None, None
-        assert isinstance(data, torch.Tensor)
-        tensor = host_contiguous(data)
-        return byte_view(tensor), dtype_name(tensor.dtype), tuple(tensor.shape)
 
     # Commit -----------------------------------------------------------------------------------
 
@@ -311,10 +304,8 @@ class KVStorageWriter(Addressed, StorageWriter):
     def _record(
         self, metadata: Metadata, results: list[list[WriteResult]]
     ) -> tuple[Metadata, list[str], dict[str, Any]]:
-        """The Metadata to record, every data key, and the record's body. Encoding the entries of
-        10,000 items allocates enough objects to trigger full collections over the whole process
-        (kvckpt.dcp.gcpause), so the collector is paused here, and only here: not while the commit
-        waits on the store."""
+        """The Metadata to record, every data key, and the record's body: built with the collector
+        paused (kvckpt.dcp.gcpause), which the commit's waits on the store are not."""
         items: dict[MetadataIndex, layout.StoredItem] = {
             result.index: result.storage_data for rank_results in results for result in rank_results
         }
@@ -326,7 +317,7 @@ class KVStorageWriter(Addressed, StorageWriter):
             version=CURRENT_DCP_VERSION,  # as FileSystemWriter records it; DCP's planners read it back
             storage_meta=self._storage_meta_of(metadata.storage_meta),
         )
-        keys = [layout.full_key(self.target.namespace, c.key) for item in items.values() for c in item.chunks]
+        keys = [layout.full_key(self.target.namespace, c.key) for i in items.values() for c in i.chunks]
         now = time.time()
         body = {
             "save_id": self._save_id,
