@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageReader
 
+from kvckpt.arguments import keywords
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.dcp.safe_load import SafeLoadPlanner as SafeLoadPlanner  # re-exported: kvckpt.SafeLoadPlanner
 from kvckpt.dcp.writer import KVStorageWriter
@@ -117,6 +118,7 @@ def save(
     ``kvckpt.latest``/``keep_last`` (a copy keeps it). Returns the Metadata the commit recorded
     (storage_meta, version) on the rank that committed, DCP's plan metadata on the others.
     """
+    keywords("kvckpt.save", writer_options, KVStorageWriter)
     writer = KVStorageWriter(checkpoint_id, client=client, step=step, **writer_options)
     try:
         with unwrapped_errors("save", lambda: _unsavable(state_dict)), single_process_quietly():
@@ -170,6 +172,7 @@ def load(
         def metadata() -> Metadata:  # read again only to say what went wrong, as DCP read it
             return read_durable_metadata(durable, checkpoint_id)
     else:
+        keywords("kvckpt.load", reader_options, KVStorageReader)
         reader = KVStorageReader(checkpoint_id, client=client, allow_pickle=allow_pickle, **reader_options)
         rank = 0 if no_dist or not dist.is_initialized() else dist.get_rank(process_group)
         with unwrapped_errors("load"):

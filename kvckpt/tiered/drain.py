@@ -34,12 +34,14 @@ from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from kvckpt import humanize
+from kvckpt.arguments import mapping, seconds, whole
 from kvckpt.dcp.reader import KVStorageReader
 from kvckpt.errors import (
     CheckpointChangedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     KVCheckpointError,
 )
 from kvckpt.integrations.torch_private import fsspec_writer
@@ -139,13 +141,24 @@ class Drainer:
         store_options: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        for name, value, least in (("every", every, 1), ("keep", keep, 1), ("group_bytes", group_bytes, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise KVCheckpointError(f"{name} must be a whole number >= {least}, got {value!r}")
-        if max_rate is not None and not max_rate > 0:
-            raise KVCheckpointError(f"max_rate is in bytes per second and must be > 0, got {max_rate!r}")
-        if interval is not None and (every != 1 or not interval > 0):
-            raise KVCheckpointError("interval= takes a number of seconds > 0, and replaces every=")
+        whole("Drainer", 1, every=every, group_bytes=group_bytes)
+        whole("Drainer", 1, none=True, keep=keep)
+        seconds("Drainer", poll=poll)
+        seconds("Drainer", none=True, interval=interval)
+        mapping("store_options", store_options)
+        mapping("storage_options", storage_options)
+        if max_rate is not None and (
+            isinstance(max_rate, bool) or not isinstance(max_rate, int | float) or not max_rate > 0
+        ):
+            raise InvalidArgumentError(
+                f"Drainer: max_rate={max_rate!r:.60}: expected bytes per second > 0, or None for no cap",
+                options=["max_rate"],
+            )
+        if interval is not None and every != 1:
+            raise InvalidArgumentError(
+                f"Drainer: interval={interval!r} replaces every={every!r}; pass one of the two",
+                options=["interval", "every"],
+            )
         self.source, self.every, self.interval, self.keep, self.poll = source, every, interval, keep, poll
         self.group_bytes, self.max_rate, self.client = group_bytes, max_rate, client
         self.store_options = dict(store_options or {})
