@@ -1,0 +1,54 @@
+"""The cyclic collector stays on for the rest of the process while kvckpt waits on the store.
+
+``gc.disable()`` is process-wide, and ``dcp.async_save`` with its default thread executor runs the
+upload beside the training thread: a collector paused for a whole ``write_data`` would leave
+training without it for as long as the upload takes. The upload is held at a FaultProxy, so it is
+certainly still running while the training thread looks.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from concurrent.futures import Future
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import kvckpt
+from tests.harness.proxy import FaultProxy
+from tests.harness.servers import RedisServer
+from tests.helpers import bits_equal, random_tensor
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP: no process group, one process
+
+
+def test_the_training_thread_keeps_the_collector_while_an_async_save_uploads(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    state = {f"w{i}": random_tensor((256,), torch.float32, seed=i) for i in range(4)}
+    first_chunk = b"/w0/0/0\r\n"  # the end of the key of w0's only chunk, as sent in RESP
+    assert gc.isenabled()
+    with FaultProxy(redis_server.port) as proxy:
+        proxy.hold_on(first_chunk)
+        future = dcp.async_save(
+            state, storage_writer=kvckpt.KVStorageWriter(f"redis://127.0.0.1:{proxy.port}/0/{namespace}")
+        )
+        proxy.wait_for(lambda: proxy.held(first_chunk) > 0, what="the upload reaching the server")
+        time.sleep(0.1)  # the writer thread is past building its batch: it waits on the store
+        samples = []
+        for _ in range(20):
+            samples.append(gc.isenabled())
+            time.sleep(0.01)
+        assert isinstance(future, Future)  # the thread executor's, not a staging response
+        still_uploading = not future.done()
+        proxy.release()
+        future.result(timeout=60)
+    assert still_uploading
+    assert samples == [True] * 20, f"the collector was off for {samples.count(False)} of 20 samples"
+    assert gc.isenabled()
+
+    loaded = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
+    dcp.load(loaded, storage_reader=kvckpt.KVStorageReader(redis_server.url(namespace)))
+    assert all(bits_equal(loaded[name], tensor) for name, tensor in state.items())
