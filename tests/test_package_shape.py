@@ -264,3 +264,88 @@ def test_the_resp_reader_imports_no_socket() -> None:
     offenders = {name: found for name in sorted(reached) if (found := network_imports(paths[name]))}
     assert offenders == {}
     assert network_imports(paths["kvckpt.stores.redis.transport"]) >= {"socket", "ssl"}  # the rule sees one
+
+
+def own_private_names(tree: ast.Module) -> set[str]:
+    """The private names a module defines: its functions and classes (methods included), every name
+    it assigns or binds, and the attributes it assigns on ``self``/``cls``."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name.split(".")[0])
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and is_self(node.value):
+            names.add(node.attr)
+    return {name for name in names if private(name)}
+
+
+def is_self(node: ast.expr) -> bool:
+    """``self``, ``cls`` or ``super()``: an object whose private names its own class may use."""
+    if isinstance(node, ast.Call):
+        return isinstance(node.func, ast.Name) and node.func.id == "super"
+    return isinstance(node, ast.Name) and node.id in ("self", "cls")
+
+
+def foreign_private_names(sources: dict[str, str]) -> list[str]:
+    """Where one kvckpt module reaches a private name another kvckpt module defines, as far as the
+    syntax shows: an attribute ``x._name`` (``x`` not self/cls/super()) whose ``_name`` this module
+    does not define and another does, or ``from kvckpt.m import _name`` of anything but a module."""
+    trees = {name: ast.parse(source) for name, source in sources.items()}
+    own = {name: own_private_names(tree) for name, tree in trees.items()}
+    found: list[str] = []
+    for name, tree in trees.items():
+        elsewhere = set().union(*(names for other, names in own.items() if other != name))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "kvckpt":
+                found += [
+                    f"{name}: from {node.module} import {alias.name}"
+                    for alias in node.names
+                    if private(alias.name) and f"{node.module}.{alias.name}" not in sources
+                ]
+            elif (
+                isinstance(node, ast.Attribute)
+                and private(node.attr)
+                and node.attr not in own[name]
+                and node.attr in elsewhere
+                and not is_self(node.value)
+            ):
+                found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_reaches_another_modules_private_names() -> None:
+    """A ``_name`` is free to change with its own module; a caller elsewhere that needs it is using
+    an interface, which then deserves a public name the owner keeps."""
+    sources = {module_name(path): path.read_text() for path in PACKAGE.rglob("*.py")}
+    assert foreign_private_names(sources) == []
+
+
+def test_the_foreign_private_name_finder_sees_attributes_and_imports() -> None:
+    sources = {
+        "kvckpt.a": "class A:\n    def _end(self) -> None:\n        self._live = None\n_helper = 1\n",
+        "kvckpt.b": (
+            "from kvckpt.a import A, _helper\n"
+            "from kvckpt import _buffers\n"
+            "def f(a: A) -> None:\n"
+            "    a._end()\n"
+            "    a._live, a._unknown, a.__dict__\n"
+        ),
+        "kvckpt.c": (
+            "from kvckpt.a import A\n"
+            "class C(A):\n"
+            "    def _end(self) -> None:\n"
+            "        super()._end()\n"
+            "        self._live = 1\n"
+            "    def same(self, other: C) -> None:\n"
+            "        other._end()\n"
+        ),
+        "kvckpt._buffers": "",
+    }
+    assert foreign_private_names(sources) == [
+        "kvckpt.b: from kvckpt.a import _helper",
+        "kvckpt.b:4: a._end",
+        "kvckpt.b:5: a._live",
+    ]

@@ -133,7 +133,7 @@ def save(
     except StoreFullError as full:
         raise _with_orphans(writer, full) from full
     finally:
-        writer._end_live()  # a rank that failed elsewhere never let this one reach finish
+        writer.reset()  # ends the liveness of a save that failed on another rank: finish never ran here
     return writer.recorded or metadata
 
 

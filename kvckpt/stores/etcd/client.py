@@ -381,7 +381,7 @@ class EtcdClient:
                 "raise max_reply_bytes=",
                 limit=self.receive_limit,
             )
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and self._nospace():
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.nospace():
             return StoreFullError(
                 f"{where}, etcd refused the write: its database reached --quota-backend-bytes "
                 f"(NOSPACE alarm); {FULL_HINT}",
@@ -400,7 +400,9 @@ class EtcdClient:
             )
         return KVCheckpointError(f"{where}, etcd error {code.name}: {detail}", action=action)
 
-    def _nospace(self) -> bool:
+    def nospace(self) -> bool:
+        """Whether etcd's NOSPACE alarm is raised: what tells a full database from a reply too large
+        for the gRPC limit, as both fail with RESOURCE_EXHAUSTED. False when alarms cannot be read."""
         try:
             return any(alarm == "NOSPACE" for _, alarm in self.alarms())
         except KVCheckpointError:

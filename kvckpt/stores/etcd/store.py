@@ -258,7 +258,7 @@ class EtcdStore(KVStore):
                     f"{self.receive_limit} bytes; raise max_reply_bytes=",
                     limit=self.receive_limit,
                 )
-            if not singles and self.client._nospace():
+            if not singles and self.client.nospace():
                 singles = True
             else:
                 self._reply_estimate = max(self._reply_estimate or 0, self.receive_limit // len(batch) + 1)
