@@ -20,7 +20,8 @@ from one save to the next. Before a save, the previous one is waited for (as tor
 Per save: **blocked** is how long ``async_save`` took to return, **commit** how long until its future
 was done (the checkpoint committed), **wait** how long the next save waited for it. Per run:
 training steps/s with checkpointing, against runs of as many steps without (``none``) interleaved with
-them, and the CPU seconds the training process (all its threads) and redis-server spent. One
+them, and the CPU seconds the training process (all its threads; not the process executor's daemon)
+and redis-server spent. One
 warm-up save per executor and target, untimed, pays the daemon's start and the stager's first
 allocation. Rows give medians [min-max] over all saves, or over ``--repeat`` runs for steps/s.
 """
