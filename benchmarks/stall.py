@@ -21,9 +21,9 @@ Per save: **blocked** is how long ``async_save`` took to return, **commit** how 
 was done (the checkpoint committed), **wait** how long the next save waited for it. Per run:
 training steps/s with checkpointing, against runs of as many steps without (``none``) interleaved with
 them, and the CPU seconds the training process (all its threads; not the process executor's daemon)
-and redis-server spent. One
-warm-up save per executor and target, untimed, pays the daemon's start and the stager's first
-allocation. Rows give medians [min-max] over all saves, or over ``--repeat`` runs for steps/s.
+and redis-server spent. One warm-up save per executor and target, untimed, pays the daemon's start
+and the stager's first allocation. Rows give medians [min-max] over all saves, or over ``--repeat``
+runs for steps/s.
 """
 
 from __future__ import annotations
