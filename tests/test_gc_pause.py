@@ -9,6 +9,7 @@ certainly still running while the training thread looks.
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from concurrent.futures import Future
 
@@ -51,4 +52,39 @@ def test_the_training_thread_keeps_the_collector_while_an_async_save_uploads(
 
     loaded = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
     dcp.load(loaded, storage_reader=kvckpt.KVStorageReader(redis_server.url(namespace)))
+    assert all(bits_equal(loaded[name], tensor) for name, tensor in state.items())
+
+
+def test_the_collector_stays_on_while_a_load_on_another_thread_waits(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    """A load never pauses the collector while it waits on the store: a drainer or a copy loads on a
+    thread of its own, beside training that needs the collector."""
+    state = {f"w{i}": random_tensor((256,), torch.float32, seed=i) for i in range(4)}
+    kvckpt.save(state, redis_server.url(namespace))
+    loaded = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
+    first_chunk = b"/w0/0/0\r\n"
+    failures: list[BaseException] = []
+
+    def load(url: str) -> None:
+        try:
+            dcp.load(loaded, storage_reader=kvckpt.KVStorageReader(url))
+        except BaseException as exc:
+            failures.append(exc)
+
+    with FaultProxy(redis_server.port) as proxy:
+        proxy.hold_on(first_chunk)
+        loader = threading.Thread(target=load, args=(f"redis://127.0.0.1:{proxy.port}/0/{namespace}",))
+        loader.start()
+        proxy.wait_for(lambda: proxy.held(first_chunk) > 0, what="the load's read reaching the server")
+        time.sleep(0.1)
+        samples = []
+        for _ in range(20):
+            samples.append(gc.isenabled())
+            time.sleep(0.01)
+        still_loading = loader.is_alive()
+        proxy.release()
+        loader.join(timeout=60)
+    assert still_loading and not failures
+    assert samples == [True] * 20, f"the collector was off for {samples.count(False)} of 20 samples"
     assert all(bits_equal(loaded[name], tensor) for name, tensor in state.items())
