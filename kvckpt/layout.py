@@ -3,6 +3,7 @@
     NAMESPACE/.metadata                          the commit record (collective saves)
     NAMESPACE/__R.metadata                       rank R's record (use_collectives=False)
     NAMESPACE/SAVE_ID/FQN/OFFSETS/N              chunk N of one stored item
+    NAMESPACE/SAVE_ID/.pack/N                    pack N: small items of one rank, end to end
     NAMESPACE/.live/SAVE_ID                      a save in progress proves it is alive (short expiry)
     NAMESPACE/.unfinished                        the id of the last save that began and has not
                                                  committed (pending expiry): a hint to look for orphans
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 RECORD_NAME = ".metadata"
+PACK_NAME = ".pack"
 LIVE_NAME = ".live"
 UNFINISHED_NAME = ".unfinished"
 #: A generation directory (new_save_id): every data key of one save lives under one.
@@ -56,17 +58,26 @@ def item_prefix(save_id: str, fqn: str, offset: tuple[int, ...] | None) -> str:
     return f"{save_id}/{fqn}/{where}"
 
 
+def pack_key(save_id: str, n: int) -> str:
+    """Pack ``n`` of a generation. Two segments below the generation where an item's chunk keys have
+    at least three (FQN, OFFSETS, N), so no FQN, whatever it holds, can name a pack's key."""
+    return f"{save_id}/{PACK_NAME}/{n}"
+
+
 def full_key(namespace: str, relative: str) -> str:
     return f"{namespace}/{relative}"
 
 
 @dataclass(frozen=True)
 class StoredChunk:
-    """One value in the store: ``key`` (relative to the namespace), its size and block checksums."""
+    """``nbytes`` bytes of the value at ``key`` (relative to the namespace) from ``offset`` on, and
+    the checksums of their blocks. ``offset`` is 0 for a chunk that is a whole value; small items
+    share one value (a pack) and each starts where the previous one ended."""
 
     key: str
     nbytes: int
     sums: tuple[int, ...] = ()
+    offset: int = 0
 
 
 @dataclass(frozen=True)

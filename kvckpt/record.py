@@ -17,7 +17,13 @@ from kvckpt.errors import CorruptCheckpointError, KVCheckpointError
 from kvckpt.layout import StoredChunk
 
 FORMAT = "kvckpt"
-VERSION = 1
+#: The newest record version. A record is written as version 2 only when it needs to be: when a
+#: chunk starts past the beginning of its value (a pack of small items), which a reader of version 1
+#: would read from the value's start. Every other record is version 1, byte for byte as before.
+VERSION = 2
+VERSIONS = (1, 2)
+#: Where a chunk may end at most: Redis takes range ends as signed 64-bit integers.
+_MAX_END = (1 << 63) - 1
 _TUPLE = 1
 
 
@@ -50,7 +56,8 @@ def unpack(data: bytes) -> Any:
 
 
 def encode_record(body: dict[str, Any]) -> bytes:
-    return pack({"format": FORMAT, "version": VERSION, **body})
+    packed = any(len(chunk) > 3 for row in body.get("items", ()) for chunk in row[5])
+    return pack({"format": FORMAT, "version": VERSION if packed else 1, **body})
 
 
 def decode_record(data: bytes, key: str) -> dict[str, Any]:
@@ -66,10 +73,10 @@ def decode_record(data: bytes, key: str) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CorruptCheckpointError(f"{key}: this value is not a kvckpt record", key=key)
     version = record.get("version")
-    if version != VERSION:
+    if type(version) is not int or version not in VERSIONS:
         raise CorruptCheckpointError(
-            f"{key}: record version {version!r:.40} is not supported by this kvckpt (reads version "
-            f"{VERSION}); upgrade kvckpt to load it",
+            f"{key}: record version {version!r:.40} is not supported by this kvckpt (reads versions "
+            f"{', '.join(map(str, VERSIONS))}); upgrade kvckpt to load it",
             key=key,
         )
     return record
@@ -80,7 +87,8 @@ class RecordItem:
     """One stored DCP write item as the record lists it (docs/record-format.md).
 
     On the wire it is the row ``[fqn, offset, nbytes, dtype, shape, [[key, nbytes, sums], ...]]``;
-    ``offset`` is the DCP MetadataIndex offset, ``dtype``/``shape`` are None for BYTE_IO items.
+    ``offset`` is the DCP MetadataIndex offset, ``dtype``/``shape`` are None for BYTE_IO items. A
+    chunk that starts inside its value (in a pack) has a fourth field, where it starts.
     """
 
     fqn: str
@@ -97,7 +105,7 @@ class RecordItem:
             self.nbytes,
             self.dtype,
             None if self.shape is None else list(self.shape),
-            [[c.key, c.nbytes, list(c.sums)] for c in self.chunks],
+            [_chunk_row(c) for c in self.chunks],
         ]
 
     @classmethod
@@ -112,7 +120,11 @@ class RecordItem:
             raise ValueError(f"bad dtype {dtype!r:.60} for {fqn!r}")
         if not isinstance(chunks, list):
             raise ValueError(f"bad chunk list for {fqn!r}")
-        item = cls(fqn, _sizes(offset), nbytes, dtype, _sizes(shape), tuple(map(_chunk, chunks)))
+        try:
+            stored = tuple(map(_chunk, chunks))
+        except ValueError as exc:
+            raise ValueError(f"{fqn!r}: {exc}") from None
+        item = cls(fqn, _sizes(offset), nbytes, dtype, _sizes(shape), stored)
         if sum(c.nbytes for c in item.chunks) != nbytes:
             raise ValueError(f"chunk sizes of {fqn!r} do not add up to {nbytes}")
         return item
@@ -134,15 +146,23 @@ def _sizes(values: Any) -> tuple[int, ...] | None:
     return tuple(values)
 
 
+def _chunk_row(chunk: StoredChunk) -> list[Any]:
+    """The offset only where there is one, so a record without packs is what it always was."""
+    row = [chunk.key, chunk.nbytes, list(chunk.sums)]
+    return [*row, chunk.offset] if chunk.offset else row
+
+
 def _chunk(row: Any) -> StoredChunk:
-    if not isinstance(row, list) or len(row) != 3:
+    if not isinstance(row, list) or len(row) not in (3, 4):
         raise ValueError(f"bad chunk {row!r:.200}")
-    key, size, sums = row
+    key, size, sums, offset = row if len(row) == 4 else [*row, 0]
     if not isinstance(key, str) or not _count(size):
         raise ValueError(f"bad chunk {row!r:.200}")
+    if not _count(offset) or offset + size > _MAX_END:
+        raise ValueError(f"chunk {key!r} has a bad offset {offset!r:.40} (for {size} bytes)")
     if not isinstance(sums, list) or not all(type(s) is int and 0 <= s < 2**64 for s in sums):
         raise ValueError(f"bad checksums for chunk {key!r}")
-    return StoredChunk(key=key, nbytes=size, sums=tuple(sums))
+    return StoredChunk(key=key, nbytes=size, sums=tuple(sums), offset=offset)
 
 
 def decode_items(body: dict[str, Any], key: str) -> list[RecordItem]:
@@ -157,5 +177,7 @@ def decode_items(body: dict[str, Any], key: str) -> list[RecordItem]:
 
 
 def chunk_keys(body: dict[str, Any], key: str = "") -> list[str]:
-    """Every data key (relative to the namespace) a decoded record refers to."""
-    return [chunk.key for item in decode_items(body, key or "record") for chunk in item.chunks]
+    """Every data key (relative to the namespace) a decoded record refers to, each once (the chunks
+    of a pack share its key)."""
+    items = decode_items(body, key or "record")
+    return list(dict.fromkeys(chunk.key for item in items for chunk in item.chunks))

@@ -123,7 +123,8 @@ def test_save_and_load_without_a_process_group_do_not_warn_of_it(redis_server: A
 
 
 def test_keys_are_readable_and_under_one_generation(backend: Backend, namespace: str) -> None:
-    kvckpt.save({"layer": {"w": torch.ones(4, 4)}, "step": 1}, backend.id(namespace), **backend.options)
+    state = {"layer": {"w": torch.ones(4, 4)}, "step": 1}
+    kvckpt.save(state, backend.id(namespace), pack_below=0, **backend.options)  # a key per item
     keys = backend.keys(f"{namespace}/")
     assert keys[0] == f"{namespace}/.metadata"
     generations = {k.split("/")[2] for k in keys[1:]}

@@ -54,7 +54,7 @@ def test_cluster_round_trip_spreads_over_every_master_and_expires(
     assert_loaded(reference, loaded)
     assert all(keys_on(m.port, f"{namespace}/g") for m in redis_cluster.master_nodes())
 
-    kvckpt.save(reference, redis_cluster.url(f"{namespace}/short"), ttl=30)
+    kvckpt.save(reference, redis_cluster.url(f"{namespace}/short"), ttl=30, chunk_bytes=1024)  # many packs
     record_key = layout.record_key(f"{namespace}/short")
     owner = redis_cluster.slot_owner(key_slot(record_key))
     assert 0 < redis.Redis(port=owner.port).pttl(record_key) <= 30_000

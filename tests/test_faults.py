@@ -57,7 +57,8 @@ def load_direct(faulty: Faulty, namespace: str) -> dict[str, Any]:
 
 
 def generations(faulty: Faulty, namespace: str) -> set[str]:
-    return {k.split("/")[-4] for k in faulty.keys(namespace) if not k.endswith(layout.RECORD_NAME)}
+    keys = [k.removeprefix(f"{namespace}/") for k in faulty.keys(namespace)]
+    return {k.split("/")[0] for k in keys if not k.endswith(layout.RECORD_NAME)}  # chunks and packs
 
 
 # Saves ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_the_training_thread_keeps_the_collector_while_an_async_save_uploads(
     redis_server: RedisServer, namespace: str
 ) -> None:
     state = {f"w{i}": random_tensor((256,), torch.float32, seed=i) for i in range(4)}
-    first_chunk = b"/w0/0/0\r\n"  # the end of the key of w0's only chunk, as sent in RESP
+    first_chunk = b"/.pack/0\r\n"  # the end of the key of the pack holding every w, as sent in RESP
     assert gc.isenabled()
     with FaultProxy(redis_server.port) as proxy:
         proxy.hold_on(first_chunk)
@@ -63,7 +63,7 @@ def test_the_collector_stays_on_while_a_load_on_another_thread_waits(
     state = {f"w{i}": random_tensor((256,), torch.float32, seed=i) for i in range(4)}
     kvckpt.save(state, redis_server.url(namespace))
     loaded = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
-    first_chunk = b"/w0/0/0\r\n"
+    first_chunk = b"/.pack/0\r\n"
     failures: list[BaseException] = []
 
     def load(url: str) -> None:

@@ -133,8 +133,8 @@ def test_successive_and_overwritten_checkpoints_under_plan_caching(backend: Back
         )
         assert_holds(backend, f"{namespace}/same", step)
         generations.add(kvckpt.info(backend.id(f"{namespace}/same"), **backend.options).save_id)
-        data = [k for k in backend.keys(f"{namespace}/same/") if not k.endswith(".metadata")]
-        assert {k.split("/")[-4] for k in data} == {
+        data = [k.removeprefix(f"{namespace}/same/") for k in backend.keys(f"{namespace}/same/")]
+        assert {k.split("/")[0] for k in data if not k.endswith(".metadata")} == {
             kvckpt.info(backend.id(f"{namespace}/same"), **backend.options).save_id
         }
     assert len(generations) == 3

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _generations(faulty: Faulty, namespace: str) -> set[str]:
-    return {k.split("/")[-4] for k in faulty.keys(namespace) if not k.endswith(layout.RECORD_NAME)}
+    keys = [k.removeprefix(f"{namespace}/") for k in faulty.keys(namespace)]
+    return {k.split("/")[0] for k in keys if not k.endswith(layout.RECORD_NAME)}  # chunks and packs
 
 
 def _race_two_saves(faulty: Faulty, namespace: str, overwrite: bool) -> dict[int, BaseException | None]:

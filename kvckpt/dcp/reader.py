@@ -271,20 +271,28 @@ class KVStorageReader(Addressed, StorageReader):
         return reads, finish_box
 
     def _load_objects(self, items: list[ReadItem], planner: LoadPlanner) -> None:
-        """Non-tensor values, fetched whole: memory follows what is stored, not what the record claims."""
+        """Non-tensor values, fetched whole (a pack once for all its items): memory follows what is
+        stored, not what the record claims. A value must be as long as the record's chunks in it."""
         if not items:
             return
-        store, namespace = self.target.store, self.target.namespace
+        namespace = self.target.namespace
         wanted = [(item, self._stored(item)) for item in items]
-        keys = [layout.full_key(namespace, c.key) for _, stored in wanted for c in stored.chunks]
-        values = store.get_many(keys)  # the store splits the batch as its server needs
-        found = iter(zip(keys, values, strict=True))
+        keys = list(dict.fromkeys(c.key for _, stored in wanted for c in stored.chunks))
+        # The store splits the batch as its server needs.
+        values = self.target.store.get_many([layout.full_key(namespace, k) for k in keys])
+        found = dict(zip(keys, values, strict=True))
+        ends = dict.fromkeys(keys, 0)
+        for chunk in (c for stored in self._items.values() for c in stored.chunks if c.key in ends):
+            ends[chunk.key] = max(ends[chunk.key], chunk.offset + chunk.nbytes)
         for item, stored in wanted:
             parts = []
             for chunk in stored.chunks:
-                key, value = next(found)
-                data = memoryview(value or b"")
-                self._check(key, item.storage_index.fqn, 0, data, len(data), chunk.nbytes, chunk.sums)
+                value = memoryview(found[chunk.key] or b"")
+                data = value[chunk.offset : chunk.offset + chunk.nbytes]
+                extra = len(value) - ends[chunk.key]  # > 0: longer than the record says
+                count = chunk.nbytes + extra if extra > 0 else len(data)
+                key = layout.full_key(namespace, chunk.key)
+                self._check(key, item.storage_index.fqn, chunk.offset, data, count, chunk.nbytes, chunk.sums)
                 parts.append(data)
             hand_over(planner, item, b"".join(parts), self.allow_pickle)
 
@@ -301,19 +309,19 @@ class KVStorageReader(Addressed, StorageReader):
                 continue
             local_lo, local_hi = lo - chunk_start, hi - chunk_start
             part = dest[lo - start : hi - start]
-            key = layout.full_key(namespace, chunk.key)
+            key, at = layout.full_key(namespace, chunk.key), chunk.offset  # where the chunk starts in key
             if not (self.verify and chunk.sums):
-                reads.append(_Read(RangeRead(key, local_lo, part), fqn, None))
+                reads.append(_Read(RangeRead(key, at + local_lo, part), fqn, None))
                 continue
-            first, last = local_lo // block, -(-local_hi // block)
+            first, last = local_lo // block, -(-local_hi // block)  # blocks of the chunk's own bytes
             wide_lo, wide_hi = first * block, min(last * block, chunk.nbytes)
             sums = chunk.sums[first:last]
             if (wide_lo, wide_hi) == (local_lo, local_hi):
-                reads.append(_Read(RangeRead(key, wide_lo, part), fqn, sums))
+                reads.append(_Read(RangeRead(key, at + wide_lo, part), fqn, sums))
             else:
                 scratch = memoryview(bytearray(wide_hi - wide_lo))
                 window = slice(local_lo - wide_lo, local_hi - wide_lo)
-                reads.append(_Read(RangeRead(key, wide_lo, scratch), fqn, sums, part, window))
+                reads.append(_Read(RangeRead(key, at + wide_lo, scratch), fqn, sums, part, window))
         return reads
 
     def _run(self, reads: list[_Read], finishers: list[Callable[[], None]]) -> None:

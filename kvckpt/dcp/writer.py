@@ -13,26 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import torch
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from kvckpt import layout, record
 from kvckpt.arguments import seconds, whole
-from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES, block_sums
-from kvckpt.dcp.codec import dtype_name, encode_metadata
+from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES
+from kvckpt.dcp.codec import encode_metadata
 from kvckpt.dcp.gcpause import paused_gc
-from kvckpt.dcp.tensor_bytes import byte_view, host_contiguous
+from kvckpt.dcp.packing import DEFAULT_PACK_BELOW, Values, values
 from kvckpt.deadline import Deadline, using
 from kvckpt.errors import (
     CheckpointExistsError,
@@ -84,9 +82,10 @@ class KVStorageWriter(Addressed, StorageWriter):
 
     ``checkpoint_id`` is a URL (``redis://host:6379/0/run1/step100``), or with ``client=`` the bare
     namespace. ``overwrite`` replaces a committed checkpoint atomically; ``ttl`` (seconds) expires it.
-    ``chunk_bytes`` splits large tensors into values of that size; ``io_threads`` connections move
-    them in parallel. ``min_replicas`` waits (Redis WAIT, ``replica_timeout`` s) until that many
-    replicas hold the data before the commit, and the commit after it. A server whose
+    ``chunk_bytes`` splits large tensors into values of that size, and items under ``pack_below``
+    bytes share values of about that size (0: each item gets its own); ``io_threads`` connections
+    move them in parallel. ``min_replicas`` waits (Redis WAIT, ``replica_timeout`` s) until that
+    many replicas hold the data before the commit, and the commit after it. A server whose
     maxmemory-policy may evict keys is refused unless ``allow_eviction`` (then only warned about).
     ``store_options`` go to the backend (timeouts, TLS files, …). ``step`` is recorded and orders
     ``latest``/``keep_last``. While the save runs, a marker refreshed within ``live_ttl`` seconds
@@ -101,6 +100,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         overwrite: bool = False,
         ttl: float | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        pack_below: int = DEFAULT_PACK_BELOW,
         io_threads: int = 2,
         batch_bytes: int = 16 << 20,
         checksums: bool = True,
@@ -115,7 +115,7 @@ class KVStorageWriter(Addressed, StorageWriter):
     ) -> None:
         super().__init__()
         whole("KVStorageWriter", 0, none=True, step=step)
-        whole("KVStorageWriter", 0, min_replicas=min_replicas)
+        whole("KVStorageWriter", 0, min_replicas=min_replicas, pack_below=pack_below)
         whole("KVStorageWriter", 1, io_threads=io_threads, chunk_bytes=chunk_bytes, block_bytes=block_bytes)
         whole("KVStorageWriter", 1, batch_bytes=batch_bytes)
         seconds("KVStorageWriter", live_ttl=live_ttl, replica_timeout=replica_timeout)
@@ -135,6 +135,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         self.overwrite = overwrite
         self.ttl = ttl
         self.chunk_bytes = chunk_bytes
+        self.pack_below = pack_below
         self.io_threads = io_threads
         self.batch_bytes = batch_bytes
         self.checksums = checksums
@@ -251,30 +252,12 @@ class KVStorageWriter(Addressed, StorageWriter):
     def _pieces(
         self, plan: SavePlan, planner: SavePlanner, save_id: str, results: list[WriteResult]
     ) -> Iterator[tuple[str, memoryview]]:
-        """Every chunk of the plan's items as (key, bytes), one item at a time, so only the chunks in
-        flight are held; an item's WriteResult joins ``results`` once all its chunks were taken."""
-        namespace = self.target.namespace
-        chunk_bytes = min(self.chunk_bytes, self.target.store.capabilities.max_value_bytes)
-        for item in plan.items:
-            data = planner.resolve_data(item)
-            if item.type == WriteItemType.BYTE_IO:
-                if not isinstance(data, io.BytesIO):
-                    raise KVCheckpointError(f"{item.index.fqn}: planner gave {type(data)} for a BYTE_IO item")
-                view, dtype, shape, offset = data.getbuffer(), None, None, None
-            else:
-                assert isinstance(data, torch.Tensor)
-                tensor = host_contiguous(data)
-                view, dtype, shape = byte_view(tensor), dtype_name(tensor.dtype), tuple(tensor.shape)
-                offset = tuple(item.index.offset or ())
-            prefix = layout.item_prefix(save_id, item.index.fqn, offset)
-            chunks = []
-            for n, start in enumerate(range(0, len(view), chunk_bytes)):
-                piece = view[start : start + chunk_bytes]
-                sums = tuple(block_sums(piece, self.block_bytes)) if self.checksums else ()
-                chunks.append(layout.StoredChunk(f"{prefix}/{n}", len(piece), sums))
-                yield layout.full_key(namespace, f"{prefix}/{n}"), piece
-            stored = layout.StoredItem(len(view), tuple(chunks), dtype, shape)
-            results.append(WriteResult(index=item.index, size_in_bytes=len(view), storage_data=stored))
+        """Every value of the plan's items as (key, bytes) (kvckpt.dcp.packing.values)."""
+        limit = min(self.chunk_bytes, self.target.store.capabilities.max_value_bytes)
+        sums = self.block_bytes if self.checksums else None
+        return values(
+            plan, planner, Values(self.target.namespace, save_id, self.pack_below, limit, sums), results
+        )
 
     # Commit -----------------------------------------------------------------------------------
 
@@ -317,7 +300,8 @@ class KVStorageWriter(Addressed, StorageWriter):
             version=CURRENT_DCP_VERSION,  # as FileSystemWriter records it; DCP's planners read it back
             storage_meta=self._storage_meta_of(metadata.storage_meta),
         )
-        keys = [layout.full_key(self.target.namespace, c.key) for i in items.values() for c in i.chunks]
+        ns = self.target.namespace  # each key once: the chunks of a pack share it
+        keys = list(dict.fromkeys(layout.full_key(ns, c.key) for i in items.values() for c in i.chunks))
         now = time.time()
         body = {
             "save_id": self._save_id,

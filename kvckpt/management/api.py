@@ -159,46 +159,55 @@ def _verify(
                 bodies.append((record.decode_record(raw, rank_key), rank_key))
     problems: list[str] = []
     lock = threading.Lock()
-    total_keys = total_bytes = 0
+    total_keys = total_chunks = total_bytes = 0
     checksums = True
 
-    def check(batch: list[tuple[str, StoredChunk]], block: int) -> None:
-        values = scope.store.get_many([layout.full_key(namespace, c.key) for _, c in batch])
+    def check(batch: list[list[tuple[str, StoredChunk]]], block: int) -> None:
+        """Each value of ``batch`` (the chunks in it) is as long as its chunks end to end, and each
+        chunk's own blocks match their checksums: a pack's items are checked one by one."""
+        values = scope.store.get_many([layout.full_key(namespace, chunks[0][1].key) for chunks in batch])
         found = []
-        for (fqn, chunk), value in zip(batch, values, strict=True):
-            where, sums = f"{fqn!r}, key {layout.full_key(namespace, chunk.key)!r}", chunk.sums
-            if value is None:
-                found.append(f"{where}: missing")
-            elif len(value) != chunk.nbytes:
-                found.append(f"{where}: {len(value)} bytes, the record says {chunk.nbytes}")
-            elif sums and (bad := first_bad_block(memoryview(value), block, sums)) is not None:
-                found.append(f"{where}: checksum mismatch in block {bad}")
+        for chunks, value in zip(batch, values, strict=True):
+            size = max(c.offset + c.nbytes for _, c in chunks)
+            for fqn, chunk in chunks:
+                where, sums = f"{fqn!r}, key {layout.full_key(namespace, chunk.key)!r}", chunk.sums
+                data = memoryview(value or b"")[chunk.offset : chunk.offset + chunk.nbytes]
+                if value is None:
+                    found.append(f"{where}: missing")
+                elif len(value) != size:
+                    found.append(f"{where}: {len(value)} bytes, the record says {size}")
+                elif sums and (bad := first_bad_block(data, block, sums)) is not None:
+                    found.append(f"{where}: checksum mismatch in block {bad}")
         with lock:
             problems.extend(found)
         if progress is not None:
-            progress(sum(c.nbytes for _, c in batch))
+            progress(sum(c.nbytes for chunks in batch for _, c in chunks))
 
     max_ops = scope.store.capabilities.max_batch_ops
     with Transfer(io_threads) as transfer:
         for body, key in bodies:
             block = int(body.get("block_bytes") or DEFAULT_BLOCK_BYTES)
             checksums = checksums and body.get("checksum") is not None
-            batch: list[tuple[str, StoredChunk]] = []
-            size = 0
+            by_key: dict[str, list[tuple[str, StoredChunk]]] = {}
             for item in record.decode_items(body, key):
                 for chunk in item.chunks:
-                    batch.append((item.fqn, chunk))
-                    size += chunk.nbytes
-                    total_keys += 1
+                    by_key.setdefault(chunk.key, []).append((item.fqn, chunk))
+                    total_chunks += 1
                     total_bytes += chunk.nbytes
-                    if size >= _VERIFY_BATCH_BYTES or len(batch) >= max_ops:
-                        transfer.submit(check, batch, block)
-                        batch, size = [], 0
+            total_keys += len(by_key)
+            batch: list[list[tuple[str, StoredChunk]]] = []
+            size = 0
+            for chunks in by_key.values():
+                batch.append(chunks)
+                size += max(c.offset + c.nbytes for _, c in chunks)
+                if size >= _VERIFY_BATCH_BYTES or len(batch) >= max_ops:
+                    transfer.submit(check, batch, block)
+                    batch, size = [], 0
             if batch:
                 transfer.submit(check, batch, block)
     if problems:
         raise CorruptCheckpointError(
-            f"{display}: {len(problems)} of {total_keys} chunks are damaged, e.g. "
+            f"{display}: {len(problems)} of {total_chunks} chunks are damaged, e.g. "
             f"{problems[0]}; restore it from another copy or delete it",
             checkpoint_id=display,
             problems=problems,
