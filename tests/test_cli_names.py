@@ -47,6 +47,6 @@ def test_ls_prints_names_as_they_are_in_aligned_columns(redis_server: RedisServe
     info = kvckpt_cli("info", redis_server.url(f"{namespace}/{quote(NAMES[0])}"))
     assert info.returncode == 0 and f"checkpoint  {prefix}{NAMES[0]}\n" in info.stdout
     verify = kvckpt_cli("verify", redis_server.url(f"{namespace}/{quote(NAMES[1], safe='/')}"))
-    assert verify.returncode == 0 and f"ok: {prefix}{NAMES[1]}: 1 chunk(s)" in verify.stdout
+    assert verify.returncode == 0 and f"ok: {prefix}{NAMES[1]}: 1 key(s)" in verify.stdout
     kept = kvckpt_cli("keep-last", "--dry-run", redis_server.url(namespace), "3")
     assert kept.returncode == 0 and f"would remove {prefix}{NAMES[0]} (" in kept.stdout

@@ -141,7 +141,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     what = "sizes and checksums" if result.checksums else "sizes only (saved with checksums=False)"
     where = parse_url(args.checkpoint_id)
     show(
-        f"ok: {named(where, where.namespace)}: {result.num_keys} chunk(s), {humanize.size(result.nbytes)} "
+        f"ok: {named(where, where.namespace)}: {result.num_keys} key(s), {humanize.size(result.nbytes)} "
         f"verified ({what}) in {humanize.duration(seconds)} ({humanize.rate(result.nbytes, seconds)})"
     )
     here = [o for o in manage.list_orphans(args.checkpoint_id) if o.namespace == where.namespace]
