@@ -286,6 +286,26 @@ def resource_table(rows: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def publish(
+    script: str, argv: list[str] | None, info: dict[str, Any], setup: str, text: str, record: dict[str, Any]
+) -> None:
+    """Prints the command, the machine and ``setup`` above ``text``, and writes them with ``record`` to
+    benchmarks/results/SCRIPT-TIME.json, so a figure quoted anywhere carries how it was made."""
+    command = (
+        f"python benchmarks/{script}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip()
+    print(
+        f"\n{command}\n{info['cores']} cores ({info['cpu']}), redis-server {info['redis-server']}, "
+        f"torch {info['torch']}; memcpy {info['memcpy_gb_s']:.1f} GB/s, first touch "
+        f"{info['first_touch_gb_s']:.2f} GB/s ({info['fault_us_per_page']:.2f} µs per 4 KiB fault); {setup}\n"
+    )
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / time.strftime(f"{script}-%Y%m%dT%H%M%S.json")
+    out.write_text(json.dumps({"command": command, "machine": info, **record, "table": text}, indent=1))
+    print(f"\nJSON: {out.relative_to(ROOT)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,19 +343,14 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     rows = report_rows(results)
     text = time_table(rows) + "\n\n" + resource_table(rows)
-    command = "python benchmarks/longlived.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(
-        f"\n{command.strip()}\n{info['cores']} cores ({info['cpu']}), redis-server {info['redis-server']}, "
-        f"torch {info['torch']}; memcpy {info['memcpy_gb_s']:.1f} GB/s, first touch "
-        f"{info['first_touch_gb_s']:.2f} GB/s ({info['fault_us_per_page']:.2f} µs per 4 KiB fault); "
-        f"one process, medians [min-max] of {args.repeat}\n"
+    publish(
+        "longlived",
+        argv,
+        info,
+        f"one process, medians [min-max] of {args.repeat}",
+        text,
+        {"rows": rows, "results": results},
     )
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / time.strftime("longlived-%Y%m%dT%H%M%S.json")
-    record = {"command": command.strip(), "machine": info, "rows": rows, "results": results, "table": text}
-    out.write_text(json.dumps(record, indent=1))
-    print(f"\nJSON: {out.relative_to(ROOT)}")
     if not all(result["verified"] for result in results.values()):
         sys.exit("a load did not reproduce the saved state dict")
 

@@ -29,7 +29,6 @@ runs for steps/s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -44,8 +43,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
 
 from benchmarks import probes
-from benchmarks.bench import RESULTS, ROOT, machine
-from benchmarks.longlived import TARGETS, Target, _delete, _writer, open_targets
+from benchmarks.bench import machine
+from benchmarks.longlived import TARGETS, Target, _delete, _writer, open_targets, publish
 
 EXECUTORS = ("thread", "process")
 
@@ -283,27 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     info = {**machine(args.redis_server or find_redis_server()), **probes.memory_speeds()}
     results = run(args)
-    text = table(results)
-    command = "python benchmarks/stall.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(
-        f"\n{command.strip()}\n{info['cores']} cores ({info['cpu']}), redis-server {info['redis-server']}, "
-        f"torch {info['torch']}; memcpy {info['memcpy_gb_s']:.1f} GB/s, first touch "
-        f"{info['first_touch_gb_s']:.2f} GB/s; state {results['state_bytes'] / probes.MIB:,.0f} MiB, "
-        f"{args.steps} steps per run, a save every {args.every}, {args.threads} torch thread(s), "
-        f"medians [min-max]\n"
+    setup = (
+        f"state {results['state_bytes'] / probes.MIB:,.0f} MiB, {args.steps} steps per run, a save every "
+        f"{args.every}, {args.threads} torch thread(s), medians [min-max]"
     )
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / time.strftime("stall-%Y%m%dT%H%M%S.json")
-    record = {
-        "command": command.strip(),
-        "machine": info,
-        "args": vars(args),
-        "results": results,
-        "table": text,
-    }
-    out.write_text(json.dumps(record, indent=1))
-    print(f"\nJSON: {out.relative_to(ROOT)}")
+    publish("stall", argv, info, setup, table(results), {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":
