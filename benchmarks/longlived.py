@@ -1,7 +1,7 @@
 """kvckpt vs FileSystemWriter/Reader on /dev/shm the way a training job checkpoints: one process.
 
     python benchmarks/longlived.py [--quick] [--scenarios large,small,model] [--targets fs,tcp,...]
-                                   [--repeat 5] [--redis-server PATH]
+                                   [--repeat 5] [--redis-server PATH] [--server-args "--io-threads 2"]
 
 benchmarks/bench.py runs every phase in a fresh process, which measures a first checkpoint: fresh
 allocator arenas, an empty collector, a client that never saved before. A training job instead holds
@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,9 @@ class Target:
 
 
 @contextlib.contextmanager
-def open_targets(names: list[str], scratch: Path, redis_binary: str) -> Iterator[dict[str, Target]]:
+def open_targets(
+    names: list[str], scratch: Path, redis_binary: str, server_args: Sequence[str] = ()
+) -> Iterator[dict[str, Target]]:
     import redis
 
     from kvckpt.cli.local_server import REDIS_KEEP_FREED_MEMORY_ENV, RedisServer, find_redis_server
@@ -75,7 +77,8 @@ def open_targets(names: list[str], scratch: Path, redis_binary: str) -> Iterator
             if not wanted:
                 continue
             env = REDIS_KEEP_FREED_MEMORY_ENV if kept else {}
-            server = stack.enter_context(RedisServer(binary=binary, environment=dict(env)))
+            server = RedisServer(binary=binary, extra_args=server_args, environment=dict(env))
+            stack.enter_context(server)
             client = stack.enter_context(contextlib.closing(redis.Redis(port=server.port)))
             assert server.process is not None
             # Cold: a synchronous FLUSHALL purges jemalloc, so the next save faults in new pages.
@@ -316,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="save/load/delete rounds per target")
     parser.add_argument("--fs-dir", default="/dev/shm", help="where FileSystemWriter writes")
     parser.add_argument("--redis-server", default="", help="redis-server binary (default: a jemalloc build)")
+    parser.add_argument(
+        "--server-args", default="", help='more redis-server arguments, e.g. "--io-threads 2"'
+    )
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     targets = ["fs", *(t for t in args.targets.split(",") if t and t != "fs")]
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="kvckpt-longlived-", dir=args.fs_dir))
     results: dict[str, Any] = {}
     try:
-        with open_targets(targets, scratch, args.redis_server) as opened:
+        with open_targets(targets, scratch, args.redis_server, args.server_args.split()) as opened:
             for name in scenarios:
                 scenario = SCENARIOS[name]
                 kwargs = {**scenario.kwargs, **(scenario.quick_kwargs if args.quick else {})}
@@ -347,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         "longlived",
         argv,
         info,
-        f"one process, medians [min-max] of {args.repeat}",
+        f"one process, medians [min-max] of {args.repeat}"
+        + (f"; redis-server {args.server_args}" if args.server_args else ""),
         text,
         {"rows": rows, "results": results},
     )
