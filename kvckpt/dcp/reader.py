@@ -26,7 +26,6 @@ from kvckpt.arguments import whole
 from kvckpt.checksum import DEFAULT_BLOCK_BYTES, first_bad_block
 from kvckpt.dcp.coalesce import read_coalesced
 from kvckpt.dcp.codec import DTYPES, decode_metadata
-from kvckpt.dcp.gcpause import paused_gc
 from kvckpt.dcp.safe_load import hand_over
 from kvckpt.dcp.tensor_bytes import byte_view, contiguous_span, row_slab, writable_byte_view
 from kvckpt.deadline import shared
@@ -36,6 +35,7 @@ from kvckpt.errors import (
     CorruptCheckpointError,
     KVCheckpointError,
 )
+from kvckpt.gcpause import paused_gc
 from kvckpt.store import RangeRead
 from kvckpt.target import Addressed
 from kvckpt.transfer import Transfer
@@ -119,7 +119,7 @@ class KVStorageReader(Addressed, StorageReader):
             )
         cached = self._records.get(key)
         if cached is None or cached[0] != raw:
-            with paused_gc():  # decoding 10,000 entries, not fetching them (kvckpt.dcp.gcpause)
+            with paused_gc():  # decoding 10,000 entries, not fetching them (kvckpt.gcpause)
                 body = record.decode_record(raw, key)
                 cached = self._records[key] = (raw, body, decode_metadata(body, key))
         _, self._body, metadata = cached
@@ -196,7 +196,7 @@ class KVStorageReader(Addressed, StorageReader):
     ) -> tuple[list[_Read], list[Callable[[], None]]]:
         """The reads of the next items up to ``group_bytes``, and what finishes each item once they
         landed. Planning allocates several objects per item, so the collector is paused while it
-        runs, never while the reads wait on the store (kvckpt.dcp.gcpause)."""
+        runs, never while the reads wait on the store (kvckpt.gcpause)."""
         group: list[_Read] = []
         finishers: list[Callable[[], None]] = []
         size = 0

@@ -29,7 +29,6 @@ from kvckpt import layout, record
 from kvckpt.arguments import seconds, whole
 from kvckpt.checksum import ALGORITHM, DEFAULT_BLOCK_BYTES
 from kvckpt.dcp.codec import encode_metadata
-from kvckpt.dcp.gcpause import paused_gc
 from kvckpt.dcp.packing import DEFAULT_PACK_BELOW, Values, values
 from kvckpt.deadline import Deadline, using
 from kvckpt.errors import (
@@ -37,6 +36,7 @@ from kvckpt.errors import (
     CorruptCheckpointError,
     KVCheckpointError,
 )
+from kvckpt.gcpause import paused_gc
 from kvckpt.management import orphans
 from kvckpt.protocol.commit import Committer, discard, left_to_gc, retire
 from kvckpt.protocol.heartbeat import DEFAULT_LIVE_TTL, Heartbeat
@@ -239,7 +239,7 @@ class KVStorageWriter(Addressed, StorageWriter):
     @paused_gc()
     def _next_batch(self, pieces: Iterator[tuple[str, memoryview]], max_ops: int) -> list[tuple[str, Buffer]]:
         """The next ``put_many`` batch, empty at the end. The collector is paused while it is built,
-        never while it travels (kvckpt.dcp.gcpause: training may run beside the upload)."""
+        never while it travels (kvckpt.gcpause: training may run beside the upload)."""
         batch: list[tuple[str, Buffer]] = []
         size = 0
         for key, piece in pieces:
@@ -288,7 +288,7 @@ class KVStorageWriter(Addressed, StorageWriter):
         self, metadata: Metadata, results: list[list[WriteResult]]
     ) -> tuple[Metadata, list[str], dict[str, Any]]:
         """The Metadata to record, every data key, and the record's body: built with the collector
-        paused (kvckpt.dcp.gcpause), which the commit's waits on the store are not."""
+        paused (kvckpt.gcpause), which the commit's waits on the store are not."""
         items: dict[MetadataIndex, layout.StoredItem] = {
             result.index: result.storage_data for rank_results in results for result in rank_results
         }
