@@ -241,7 +241,7 @@ class KVStorageReader(Addressed, StorageReader):
                 key=self._record_key,
                 fqn=fqn,
             )
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         span = contiguous_span(stored.shape, tuple(item.storage_offsets), lengths)
         if span is not None:
             start, stop = span[0] * element, span[1] * element
