@@ -8,6 +8,7 @@ idempotent reads and data writes are retried within bounds; the commit is sent e
 from __future__ import annotations
 
 import multiprocessing
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -290,6 +291,26 @@ def test_a_hung_server_is_retried_when_the_total_allows(
         store.get(f"{namespace}/a")
     store.close()
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
+
+
+def test_a_hung_server_error_says_how_long_it_waited_not_the_longer_timeout(
+    faulty: Faulty, namespace: str
+) -> None:
+    """The deadline cuts an operation's wait to what is left of ``total_timeout``: the error reports
+    that wait (1 s here), not the per-operation ``timeout`` of 20 s that never ran out."""
+    options = {**faulty.options, "timeout": 20, "retries": 0, "total_timeout": 1.0}
+    store = kvckpt.open_store(faulty.via_proxy(namespace), **options)
+    faulty.proxy.stall()
+    with pytest.raises(kvckpt.StoreUnavailableError, match="did not answer") as info:
+        store.get(f"{namespace}/a")
+    store.close()
+    message = str(info.value)
+    assert "20s" not in message, message
+    waited = re.search(
+        r"did not answer while reading \(TimeoutError after 1 attempt\(s\) in (\d+\.\d)s", message
+    )
+    assert waited is not None, message
+    assert 0.9 <= float(waited.group(1)) < 3.0, message
 
 
 # Loads ----------------------------------------------------------------------------------------

@@ -98,7 +98,9 @@ def _translate(
                 "to its 'databases' setting minus one (16 by default: 0-15)"
             )
     if isinstance(exc, rex.TimeoutError | TimeoutError):
-        waited = f" within {timeout:g}s" if timeout else ""
+        # After retries the tries text says how long they took in all; the deadline may have cut
+        # each attempt shorter than ``timeout``, so ``timeout`` alone would overstate the wait.
+        waited = f" within {timeout:g}s" if timeout and not tries else ""
         return StoreUnavailableError(
             f"{where}: the server did not answer{waited} while {action} (TimeoutError{tries}); it accepts "
             "connections but does not reply: check that it is not stuck, overloaded or paused"
