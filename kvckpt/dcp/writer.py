@@ -218,7 +218,8 @@ class KVStorageWriter(Addressed, StorageWriter):
         """
         save_id, self._generation = self._generation or layout.new_save_id(), None
         store = self.target.store
-        write_ttl = self._pending_ttl(store) if self._pending_ttl(store) is not None else self._data_ttl()
+        pending = self._pending_ttl(store)
+        write_ttl = pending if pending is not None else self._data_ttl()
         results: list[WriteResult] = []
         submitted: list[str] = []
         pieces = self._pieces(plan, planner, save_id, results)
