@@ -31,7 +31,16 @@ import redis.exceptions as rex
 from kvckpt.deadline import Deadline, current, using
 from kvckpt.errors import InvalidStoreOptionError, ReplicationError, StoreUnavailableError
 from kvckpt.store import Buffer, RangeRead
-from kvckpt.stores.redis.commands import ACL_RULES, Command, copy_into, ms, px, scan_pages, settings_of
+from kvckpt.stores.redis.commands import (
+    ACL_RULES,
+    Command,
+    copy_into,
+    getrange_command,
+    ms,
+    scan_pages,
+    set_command,
+    settings_of,
+)
 from kvckpt.stores.redis.failures import translated
 from kvckpt.stores.redis.operations import Channel, RedisOperations, Server
 from kvckpt.stores.redis.options import Options
@@ -97,14 +106,13 @@ class RouterChannel(Channel):
             return conn.set_many([items[i] for i in idxs], expiry)
 
         def command(i: int) -> Command:
-            return ("SET", items[i][0], items[i][1], *px(ttl))
+            return set_command(items[i][0], items[i][1], ttl)
 
         raise_first(self.router.route([k for k, _ in items], send, command, writes=True, what="writing"))
 
     def read_into(self, reads: Sequence[RangeRead]) -> list[int]:
         def command(i: int) -> Command:
-            r = reads[i]
-            return ("GETRANGE", r.key, r.offset, r.offset + r.into.nbytes - 1)
+            return getrange_command(reads[i])
 
         def send(conn: RespConnection, idxs: list[int]) -> Sequence[Reply]:
             return conn.getrange_into([reads[i] for i in idxs])

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvckpt.store import Buffer, Commit
+from kvckpt.store import Buffer, Commit, RangeRead
 from kvckpt.stores.redis.transport import Arg, Reply
 
 Command = tuple[Arg, ...]  # ("SET", key, value, ...): the key is args[1], except for EVAL
@@ -56,6 +56,16 @@ def ms(ttl: float) -> int:
 def px(ttl: float | None) -> list[Any]:
     """``PX milliseconds`` for a SET, or nothing."""
     return [] if ttl is None else ["PX", ms(ttl)]
+
+
+def set_command(key: str, value: Buffer, ttl: float | None) -> Command:
+    """SET of a data value, with its expiry when it has one."""
+    return ("SET", key, value, *px(ttl))
+
+
+def getrange_command(read: RangeRead) -> Command:
+    """GETRANGE of the bytes ``read`` wants (Redis takes an inclusive end)."""
+    return ("GETRANGE", read.key, read.offset, read.offset + read.into.nbytes - 1)
 
 
 def str_of(value: Any) -> str:

@@ -29,8 +29,10 @@ from kvckpt.stores.redis.commands import (
     copy_into,
     expiry_commands,
     expiry_results,
+    getrange_command,
     glob_escape,
     px,
+    set_command,
 )
 from kvckpt.stores.redis.failures import check_settings, translated
 from kvckpt.stores.redis.replicas import WaitOne, check_wait_args, fewest_acks, wait_on
@@ -80,12 +82,11 @@ class Channel(abc.ABC):
 
     def write(self, items: Sequence[tuple[str, Buffer]], ttl: float | None) -> None:
         """SET each value (idempotent: sent again whole after a dropped link)."""
-        self.commands([("SET", key, value, *px(ttl)) for key, value in items], "writing")
+        self.commands([set_command(key, value, ttl) for key, value in items], "writing")
 
     def read_into(self, reads: Sequence[RangeRead]) -> list[int]:
         """Each read's byte range into its (non-empty) buffer; how many bytes each got."""
-        commands = [("GETRANGE", r.key, r.offset, r.offset + r.into.nbytes - 1) for r in reads]
-        replies = self.commands(commands, "reading")
+        replies = self.commands([getrange_command(r) for r in reads], "reading")
         return [
             copy_into(r.into, data) if isinstance(data, bytes) else 0
             for r, data in zip(reads, replies, strict=True)
@@ -175,7 +176,7 @@ class RedisOperations(KVStore):
         with self._errors("writing"):
             if create:  # a commit: sent once
                 return self.channel.once(("SET", key, value, "NX", *px(ttl)), key) is not None
-            self.channel.commands([("SET", key, value, *px(ttl))], "writing")
+            self.channel.commands([set_command(key, value, ttl)], "writing")
             return True
 
     def swap(self, key: str, value: Buffer, *, ttl: float | None = None) -> bytes | None:
