@@ -79,6 +79,11 @@ class StoredChunk:
     sums: tuple[int, ...] = ()
     offset: int = 0
 
+    @property
+    def end(self) -> int:
+        """Where the chunk ends in its value: a value is as long as the furthest end in it."""
+        return self.offset + self.nbytes
+
 
 @dataclass(frozen=True)
 class StoredItem:

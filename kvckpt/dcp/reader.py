@@ -283,12 +283,12 @@ class KVStorageReader(Addressed, StorageReader):
         found = dict(zip(keys, values, strict=True))
         ends = dict.fromkeys(keys, 0)
         for chunk in (c for stored in self._items.values() for c in stored.chunks if c.key in ends):
-            ends[chunk.key] = max(ends[chunk.key], chunk.offset + chunk.nbytes)
+            ends[chunk.key] = max(ends[chunk.key], chunk.end)
         for item, stored in wanted:
             parts = []
             for chunk in stored.chunks:
                 value = memoryview(found[chunk.key] or b"")
-                data = value[chunk.offset : chunk.offset + chunk.nbytes]
+                data = value[chunk.offset : chunk.end]
                 extra = len(value) - ends[chunk.key]  # > 0: longer than the record says
                 count = chunk.nbytes + extra if extra > 0 else len(data)
                 key = layout.full_key(namespace, chunk.key)

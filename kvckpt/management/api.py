@@ -162,16 +162,15 @@ def _verify(
     total_keys = total_chunks = total_bytes = 0
     checksums = True
 
-    def check(batch: list[list[tuple[str, StoredChunk]]], block: int) -> None:
-        """Each value of ``batch`` (the chunks in it) is as long as its chunks end to end, and each
+    def check(batch: list[tuple[int, list[tuple[str, StoredChunk]]]], block: int) -> None:
+        """Each value of ``batch`` (its size by the record, the chunks in it) is that long, and each
         chunk's own blocks match their checksums: a pack's items are checked one by one."""
-        values = scope.store.get_many([layout.full_key(namespace, chunks[0][1].key) for chunks in batch])
+        values = scope.store.get_many([layout.full_key(namespace, chunks[0][1].key) for _, chunks in batch])
         found = []
-        for chunks, value in zip(batch, values, strict=True):
-            size = max(c.offset + c.nbytes for _, c in chunks)
+        for (size, chunks), value in zip(batch, values, strict=True):
             for fqn, chunk in chunks:
                 where, sums = f"{fqn!r}, key {layout.full_key(namespace, chunk.key)!r}", chunk.sums
-                data = memoryview(value or b"")[chunk.offset : chunk.offset + chunk.nbytes]
+                data = memoryview(value or b"")[chunk.offset : chunk.end]
                 if value is None:
                     found.append(f"{where}: missing")
                 elif len(value) != size:
@@ -181,7 +180,7 @@ def _verify(
         with lock:
             problems.extend(found)
         if progress is not None:
-            progress(sum(c.nbytes for chunks in batch for _, c in chunks))
+            progress(sum(c.nbytes for _, chunks in batch for _, c in chunks))
 
     max_ops = scope.store.capabilities.max_batch_ops
     with Transfer(io_threads) as transfer:
@@ -195,11 +194,12 @@ def _verify(
                     total_chunks += 1
                     total_bytes += chunk.nbytes
             total_keys += len(by_key)
-            batch: list[list[tuple[str, StoredChunk]]] = []
+            batch: list[tuple[int, list[tuple[str, StoredChunk]]]] = []
             size = 0
             for chunks in by_key.values():
-                batch.append(chunks)
-                size += max(c.offset + c.nbytes for _, c in chunks)
+                value_size = max(c.end for _, c in chunks)
+                batch.append((value_size, chunks))
+                size += value_size
                 if size >= _VERIFY_BATCH_BYTES or len(batch) >= max_ops:
                     transfer.submit(check, batch, block)
                     batch, size = [], 0
